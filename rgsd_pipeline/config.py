@@ -1,0 +1,243 @@
+"""Typed run configuration: YAML recipes in configs/, `key=value` overrides, frozen per run.
+
+A recipe is a YAML mapping whose sections mirror the dataclasses below. Every field has a type, a
+default and a one-line `help` (shown by `rgsd-pipeline config-reference`). Unknown keys, wrong types
+and out-of-range values are refused with the file and the key named.
+
+The resolved config is written to `runs/<name>/run.yaml` the first time a run starts. Every later
+command on that run reads it; a command that brings a different config is refused with the
+difference shown, so one run never mixes two recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rgsd_pipeline.shards import describe_difference
+
+RUN_CONFIG_FILE = "run.yaml"
+
+
+class ConfigError(ValueError):
+    """A recipe, an override or a frozen run config is invalid; the message says where and why."""
+
+
+def opt(default, help: str, choices: tuple | None = None, minimum: float | None = None):
+    """A config field with its documentation, allowed values and lower bound."""
+    meta = {"help": help, "choices": choices, "minimum": minimum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("builtin:tiny", "Local HF folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
+    dtype: str = opt("float32", "Weights dtype for engines and training", choices=("float32", "bfloat16", "float16"))
+    max_model_len: int = opt(2048, "Context length used by the engines (prompt + response)", minimum=16)
+    trust_remote_code: bool = opt(False, "Run code shipped with the model folder; off unless you trust it")
+    allow_pickle_weights: bool = opt(False, "Accept .bin (pickle) weights when no safetensors exist")
+
+
+@dataclass
+class DataConfig:
+    sources: list = opt(["builtin:medsci"], "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
+    format: str = opt("auto", "Row format of the sources", choices=("auto", "rubrichub", "rar", "healthbench", "generic"))
+    heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0)
+    split_seed: int = opt(0, "Seed of the train / held-out split")
+    max_prompt_tokens: int = opt(1024, "Prompts whose teacher view is longer than this are quarantined", minimum=1)
+    rows_per_shard: int = opt(1000, "Rows per Parquet shard of every stage output", minimum=1)
+    max_prompts: int = opt(0, "Keep only the first N training prompts after the split (0 keeps all)", minimum=0)
+
+
+DEFAULT_TEACHER_TEMPLATE = (
+    "{question}\n\n"
+    "Hidden evaluation criteria that a good response should satisfy:\n"
+    "{criteria}\n"
+    "After understanding these evaluation criteria, provide your own thorough response to the problem. "
+    "Address the criteria naturally without explicitly referencing them."
+)
+DEFAULT_PITFALLS_HEADER = "Pitfalls that a good response should avoid:"
+DEFAULT_REFERENCE_TEMPLATE = (
+    "{question}\n\n"
+    "A reference answer written by an expert:\n"
+    "{reference_answer}\n\n"
+    "After reading it, provide your own thorough response to the problem without referring to the reference."
+)
+
+
+@dataclass
+class TemplateConfig:
+    teacher: str = opt("rubric", "What the teacher sees beside the question", choices=("rubric", "reference"))
+    rubric_template: str = opt(DEFAULT_TEACHER_TEMPLATE, "Teacher user message; {question} and {criteria} are filled in")
+    criterion_format: str = opt("{index}. {criterion}", "One criterion line; fields: index, criterion, points")
+    show_points: bool = opt(False, "Append '(N points)' to each criterion")
+    pitfalls: str = opt("inline", "Negative-point criteria: listed with the rest, as a separate list to avoid, or dropped",
+                        choices=("inline", "avoid", "drop"))
+    pitfalls_header: str = opt(DEFAULT_PITFALLS_HEADER, "Heading of the pitfalls list when pitfalls=avoid")
+    reference_template: str = opt(DEFAULT_REFERENCE_TEMPLATE, "Teacher user message when teacher=reference")
+    system_prompt: str = opt("", "System message shown to both student and teacher (empty: the chat template's default)")
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("run", "A label for the run, recorded in run.yaml")
+    seed: int = opt(0, "Master seed; stage seeds derive from it")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _coerce(value, annotation, where: str):
+    """Check `value` against a field type, converting int to float; raise ConfigError naming `where`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(annotation):
+            if arm is type(None) and value is None:
+                return None
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(value, arms[0], where)
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), annotation)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, where: str):
+    """Instantiate dataclass `cls` from a mapping, refusing unknown keys, wrong types and bad values."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown key '{where + '.' if where else ''}{key}'{hint}")
+    values = {}
+    for name, value in raw.items():
+        path = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, path)
+            continue
+        value = _coerce(value, hint, path)
+        meta = fields[name].metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise ConfigError(f"{path}: {value!r} is below the minimum {meta['minimum']}")
+        values[name] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or the defaults when `path` is None), apply overrides and validate it all."""
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return _build_root(raw, where)
+
+
+def _build_root(raw: dict, where: str) -> RunConfig:
+    try:
+        return _build(RunConfig, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
+    """Write run.yaml on first start; on later starts refuse a config that differs from the frozen one."""
+    run_dir = Path(run_dir)
+    frozen_path = run_dir / RUN_CONFIG_FILE
+    resolved = to_dict(config)
+    if frozen_path.exists():
+        frozen = yaml.safe_load(frozen_path.read_text())
+        if frozen != resolved:
+            raise ConfigError(
+                f"{frozen_path} holds a different config than this command:\n"
+                f"{describe_difference(frozen, resolved)}\n"
+                "Use the same config (or none: later stages read run.yaml), or start a new --run folder."
+            )
+        return config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = frozen_path.with_name(".run.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False, width=120))
+    tmp.replace(frozen_path)
+    return config
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The frozen config of an existing run."""
+    frozen_path = Path(run_dir) / RUN_CONFIG_FILE
+    if not frozen_path.exists():
+        raise ConfigError(f"{frozen_path} does not exist: start the run with `rgsd-pipeline prepare --config CFG --run {run_dir}`")
+    return _build_root(yaml.safe_load(frozen_path.read_text()) or {}, str(frozen_path))
+
+
+def reference(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for the README and `config-reference`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += reference(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" ({' | '.join(map(str, f.metadata['choices']))})"
+        rows.append((f"{prefix}{f.name}", repr(default), help_text))
+    return rows
+
+
+def fingerprint(obj) -> str:
+    """sha256 of an object's canonical JSON: equal configs give equal fingerprints."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

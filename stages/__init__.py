@@ -1,0 +1,1 @@
+"""One module per `rgsd-pipeline` stage command; each reads top to bottom like a recipe."""

@@ -1,0 +1,131 @@
+"""Stage `prepare`: rubric data files -> canonical prompt shards of a run.
+
+    rgsd-pipeline prepare --config configs/tiny.yaml --run runs/t
+    rgsd-pipeline prepare --config configs/tiny.yaml --run runs/t --data my.jsonl --format rar
+    rgsd-pipeline prepare --run runs/t --show 2        # what student and teacher see
+
+Freezes the resolved config into runs/<name>/run.yaml, reads every data source, quarantines bad
+rows with file, row, field and reason (prompts/quarantine.jsonl), de-duplicates, drops prompts over
+the token budget, splits train / held-out by a seeded hash, and writes prompts/part-*.parquet,
+manifest.json and _SUCCESS. A complete prompts/ is left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pyarrow as pa
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.config import fingerprint, freeze_or_check, load_config, load_run_config, to_dict
+from rgsd_pipeline.ingest import ingest
+from rgsd_pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
+from rgsd_pipeline.shards import (
+    ShardPlan,
+    StageOutput,
+    read_stage,
+    sha256_file,
+    validate_table,
+)
+from rgsd_pipeline.sources import source_path
+from schemas import PROMPTS, QUARANTINE
+
+
+def source_fingerprint(spec: str) -> str:
+    """sha256 of a data file (or of every file of a datasets folder)."""
+    path = source_path(spec)
+    if path.is_dir():
+        return fingerprint({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+    return sha256_file(path)
+
+
+def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs: list[str], fmt: str | None) -> None:
+    # 1. Resolve and freeze the config (the first command on a run writes run.yaml).
+    frozen = (run / "run.yaml").exists()
+    if config_path is None and frozen and not overrides and not data_specs:
+        config = load_run_config(run)
+    else:
+        if data_specs:
+            overrides = [*overrides, f"data.sources={json.dumps(list(data_specs))}"]
+        if fmt:
+            overrides = [*overrides, f"data.format={fmt}"]
+        config = freeze_or_check(run, load_config(config_path, overrides))
+    check_template(config.template)
+
+    out_dir = layout.prompts_dir(run)
+    model_path = resolve_model(config.model.path)
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    inputs = {
+        "config": fingerprint({"data": to_dict(config.data), "template": to_dict(config.template)}),
+        "tokenizer": tokenizer_fingerprint(model_path),
+        **{f"source:{spec}": source_fingerprint(spec) for spec in config.data.sources},
+    }
+    if (out_dir / "_SUCCESS").exists():
+        read_stage(out_dir, PROMPTS, expect_inputs=inputs)
+        click.echo(f"prompts already complete in {out_dir}")
+        return
+
+    # 2. Read, check and normalise every row.
+    result = ingest(config.data, config.template, tokenizer)
+    click.echo(result.summary())
+    if not result.prompts:
+        raise click.ClickException("no valid prompts in " + ", ".join(config.data.sources)
+                                   + (f"; see {layout.quarantine_file(run)}" if result.quarantine else ""))
+
+    # 3. Write prompt shards, the quarantine, the manifest and _SUCCESS.
+    rows_per_shard = config.data.rows_per_shard
+    total = -(-len(result.prompts) // rows_per_shard)
+    with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(total)) as out:
+        quarantine = validate_table(pa.Table.from_pylist(result.quarantine, schema=QUARANTINE.arrow), QUARANTINE,
+                                    str(layout.quarantine_file(run)))
+        _write_jsonl(layout.quarantine_file(run), quarantine.to_pylist())
+        for index in out.todo():
+            rows = result.prompts[index * rows_per_shard:(index + 1) * rows_per_shard]
+            out.write_shard(index, pa.Table.from_pylist(rows, schema=PROMPTS.arrow))
+        out.finalize()
+    click.echo(f"wrote {len(result.prompts)} prompts in {total} shard(s) to {out_dir}"
+               + (f"; {len(result.quarantine)} rejected rows in {layout.quarantine_file(run)}" if result.quarantine else ""))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def show(run: Path, count: int) -> None:
+    """Print exactly what the student and the teacher read for the first `count` prompts."""
+    config = load_run_config(run)
+    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().head(count).collect().to_dicts()
+    for row in prompts:
+        for who, messages in (("student", student_messages(row, config.template)),
+                              ("teacher", teacher_messages(row, config.template))):
+            n_tokens = len(chat_ids(tokenizer, messages))
+            click.secho(f"──── {who} view of {row['prompt_id']} ({row['domain']}, {row['split']}, {n_tokens} tokens) ────",
+                        bold=True)
+            click.echo(chat_text(tokenizer, messages))
+        click.echo()
+
+
+@click.command("prepare")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe (first start of a run).")
+@click.option("--run", "run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--data", "data_specs", multiple=True, help="Data source (repeatable); replaces data.sources.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "rubrichub", "rar", "healthbench", "generic"]),
+              help="Row format of the sources (default: detected per row).")
+@click.option("--show", "show_count", type=int, default=0, help="Print the student and teacher views of N prompts.")
+@click.argument("overrides", nargs=-1)
+def command(config_path, run, data_specs, fmt, show_count, overrides):
+    """Ingest rubric data into canonical prompt shards.
+
+    OVERRIDES are section.key=value pairs applied on top of the config, e.g. data.heldout_fraction=0.2.
+    """
+    prepare(run, config_path, list(overrides), list(data_specs), fmt)
+    if show_count:
+        show(run, show_count)

@@ -1,0 +1,57 @@
+"""Config loading, overrides, validation and the run.yaml freeze."""
+
+import pytest
+import yaml
+
+from rgsd_pipeline.config import ConfigError, freeze_or_check, load_config, load_run_config, reference
+
+ROOT = __import__("pathlib").Path(__file__).parent.parent
+
+
+def test_recipes_load_and_overrides_apply():
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["data.heldout_fraction=0.25", "model.dtype=bfloat16",
+                                                          "data.sources=[a.jsonl, b.parquet]"])
+    assert config.model.path == "builtin:tiny"
+    assert config.data.heldout_fraction == 0.25 and config.model.dtype == "bfloat16"
+    assert config.data.sources == ["a.jsonl", "b.parquet"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.heldout_fractoin=0.2", "unknown key 'data.heldout_fractoin'; did you mean 'heldout_fraction'"),
+    ("data.rows_per_shard=many", "data.rows_per_shard: expected int, got str 'many'"),
+    ("data.rows_per_shard=-5", "data.rows_per_shard: -5 is below the minimum 1"),
+    ("model.dtype=float8", "model.dtype: 'float8' is not one of float32, bfloat16, float16"),
+    ("model.trust_remote_code=1", "model.trust_remote_code: expected bool, got int"),
+    ("nonsense", "not of the form section.key=value"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("model: 3")
+    with pytest.raises(ConfigError, match=f"{scalar}: model: expected a mapping"):
+        load_config(scalar)
+
+
+def test_freeze_then_refuse_a_different_config(tmp_path):
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    freeze_or_check(tmp_path, config)
+    assert yaml.safe_load((tmp_path / "run.yaml").read_text())["model"]["path"] == "builtin:tiny"
+    freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))  # same config: accepted
+    assert load_run_config(tmp_path) == config
+    with pytest.raises(ConfigError, match=r"data\.split_seed: 0 -> 3"):
+        freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml", ["data.split_seed=3"]))
+
+
+def test_every_field_is_documented():
+    rows = reference()
+    assert len(rows) > 15 and all(help_text for _, _, help_text in rows)

@@ -1,0 +1,141 @@
+"""Ingestion of whole files: every valid row survives, every broken row is quarantined with its reason."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rgsd_pipeline.config import DataConfig, TemplateConfig
+from rgsd_pipeline.ingest import ingest
+from rgsd_pipeline.sources import SourceError, read_source
+
+
+def good(i, fmt="rubrichub"):
+    question = f"Question number {i}: how do vaccines work?"
+    if fmt == "rar":
+        return {"question": question, "rubric": [{"title": "t", "description": f"Explains antigen {i}", "weight": 5}]}
+    if fmt == "healthbench":
+        return {"prompt_id": f"hb-{i}", "prompt": [{"role": "user", "content": question}],
+                "rubrics": [{"criterion": f"Explains antigen {i}", "points": 5, "tags": ["axis:accuracy"]}]}
+    return {"prompt": [{"role": "user", "content": question}], "Rubrics": [{"criterion": f"Explains antigen {i}", "points": 5}]}
+
+
+def run(sources, tokenizer, **data):
+    return ingest(DataConfig(sources=[str(s) for s in sources], **data), TemplateConfig(), tokenizer)
+
+
+def reasons(result):
+    return {(q["row"], q["field"]): q["reason"] for q in result.quarantine}
+
+
+def write_lines(path, lines, end=b"\n"):
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + end)
+    return path
+
+
+def test_mixed_jsonl_keeps_valid_rows_and_quarantines_each_broken_row(tmp_path, tiny_tokenizer):
+    long_prompt = {"prompt": [{"role": "user", "content": "word " * 3000}], "Rubrics": [{"criterion": "c", "points": 1}]}
+    lines = [
+        json.dumps(good(1)),                                                                  # 1 ok
+        "{not json",                                                                          # 2
+        json.dumps({"prompt": [{"role": "wizard", "content": "hi"}], "Rubrics": [{"criterion": "c", "points": 1}]}),
+        json.dumps(good(2)),                                                                  # 4 ok
+        b'{"prompt": [{"role": "user", "content": "caf\xe9"}], "Rubrics": []}',               # 5 invalid UTF-8
+        json.dumps(good(1)),                                                                  # 6 duplicate of 1
+        json.dumps(long_prompt),                                                              # 7 over budget
+        "",                                                                                   # 8 blank: skipped
+        json.dumps([1, 2]),                                                                   # 9 not an object
+        json.dumps(good(3)),                                                                  # 10 ok
+        '{"prompt": [{"role": "user", "content": "cut off',                                   # 11 truncated
+    ]
+    path = write_lines(tmp_path / "mixed.jsonl", lines, end=b"")
+    result = run([path], tiny_tokenizer, max_prompt_tokens=200)
+    assert [p["source"] for p in result.prompts] == [f"{path}:1", f"{path}:4", f"{path}:10"]
+    got = reasons(result)
+    assert set(got) == {(2, "<row>"), (3, "prompt[0].role"), (5, "<row>"), (6, "prompt_id"), (7, "prompt"),
+                        (9, "<row>"), (11, "<row>")}
+    assert got[(2, "<row>")].startswith("not valid JSON")
+    assert "unknown role 'wizard'" in got[(3, "prompt[0].role")]
+    assert got[(5, "<row>")].startswith("invalid UTF-8")
+    assert got[(6, "prompt_id")] == f"duplicate prompt: same messages and rubric as {path}:1"
+    assert "over the token budget" in got[(7, "prompt")]
+    assert "must be a JSON object" in got[(9, "<row>")]
+    assert got[(11, "<row>")].startswith("truncated last line")
+    assert all(q["file"] == str(path) for q in result.quarantine)
+    assert "3 kept, 7 quarantined" in result.summary()
+
+
+def test_bom_and_json_array_and_duplicate_source_ids(tmp_path, tiny_tokenizer):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(good(1)).encode() + b"\n")
+    array = tmp_path / "array.json"
+    clash = good(3, "healthbench") | {"prompt_id": "hb-2"}
+    array.write_text(json.dumps([good(2, "healthbench"), clash, "oops"]))
+    result = run([bom, array], tiny_tokenizer)
+    assert [p["source"] for p in result.prompts] == [f"{bom}:1", f"{array}:1"]
+    assert reasons(result) == {(2, "id"): f"duplicate id 'hb-2' with different content (first at {array}:1)",
+                               (3, "<row>"): "array element is str, not an object"}
+
+
+def test_empty_file_is_reported_not_fatal(tmp_path, tiny_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = run([empty, write_lines(tmp_path / "one.jsonl", [json.dumps(good(1))])], tiny_tokenizer)
+    assert len(result.prompts) == 1
+    assert reasons(result) == {(0, "<file>"): "file is empty"}
+
+
+def test_rar_and_healthbench_and_parquet_and_datasets_folder(tmp_path, tiny_tokenizer):
+    import datasets
+
+    rar = write_lines(tmp_path / "rar.jsonl", [json.dumps(good(i, "rar")) for i in range(3)]
+                      + [json.dumps({"question": "q", "rubric": [{"title": "t", "description": "d", "weight": "nan"}]})])
+    hb = write_lines(tmp_path / "hb.jsonl", [json.dumps(good(i, "healthbench")) for i in range(10, 12)])
+    rows = [{"prompt": good(i)["prompt"][0]["content"], "rubric": json.dumps(good(i)["Rubrics"])}
+            for i in range(20, 22)] + [{"prompt": "q", "rubric": "[]"}]
+    parquet = tmp_path / "generic.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list([good(i) for i in range(30, 32)]).save_to_disk(str(folder))
+
+    result = run([rar, hb, parquet, folder], tiny_tokenizer)
+    sources = [p["source"].rsplit(":", 1)[0] for p in result.prompts]
+    assert sources.count(str(rar)) == 3 and sources.count(str(hb)) == 2
+    assert sources.count(str(parquet)) == 2 and sources.count(str(folder)) == 2
+    assert reasons(result) == {(4, "rubric[0].weight"): "points must be finite, got 'nan'",
+                               (3, "rubric"): "empty rubric: no criteria"}
+    assert {p["domain"] for p in result.prompts if p["source"].startswith(str(hb))} == {"medical"}
+
+
+def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
+    lines = [json.dumps(good(i)) for i in range(50)] + ["garbage"] * 5 + [json.dumps(good(0))]
+    result = run([write_lines(tmp_path / "a.jsonl", lines)], tiny_tokenizer, heldout_fraction=0.3)
+    assert len(result.prompts) + len(result.quarantine) == len(lines)
+    assert {p["split"] for p in result.prompts} == {"train", "heldout"}
+
+
+def test_unreadable_sources_are_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        list(read_source(str(tmp_path / "missing.jsonl")))
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(SourceError, match="not a readable Parquet file"):
+        list(read_source(str(bad)))
+    text = tmp_path / "bad.txt"
+    text.write_text("x")
+    with pytest.raises(SourceError, match="unknown file type"):
+        list(read_source(str(text)))
+    with pytest.raises(SourceError, match="unknown built-in data set"):
+        list(read_source("builtin:nope"))
+
+
+def test_bundled_medsci_data_is_clean_and_balanced(tiny_tokenizer):
+    result = run(["builtin:medsci"], tiny_tokenizer, max_prompt_tokens=100000)
+    assert result.quarantine == []
+    domains = [p["domain"] for p in result.prompts]
+    assert len(domains) >= 120 and domains.count("medical") >= 60 and domains.count("science") >= 60
+    for p in result.prompts:
+        assert 5 <= len(p["rubric"]) <= 12
+        assert all(float(c["points"]).is_integer() for c in p["rubric"])
+    assert sum(any(c["points"] < 0 for c in p["rubric"]) for p in result.prompts) >= 30

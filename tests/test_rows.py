@@ -1,0 +1,89 @@
+"""Row normalisation of every supported format, and every rule a row can break."""
+
+import math
+
+import pytest
+
+from rgsd_pipeline.rows import RowError, detect_format, heldout, normalize, prompt_id
+
+USER = [{"role": "user", "content": "What lowers blood pressure?"}]
+RUBRIC = [{"criterion": "Mentions salt", "points": 5}, {"criterion": "Claims nothing helps", "points": -3}]
+
+
+def test_rubrichub_row():
+    row = normalize({"prompt": USER, "Rubrics": RUBRIC, "domain": "medical"})
+    assert row["messages"] == USER
+    assert [(c["criterion"], c["points"]) for c in row["rubric"]] == [("Mentions salt", 5.0), ("Claims nothing helps", -3.0)]
+    assert row["domain"] == "medical"
+
+
+def test_rar_row_uses_description_and_weight_and_keeps_title_as_tag():
+    row = normalize({"question": "Why is the sky blue?", "reference_answer": "Rayleigh scattering.",
+                     "rubric": [{"title": "Rayleigh", "description": "Essential Criteria: names Rayleigh scattering",
+                                 "weight": 5}]})
+    assert row["messages"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert row["rubric"] == [{"criterion": "Essential Criteria: names Rayleigh scattering", "points": 5.0,
+                              "tags": ["title:Rayleigh"]}]
+    assert row["reference_answer"] == "Rayleigh scattering."
+
+
+def test_healthbench_row_keeps_tags_and_defaults_to_medical():
+    row = normalize({"prompt_id": "hb-1", "prompt": USER,
+                     "rubrics": [{"criterion": "Advises a doctor", "points": 7, "tags": ["axis:completeness"]}]})
+    assert row["rubric"][0]["tags"] == ["axis:completeness"]
+    assert row["domain"] == "medical" and row["source_id"] == "hb-1"
+
+
+def test_generic_row_with_string_prompt_and_criteria_key():
+    row = normalize({"prompt": "Explain tides.", "criteria": [{"criterion": "Moon gravity", "points": "4"}]})
+    assert row["messages"][0]["content"] == "Explain tides." and row["rubric"][0]["points"] == 4.0
+
+
+def test_detect_format():
+    assert detect_format({"prompt": USER, "Rubrics": RUBRIC}) == "rubrichub"
+    assert detect_format({"question": "q", "rubric": []}) == "rar"
+    assert detect_format({"prompt": USER, "rubrics": []}) == "healthbench"
+    assert detect_format({"messages": USER, "rubric": []}) == "generic"
+
+
+@pytest.mark.parametrize(
+    "row, field, reason",
+    [
+        ({"Rubrics": RUBRIC, "prompt": None}, "prompt", "missing prompt"),
+        ({"prompt": [], "Rubrics": RUBRIC}, "prompt", "empty prompt"),
+        ({"prompt": [{"role": "user", "content": "   "}], "Rubrics": RUBRIC}, "prompt[0].content", "empty prompt"),
+        ({"prompt": [{"role": "bot", "content": "hi"}], "Rubrics": RUBRIC}, "prompt[0].role", "unknown role"),
+        ({"prompt": [{"role": "user", "content": 42}], "Rubrics": RUBRIC}, "prompt[0].content", "must be a string"),
+        ({"prompt": [*USER, {"role": "assistant", "content": "ok"}], "Rubrics": RUBRIC}, "prompt[1].role",
+         "last message must be from the user"),
+        ({"prompt": USER, "Rubrics": None}, "Rubrics", "missing rubric"),
+        ({"prompt": USER, "Rubrics": []}, "Rubrics", "empty rubric"),
+        ({"prompt": USER, "Rubrics": [{"criterion": " ", "points": 1}]}, "Rubrics[0].criterion", "empty criterion"),
+        ({"prompt": USER, "Rubrics": [{"criterion": "c", "points": "many"}]}, "Rubrics[0].points", "must be a number"),
+        ({"prompt": USER, "Rubrics": [{"criterion": "c", "points": math.nan}]}, "Rubrics[0].points", "finite"),
+        ({"prompt": USER, "Rubrics": [{"criterion": "c", "points": math.inf}]}, "Rubrics[0].points", "finite"),
+        ({"prompt": USER, "Rubrics": [{"criterion": "c", "points": True}]}, "Rubrics[0].points", "must be a number"),
+        ({"prompt": USER, "Rubrics": [{"criterion": "c"}]}, "Rubrics[0].points", "missing points"),
+        ({"prompt": USER, "Rubrics": [{"criterion": "a", "points": -1}, {"criterion": "b", "points": -2}]}, "Rubrics",
+         "no criterion has positive points"),
+    ],
+)
+def test_bad_rows_name_field_and_reason(row, field, reason):
+    with pytest.raises(RowError) as err:
+        normalize(row)
+    assert err.value.field == field
+    assert reason in err.value.reason
+
+
+def test_prompt_id_is_stable_and_content_based():
+    a = prompt_id(USER, normalize({"prompt": USER, "Rubrics": RUBRIC})["rubric"])
+    assert a == prompt_id([dict(USER[0])], normalize({"prompt": USER, "Rubrics": RUBRIC})["rubric"])
+    assert len(a) == 16 and a != prompt_id([{"role": "user", "content": "other"}], [])
+
+
+def test_heldout_split_matches_fraction_and_is_seeded():
+    ids = [f"{i:016x}" for i in range(4000)]
+    share = sum(heldout(i, 0.25, seed=0) for i in ids) / len(ids)
+    assert abs(share - 0.25) < 0.03
+    assert [heldout(i, 0.25, 0) for i in ids] == [heldout(i, 0.25, 0) for i in ids]
+    assert [heldout(i, 0.25, 0) for i in ids] != [heldout(i, 0.25, 1) for i in ids]
