@@ -44,9 +44,9 @@ def config_reference():
 
 
 def _register():
-    from stages import prepare, rollout
+    from stages import prepare, rollout, score
 
-    for stage in (prepare, rollout):
+    for stage in (prepare, rollout, score):
         main.add_command(stage.command)
 
 

@@ -110,6 +110,18 @@ class RolloutConfig:
 
 
 @dataclass
+class ScoreConfig:
+    top_k: int = opt(20, "Teacher log-probs stored per response position", minimum=1)
+    value_dtype: str = opt("float16", "Storage type of the top-k log-probs", choices=("float16", "float32"))
+    id_dtype: str = opt("auto", "Storage type of the top-k ids; auto takes uint16 when the vocabulary fits",
+                        choices=("auto", "uint16", "int32"))
+    think_mask: bool = opt(False, "Leave tokens inside <think>...</think> (tags included) out of the loss")
+    think_open: str = opt("<think>", "Opening tag of the reasoning span")
+    think_close: str = opt("</think>", "Closing tag of the reasoning span")
+    eos_in_loss: bool = opt(True, "Distil the final end-of-sequence token too (the stop decision)")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "A label for the run, recorded in run.yaml")
     seed: int = opt(0, "Master seed; stage seeds derive from it")
@@ -118,6 +130,7 @@ class RunConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
 
 def to_dict(config) -> dict:
@@ -171,11 +184,24 @@ def _build(cls, raw: dict, where: str):
     return cls(**values)
 
 
+def _field_type(keys: list[str]):
+    """The declared type of the field at a dotted path, or None when the path is unknown."""
+    cls = RunConfig
+    for key in keys:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if key not in hints:
+            return None
+        cls = hints[key]
+    return cls
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
-    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    """`a.b=value` -> (["a", "b"], value parsed as YAML; kept as text for string fields)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, _, raw = text.partition("=")
+    if _field_type(key.strip().split(".")) is str:
+        return key.strip().split("."), raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:

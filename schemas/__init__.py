@@ -96,7 +96,12 @@ ROLLOUTS = ArtifactSchema(
 
 
 def signals_schema(k: int, value_type: pa.DataType = pa.float16(), id_type: pa.DataType = pa.int32()) -> ArtifactSchema:
-    """The teacher-signals schema for top-`k` entries stored with the given id and value types."""
+    """The teacher-signals schema for top-`k` entries stored with the given id and value types.
+
+    Per response position t: `topk_ids[t]` / `topk_logprobs[t]` are the teacher's k most likely next
+    tokens, best first; `token_logprob[t]` is the teacher's log-prob of the token the student sampled
+    (which may lie outside the top-k); `loss_mask[t]` is false for tokens left out of the loss.
+    """
     return ArtifactSchema(
         name="signals",
         version=1,
@@ -106,6 +111,7 @@ def signals_schema(k: int, value_type: pa.DataType = pa.float16(), id_type: pa.D
                 pa.field("prompt_id", pa.string(), nullable=False),
                 pa.field("sample_idx", pa.int32(), nullable=False),
                 pa.field("teacher_prompt_len", pa.int32(), nullable=False),
+                pa.field("status", pa.string(), nullable=False),  # "ok" or "skipped:<why>" (then lists are empty)
                 pa.field("topk_ids", pa.list_(pa.list_(id_type, k)), nullable=False),
                 pa.field("topk_logprobs", pa.list_(pa.list_(value_type, k)), nullable=False),
                 pa.field("token_logprob", pa.list_(pa.float32()), nullable=False),

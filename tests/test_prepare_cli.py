@@ -1,25 +1,12 @@
 """`rgsd-pipeline prepare` end to end through the real console script."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
+from helpers import cli
 
 from rgsd_pipeline.shards import read_stage
 from schemas import PROMPTS
-
-ROOT = Path(__file__).parent.parent
-CLI = [sys.executable, "-m", "rgsd_pipeline"]
-
-
-def cli(*args, check=True):
-    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=os.environ)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-    return result
 
 
 def test_help_and_version():

@@ -1,13 +1,10 @@
 """`rgsd-pipeline rollout` end to end: resume after kill -9, sharded workers, too-long prompts, vLLM."""
 
 import shutil
-import signal
-import subprocess
-import time
 
 import polars as pl
 import pytest
-from test_prepare_cli import CLI, ROOT, cli
+from helpers import cli, kill_after_first_shard
 
 from rgsd_pipeline.shards import read_stage
 from schemas import ROLLOUTS
@@ -37,15 +34,8 @@ def test_kill_during_rollout_then_resume_equals_uninterrupted(prepared, tmp_path
     out = cli("rollout", "--run", reference, "--iteration", 0).stdout
     assert "107 prompts, 107 samples" in out
 
-    progress = killed / "iter-000" / "rollouts" / ".progress"
-    worker = subprocess.Popen([*CLI, "rollout", "--run", str(killed), "--iteration", "0"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(progress.glob("part-*.json")):
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    done_before = len(list(progress.glob("part-*.json")))
+    done_before = kill_after_first_shard(["rollout", "--run", killed, "--iteration", 0],
+                                         killed / "iter-000" / "rollouts")
     assert 1 <= done_before < 7, "the kill should land between the first and the last shard"
     assert not (killed / "iter-000" / "rollouts" / "_SUCCESS").exists()
 

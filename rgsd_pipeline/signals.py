@@ -1,0 +1,115 @@
+"""Teacher signals: storage types, loss masks, and Arrow columns built from engine scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from rgsd_pipeline.engines.base import Scores
+from schemas import ArtifactSchema, signals_schema
+
+
+def storage_schema(score_config, vocab_size: int) -> ArtifactSchema:
+    """The signals schema for this run: uint16 ids when the vocabulary fits in 16 bits (halves the id bytes)."""
+    id_dtype = score_config.id_dtype
+    if id_dtype == "auto":
+        id_dtype = "uint16" if vocab_size <= 1 << 16 else "int32"
+    if id_dtype == "uint16" and vocab_size > 1 << 16:
+        raise ValueError(f"score.id_dtype=uint16 cannot hold a vocabulary of {vocab_size}; use auto or int32")
+    return signals_schema(score_config.top_k, value_type=getattr(pa, score_config.value_dtype)(),
+                          id_type=getattr(pa, id_dtype)())
+
+
+def token_span_ids(tokenizer, text: str) -> list[int]:
+    """The ids a tag is written with: a single special token where the vocabulary has one."""
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id is not None:
+        return [token_id]
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _find(haystack: list[int], needle: list[int], start: int) -> int:
+    for i in range(start, len(haystack) - len(needle) + 1):
+        if haystack[i:i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def loss_mask(response_ids: list[int], eos_ids: set[int], think: tuple[list[int], list[int]] | None,
+              eos_in_loss: bool) -> list[bool]:
+    """Which response tokens are distilled.
+
+    With `think = (open_ids, close_ids)`, tokens from an opening tag through its closing tag are masked;
+    a response that starts inside a reasoning span (the chat template opened it) is masked up to the
+    first closing tag, and an unclosed span is masked to the end.
+    """
+    mask = [True] * len(response_ids)
+    if think is not None:
+        open_ids, close_ids = think
+        first_close = _find(response_ids, close_ids, 0)
+        first_open = _find(response_ids, open_ids, 0)
+        position = 0
+        if first_close != -1 and (first_open == -1 or first_close < first_open):
+            mask[: first_close + len(close_ids)] = [False] * (first_close + len(close_ids))
+            position = first_close + len(close_ids)
+        while (start := _find(response_ids, open_ids, position)) != -1:
+            end = _find(response_ids, close_ids, start + len(open_ids))
+            stop = len(response_ids) if end == -1 else end + len(close_ids)
+            mask[start:stop] = [False] * (stop - start)
+            position = stop
+    if not eos_in_loss and response_ids and response_ids[-1] in eos_ids:
+        mask[-1] = False
+    return mask
+
+
+def nested_list(values_N_K: np.ndarray, lengths: list[int], value_type: pa.DataType) -> pa.Array:
+    """list<fixed_size_list<value_type, K>> from the row-concatenated [N, K] array and per-row lengths."""
+    k = values_N_K.shape[1]
+    flat = pa.array(values_N_K.reshape(-1), type=value_type)
+    inner = pa.FixedSizeListArray.from_arrays(flat, k)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, inner)
+
+
+def signals_table(keys: list[dict], scores: list[Scores | None], masks: list[list[bool]], schema: ArtifactSchema,
+                  k: int) -> pa.Table:
+    """Signals rows: `keys` holds prompt_id, sample_idx, teacher_prompt_len and status per row; a None score is a skip."""
+    fields = {f.name: f.type for f in schema.arrow}
+    id_type, value_type = fields["topk_ids"].value_type.value_type, fields["topk_logprobs"].value_type.value_type
+    lengths = [0 if s is None else len(s.token_logprob_T) for s in scores]
+    present = [s for s in scores if s is not None and len(s.token_logprob_T)]
+
+    def stack(name, dtype, width):
+        arrays = [getattr(s, name) for s in present]
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, width) if width else 0, dtype)
+
+    ids = stack("topk_ids_T_K", id_type.to_pandas_dtype(), k)
+    values = stack("topk_logprobs_T_K", np.float32, k)
+    tokens = stack("token_logprob_T", np.float32, None)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    columns = {
+        "prompt_id": pa.array([r["prompt_id"] for r in keys], pa.string()),
+        "sample_idx": pa.array([r["sample_idx"] for r in keys], pa.int32()),
+        "teacher_prompt_len": pa.array([r["teacher_prompt_len"] for r in keys], pa.int32()),
+        "status": pa.array([r["status"] for r in keys], pa.string()),
+        "topk_ids": nested_list(ids.reshape(-1, k), lengths, id_type),
+        "topk_logprobs": nested_list(values.reshape(-1, k), lengths, value_type),
+        "token_logprob": pa.ListArray.from_arrays(offsets, pa.array(tokens, pa.float32())),
+        "loss_mask": pa.ListArray.from_arrays(offsets, pa.array([b for m in masks for b in m], pa.bool_())),
+    }
+    return pa.table(columns)
+
+
+def topk_bytes(files) -> int:
+    """Compressed bytes of the top-k id and log-prob columns across Parquet files (from their footers)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file in files:
+        metadata = pq.read_metadata(file)
+        for group in range(metadata.num_row_groups):
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
+                    total += chunk.total_compressed_size
+    return total
