@@ -44,9 +44,9 @@ def config_reference():
 
 
 def _register():
-    from stages import prepare, rollout, score
+    from stages import prepare, rollout, score, train
 
-    for stage in (prepare, rollout, score):
+    for stage in (prepare, rollout, score, train):
         main.add_command(stage.command)
 
 

@@ -122,6 +122,43 @@ class ScoreConfig:
 
 
 @dataclass
+class TrainConfig:
+    loss: str = opt("jsd", "jsd (generalized JSD, see beta) or sampled_reverse_kl (on-policy distillation estimator)",
+                    choices=("jsd", "sampled_reverse_kl"))
+    beta: float = opt(0.5, "JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL, 0.5 the paper's JSD",
+                      minimum=0.0)
+    clip: str = opt("token", "Where the divergence is capped at tau: per token, per vocabulary entry, or not at all",
+                    choices=("token", "entry", "none"))
+    tau: float = opt(0.05, "Clip threshold (the paper reports 0.05)", minimum=0.0)
+    distill_temperature: float = opt(1.0, "Temperature applied to both distributions in the loss", minimum=0.01)
+    reduction: str = opt("token", "Average the loss over tokens of the batch, or per sequence then over sequences",
+                         choices=("token", "sequence"))
+    ce_weight: float = opt(0.0, "Weight of cross-entropy on the sampled tokens mixed into the loss", minimum=0.0)
+    learning_rate: float = opt(1e-5, "Peak AdamW learning rate", minimum=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0.0)
+    warmup_steps: int = opt(0, "Linear warmup steps", minimum=0)
+    schedule: str = opt("constant", "Learning-rate schedule after warmup", choices=("constant", "cosine"))
+    min_lr_ratio: float = opt(0.1, "Final learning rate of the cosine schedule, as a share of the peak", minimum=0.0)
+    batch_size: int = opt(16, "Sequences per optimizer step (global, across processes)", minimum=1)
+    micro_batch_size: int = opt(4, "Sequences per forward/backward pass (gradient accumulation fills the batch)",
+                                minimum=1)
+    epochs: int = opt(1, "Passes over this iteration's signals", minimum=1)
+    max_grad_norm: float = opt(1.0, "Gradient-norm clip (0 disables)", minimum=0.0)
+    bf16: bool = opt(False, "bfloat16 autocast for the forward pass (loss stays fp32)")
+    gradient_checkpointing: bool = opt(False, "Recompute decoder activations in backward to save memory")
+    chunk_positions: int = opt(512, "Positions per LM-head chunk in the loss", minimum=1)
+    save_every: int = opt(20, "Save resumable trainer state every N optimizer steps", minimum=1)
+    carry_optimizer: bool = opt(False, "Start from the previous iteration's optimizer state")
+    seed: int = opt(0, "Seed of the data order")
+    lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights")
+    lora_rank: int = opt(16, "LoRA rank", minimum=1)
+    lora_alpha: float = opt(32.0, "LoRA alpha", minimum=0.0)
+    lora_dropout: float = opt(0.0, "LoRA dropout", minimum=0.0)
+    lora_target_modules: str = opt("all-linear", "peft target_modules: all-linear or comma-separated module names")
+    save_adapters: bool = opt(False, "With LoRA: write adapters instead of a merged HF folder")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "A label for the run, recorded in run.yaml")
     seed: int = opt(0, "Master seed; stage seeds derive from it")
@@ -131,6 +168,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def to_dict(config) -> dict:
@@ -150,6 +188,11 @@ def _coerce(value, annotation, where: str):
         annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), annotation)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
     return value

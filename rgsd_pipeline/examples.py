@@ -1,0 +1,98 @@
+"""Training examples: a rollout joined row by row with its teacher signals, and micro-batch collation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rgsd_pipeline.distill import Targets
+from rgsd_pipeline.losses import position_weights
+from rgsd_pipeline.shards import ArtifactError, StageData
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # int64 [P + T]: the student prompt then the sampled response
+    prompt_len: int
+    positions: np.ndarray  # int64 [N]: response indices j in the loss (loss_mask true)
+    topk_ids: np.ndarray  # int64 [N, K]
+    topk_logprobs: np.ndarray  # float32 [N, K]
+    token_logprob: np.ndarray  # float32 [N]
+
+
+def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
+    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out."""
+    if len(rollouts.files) != len(signals.files):
+        raise ArtifactError(f"{signals.folder} has {len(signals.files)} shards but {rollouts.folder} has "
+                            f"{len(rollouts.files)}; rerun `score` for this iteration")
+    examples = []
+    for index in range(len(rollouts.files)):
+        rollout_rows = rollouts.read_shard(index).to_pylist()
+        signal_table = signals.read_shard(index)
+        if signal_table.num_rows != len(rollout_rows):
+            raise ArtifactError(f"{signals.files[index]} has {signal_table.num_rows} rows, its rollouts shard "
+                                f"{rollouts.files[index]} has {len(rollout_rows)}")
+        for row, rollout in enumerate(rollout_rows):
+            signal = {name: signal_table.column(name)[row] for name in signal_table.column_names}
+            if (signal["prompt_id"].as_py(), signal["sample_idx"].as_py()) != (rollout["prompt_id"], rollout["sample_idx"]):
+                raise ArtifactError(f"{signals.files[index]} row {row}: keys differ from {rollouts.files[index]}")
+            if signal["status"].as_py() != "ok":
+                continue
+            mask = np.asarray(signal["loss_mask"].values, dtype=bool)
+            if not mask.any():
+                continue
+            k = signal["topk_ids"].type.value_type.list_size
+            ids = signal["topk_ids"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            values = signal["topk_logprobs"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            positions = np.nonzero(mask)[0]
+            examples.append(Example(
+                input_ids=np.asarray(rollout["prompt_token_ids"] + rollout["response_token_ids"], dtype=np.int64),
+                prompt_len=len(rollout["prompt_token_ids"]),
+                positions=positions,
+                topk_ids=ids[positions].astype(np.int64),
+                topk_logprobs=values[positions].astype(np.float32),
+                token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
+            ))
+    return examples
+
+
+@dataclass
+class MicroBatch:
+    input_ids_B_T: torch.Tensor
+    attention_mask_B_T: torch.Tensor
+    rows_N: torch.Tensor  # batch row of each trained position
+    columns_N: torch.Tensor  # column whose hidden state predicts it (prompt_len + j - 1)
+    targets: Targets
+
+
+def collate(examples: list[Example], sequence_ids: list[int], reduction: str, num_tokens: int, num_sequences: int,
+            pad_id: int) -> MicroBatch:
+    """Right-padded inputs and the flattened targets of a micro-batch.
+
+    `sequence_ids` are the examples' indices within the global batch, and the denominators are the
+    global batch's, so the micro-batch losses of all processes add up to the global batch's loss.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    input_ids_B_T = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask_B_T = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids_B_T[row, :len(example.input_ids)] = torch.from_numpy(example.input_ids)
+        mask_B_T[row, :len(example.input_ids)] = 1
+    rows_N = torch.cat([torch.full((len(e.positions),), r) for r, e in enumerate(examples)])
+    columns_N = torch.cat([torch.from_numpy(e.prompt_len + e.positions - 1) for e in examples])
+    token_ids_N = input_ids_B_T[rows_N, columns_N + 1]
+    sequence_N = torch.cat([torch.full((len(e.positions),), s) for s, e in zip(sequence_ids, examples)])
+    if reduction == "sequence":
+        weight_N = position_weights(sequence_N - sequence_N.min(), "sequence", num_tokens, num_sequences)
+    else:
+        weight_N = position_weights(sequence_N, "token", num_tokens, num_sequences)
+    targets = Targets(
+        topk_ids_N_K=torch.from_numpy(np.concatenate([e.topk_ids for e in examples])),
+        teacher_topk_N_K=torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
+        teacher_token_N=torch.from_numpy(np.concatenate([e.token_logprob for e in examples])),
+        token_ids_N=token_ids_N,
+        weight_N=weight_N,
+    )
+    return MicroBatch(input_ids_B_T, mask_B_T, rows_N, columns_N, targets)

@@ -1,0 +1,168 @@
+"""The training loop: optimizer steps over global batches, exact resume, and data-parallel processes.
+
+Every process knows the whole data order (a seeded permutation per epoch), so the global batch of
+step s is the same everywhere; process r takes its sequences r, r + W, ... Loss denominators are the
+global batch's, and gradients are summed across processes, so W processes make exactly the update
+one process makes with the same global batch (up to float summation order).
+
+Trainer state (trainable weights, optimizer, step, RNG) is saved every `save_every` steps under
+checkpoint/trainer_state/ with safetensors and a weights_only torch file; a killed run resumes from
+it and reaches the same final weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from rgsd_pipeline.distill import STAT_NAMES, LossSpec, distill_loss
+from rgsd_pipeline.examples import Example, collate
+
+STATE_DIR = "trainer_state"
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def learning_rate(step: int, total_steps: int, config) -> float:
+    """Linear warmup, then constant or cosine decay to min_lr_ratio of the peak."""
+    peak = config.learning_rate
+    if step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return peak
+    progress = (step - config.warmup_steps) / max(total_steps - config.warmup_steps, 1)
+    return peak * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_order(num_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """The global batches of every step: a seeded permutation per epoch, cut into batch_size pieces."""
+    batches = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+        batches += [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    return batches
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(folder: Path, model, optimizer, step: int) -> None:
+    """Write trainer state to a temporary folder and swap it in, so a kill never leaves half a state."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in trainable(model).items()}, tmp / "weights.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path, model, optimizer, load_weights: bool = True) -> int:
+    """Restore trainer state saved by save_state; returns the step to continue from."""
+    if not folder.exists() and folder.with_name(f".{folder.name}.old").exists():
+        folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
+    if load_weights:
+        weights = load_file(folder / "weights.safetensors")
+        with torch.no_grad():
+            for name, param in trainable(model).items():
+                param.copy_(weights[name])
+    bundle = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(bundle["optimizer"])
+    torch.set_rng_state(bundle["torch_rng"])
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+def find_state(checkpoint: Path) -> Path | None:
+    for candidate in (checkpoint / STATE_DIR, checkpoint / f".{STATE_DIR}.old"):
+        if (candidate / "state.json").exists():
+            return candidate
+    return None
+
+
+class Trainer:
+    def __init__(self, model, examples: list[Example], config, world: World, pad_id: int):
+        self.model, self.examples, self.config, self.world, self.pad_id = model, examples, config, world, pad_id
+        self.spec = LossSpec(kind=config.loss, beta=config.beta, clip=config.clip, tau=config.tau,
+                             temperature=config.distill_temperature, ce_weight=config.ce_weight)
+        self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed)
+        self.optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+        self.decoder = base.get_decoder()
+        self.lm_head = base.get_output_embeddings()
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.batches)
+
+    def step(self, step: int) -> dict:
+        """One optimizer step on global batch `step`; returns its metrics (identical on every process)."""
+        config, world = self.config, self.world
+        started = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, self.total_steps, config)
+        batch = self.batches[step]
+        num_tokens = sum(len(self.examples[i].positions) for i in batch)
+        mine = batch[world.rank::world.size]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        totals = torch.zeros(1 + len(STAT_NAMES))  # loss, then the distill stats
+        for lo in range(0, len(mine), config.micro_batch_size):
+            indices = mine[lo:lo + config.micro_batch_size]
+            micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
+                            num_tokens, len(batch), self.pad_id)
+            with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                                enabled=config.bf16):
+                hidden_B_T_H = self.decoder(input_ids=micro.input_ids_B_T,
+                                            attention_mask=micro.attention_mask_B_T).last_hidden_state
+            hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
+            loss, stats = distill_loss(hidden_N_H, self.lm_head, micro.targets, self.spec, config.chunk_positions)
+            loss.backward()
+            totals += torch.cat([loss.detach().reshape(1), stats])
+        params = [p for p in trainable(self.model).values()]
+        if world.size > 1:
+            for param in params:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        elapsed = time.perf_counter() - started
+        loss, divergence, clipped, teacher_tail, student_tail = totals.tolist()
+        processed = sum(len(self.examples[i].input_ids) for i in batch)
+        return {"step": step + 1, "loss": loss, "divergence": divergence / num_tokens, "clip_fraction": clipped / num_tokens,
+                "teacher_tail_mass": teacher_tail / num_tokens, "student_tail_mass": student_tail / num_tokens,
+                "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], "sequences": len(batch),
+                "loss_tokens": num_tokens, "tokens_per_s": processed / elapsed}

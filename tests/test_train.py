@@ -1,0 +1,136 @@
+"""`rgsd-pipeline train`: learning, resume equality, torchrun equality, LoRA, loadable checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, cli
+from safetensors.torch import load_file
+
+from rgsd_pipeline.config import TrainConfig
+from rgsd_pipeline.examples import Example
+from rgsd_pipeline.models import load_model
+from rgsd_pipeline.trainer import Trainer, World
+
+PREPARE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.max_prompts=24", "data.rows_per_shard=8",
+           "train.batch_size=4", "train.micro_batch_size=2", "train.learning_rate=1e-3", "train.save_every=2",
+           "train.clip=none"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    run = tmp_path_factory.mktemp("scored") / "run"
+    cli(*PREPARE, "--run", run)
+    cli("rollout", "--run", run, "--iteration", 0)
+    cli("score", "--run", run, "--iteration", 0)
+    return run
+
+
+def copy(run, tmp_path, name="run", **overrides):
+    target = tmp_path / name
+    shutil.copytree(run, target)
+    text = (target / "run.yaml").read_text()
+    for key, value in overrides.items():
+        text = text.replace(f"  {key}: ", f"  {key}: {value} #", 1)
+    (target / "run.yaml").write_text(text)
+    return target
+
+
+def weights(run):
+    return load_file(run / "iter-000" / "checkpoint" / "model.safetensors")
+
+
+def test_training_on_fixed_signals_halves_the_divergence(tiny_path):
+    """A peaked synthetic teacher over 4 tokens; the student should move most of the way in 40 steps."""
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(8):
+        ids = rng.integers(3, 1000, 24)
+        positions = np.arange(8)
+        top = np.stack([rng.choice(np.arange(3, 1000), 4, replace=False) for _ in positions])
+        logp = np.log(np.array([0.7, 0.15, 0.1, 0.04], dtype=np.float32))
+        examples.append(Example(ids, 16, positions, top, np.tile(logp, (8, 1)), np.full(8, -3.0, np.float32)))
+    config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=3e-3, epochs=40, clip="none")
+    trainer = Trainer(load_model(tiny_path), examples, config, World(), pad_id=0)
+    history = [trainer.step(s)["divergence"] for s in range(trainer.total_steps)]
+    assert history[-1] < 0.5 * history[0], history
+
+
+@pytest.mark.slow
+def test_train_writes_a_checkpoint_that_transformers_loads(scored, tmp_path):
+    run = copy(scored, tmp_path)
+    out = cli("train", "--run", run, "--iteration", 0).stdout
+    assert "6 steps" in out and "checkpoint in" in out
+    checkpoint = run / "iter-000" / "checkpoint"
+    assert (checkpoint / "_SUCCESS").exists() and (checkpoint / "chat_template.jinja").exists()
+    metrics = [json.loads(line) for line in (run / "iter-000" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert {"loss", "divergence", "clip_fraction", "teacher_tail_mass", "student_tail_mass", "grad_norm", "lr",
+            "tokens_per_s"} <= set(metrics[0])
+    model = load_model(checkpoint)
+    assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+    base = load_file(model_path(run) / "model.safetensors")
+    assert any(not torch.equal(base[name], tensor) for name, tensor in weights(run).items())
+    assert "already complete" in cli("train", "--run", run, "--iteration", 0).stdout
+
+
+def model_path(run):
+    from rgsd_pipeline.models import resolve_model
+
+    return resolve_model("builtin:tiny")
+
+
+@pytest.mark.slow
+def test_kill_during_training_then_resume_equals_uninterrupted(scored, tmp_path):
+    reference, killed = copy(scored, tmp_path, "reference"), copy(scored, tmp_path, "killed")
+    cli("train", "--run", reference, "--iteration", 0)
+    state = killed / "iter-000" / "checkpoint" / "trainer_state" / "state.json"
+    worker = subprocess.Popen([*__import__("helpers").CLI, "train", "--run", str(killed), "--iteration", "0"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.01)
+    worker.kill()
+    worker.wait()
+    assert state.exists() and not (killed / "iter-000" / "checkpoint" / "_SUCCESS").exists()
+    resumed = cli("train", "--run", killed, "--iteration", 0).stdout
+    assert "resuming at step" in resumed
+    want, got = weights(reference), weights(killed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+    lines = (killed / "iter-000" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path):
+    one, two = copy(scored, tmp_path, "one"), copy(scored, tmp_path, "two")
+    cli("train", "--run", one, "--iteration", 0)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                "-m", "rgsd_pipeline", "train", "--run-dir", str(two), "--iteration", "0"]
+    result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    want, got = weights(one), weights(two)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_lora_writes_a_merged_checkpoint(scored, tmp_path):
+    run = copy(scored, tmp_path, lora="true", lora_rank=4)
+    cli("train", "--run", run, "--iteration", 0)
+    checkpoint = run / "iter-000" / "checkpoint"
+    merged = weights(run)
+    base = load_file(model_path(run) / "model.safetensors")
+    assert set(merged) == set(base)  # a plain model, no adapter names
+    changed = [n for n in base if not torch.equal(base[n], merged[n])]
+    assert changed and all("proj" in n for n in changed)
+    load_model(checkpoint)
