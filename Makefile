@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup test test-fast lint demo clean bench
 
 setup: $(STAMP)
 
@@ -44,9 +44,41 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check rgsd_pipeline stages schemas tests bench
 
+# ---- RGSD iterations as file targets: an interrupted `make iterate` resumes at the first missing _SUCCESS.
+CONFIG ?= configs/smollm2-cpu.yaml
 RUN ?= runs/demo
+ITERS ?= 1
+CLI := $(VENV)/bin/rgsd-pipeline
+iter = $(shell printf %03d $(1))
+previous = $(shell expr $(1) - 1)
+
+$(RUN)/prompts/_SUCCESS: | setup
+	$(CLI) prepare --config $(CONFIG) --run $(RUN)
+
+# Iteration I: rollout from the previous checkpoint (the base model at 0), score, train.
+define ITERATION
+$(RUN)/iter-$(call iter,$(1))/rollouts/_SUCCESS: $(if $(filter 0,$(1)),$(RUN)/prompts/_SUCCESS,$(RUN)/iter-$(call iter,$(call previous,$(1)))/checkpoint/_SUCCESS)
+	$(CLI) rollout --run $(RUN) --iteration $(1)
+$(RUN)/iter-$(call iter,$(1))/signals/_SUCCESS: $(RUN)/iter-$(call iter,$(1))/rollouts/_SUCCESS
+	$(CLI) score --run $(RUN) --iteration $(1)
+$(RUN)/iter-$(call iter,$(1))/checkpoint/_SUCCESS: $(RUN)/iter-$(call iter,$(1))/signals/_SUCCESS
+	$(CLI) train --run $(RUN) --iteration $(1)
+endef
+$(foreach i,$(shell seq 0 $$(($(ITERS) - 1))),$(eval $(call ITERATION,$(i))))
+
+.PHONY: iterate
+iterate: $(RUN)/iter-$(call iter,$(call previous,$(ITERS)))/checkpoint/_SUCCESS
+
+# The demo: one iteration of SmolLM2-135M-Instruct on the bundled data, then the before/after report.
 demo: setup
-	$(VENV)/bin/rgsd-pipeline prepare --config configs/smollm2-cpu.yaml --run $(RUN) --show 1
+	$(MAKE) --no-print-directory iterate CONFIG=configs/smollm2-cpu.yaml RUN=$(RUN) ITERS=1
+	$(CLI) report --run $(RUN) --iteration 0
+
+# Ratios measured side by side in one run (never timed tests); writes bench/results.json.
+bench: setup
+	$(PY) bench/rollout.py
+	$(PY) bench/score.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

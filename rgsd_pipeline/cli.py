@@ -44,9 +44,9 @@ def config_reference():
 
 
 def _register():
-    from stages import prepare, rollout, score, train
+    from stages import iterate, prepare, report, rollout, score, train
 
-    for stage in (prepare, rollout, score, train):
+    for stage in (prepare, rollout, score, train, iterate, report):
         main.add_command(stage.command)
 
 

@@ -88,7 +88,9 @@ class TemplateConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = opt("auto", "Engine for rollout and score; auto picks vLLM when it imports", choices=("auto", "vllm", "hf"))
+    kind: str = opt("auto", "Engine for rollout (and score); auto picks vLLM when it imports", choices=("auto", "vllm", "hf"))
+    score_kind: str = opt("", "Engine for score when it should differ from kind (on a CPU, hf scores faster)",
+                          choices=("", "auto", "vllm", "hf"))
     hf_batch_size: int = opt(16, "Sequences per batch in the transformers engine", minimum=1)
     vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05)
     vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM engine spans", minimum=1)
@@ -112,7 +114,9 @@ class RolloutConfig:
 @dataclass
 class ScoreConfig:
     top_k: int = opt(20, "Teacher log-probs stored per response position", minimum=1)
-    value_dtype: str = opt("float16", "Storage type of the top-k log-probs", choices=("float16", "float32"))
+    value_dtype: str = opt("uint8", "Storage of the top-k log-probs: uint8 sqrt-spaced codes (about 1e-4 nats of JSD "
+                           "distortion, see schemas.LOGPROB_CODE_SCALE), float16 or float32",
+                           choices=("uint8", "float16", "float32"))
     id_dtype: str = opt("auto", "Storage type of the top-k ids; auto takes uint16 when the vocabulary fits",
                         choices=("auto", "uint16", "int32"))
     think_mask: bool = opt(False, "Leave tokens inside <think>...</think> (tags included) out of the loss")

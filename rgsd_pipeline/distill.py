@@ -62,7 +62,7 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
                  chunk_positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted loss, stats_4 sums of divergence / clipped / teacher tail / student tail) over N positions."""
     loss = hidden_N_H.new_zeros((), dtype=torch.float32)
-    stats_4 = torch.zeros(4)
+    stats_4 = torch.zeros(4, device=hidden_N_H.device)
     for lo in range(0, hidden_N_H.shape[0], chunk_positions):
         part = slice(lo, lo + chunk_positions)
         chunk_loss, chunk_stats = checkpoint(

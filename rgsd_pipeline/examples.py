@@ -10,6 +10,7 @@ import torch
 from rgsd_pipeline.distill import Targets
 from rgsd_pipeline.losses import position_weights
 from rgsd_pipeline.shards import ArtifactError, StageData
+from rgsd_pipeline.signals import decode_logprobs
 
 
 @dataclass
@@ -52,7 +53,7 @@ def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
                 prompt_len=len(rollout["prompt_token_ids"]),
                 positions=positions,
                 topk_ids=ids[positions].astype(np.int64),
-                topk_logprobs=values[positions].astype(np.float32),
+                topk_logprobs=decode_logprobs(values[positions]),
                 token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
             ))
     return examples
@@ -65,6 +66,12 @@ class MicroBatch:
     rows_N: torch.Tensor  # batch row of each trained position
     columns_N: torch.Tensor  # column whose hidden state predicts it (prompt_len + j - 1)
     targets: Targets
+
+    def to(self, device) -> MicroBatch:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        targets = Targets(*(move(getattr(self.targets, f)) for f in self.targets.__dataclass_fields__))
+        return MicroBatch(move(self.input_ids_B_T), move(self.attention_mask_B_T), move(self.rows_N),
+                          move(self.columns_N), targets)
 
 
 def collate(examples: list[Example], sequence_ids: list[int], reduction: str, num_tokens: int, num_sequences: int,

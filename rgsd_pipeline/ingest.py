@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rgsd_pipeline.config import DataConfig, TemplateConfig
 from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
-from rgsd_pipeline.rows import RowError, heldout, normalize, prompt_id
+from rgsd_pipeline.rows import RowError, heldout, normalize, prompt_id, split_draw
 from rgsd_pipeline.sources import RawRow, raw_text, read_source
 
 
@@ -20,6 +20,7 @@ class IngestResult:
     prompts: list[dict] = field(default_factory=list)  # rows of the prompts schema, in source order
     quarantine: list[dict] = field(default_factory=list)  # rows of the quarantine schema
     read_per_file: Counter = field(default_factory=Counter)
+    left_out: int = 0  # valid training prompts beyond data.max_prompts
 
     def reject(self, raw: RawRow, field_name: str, reason: str) -> None:
         text = raw.raw if raw.value is None else raw_text(raw.value)
@@ -40,6 +41,8 @@ class IngestResult:
         domains = Counter(p["domain"] or "-" for p in self.prompts)
         lines.append(f"prompts: {len(self.prompts)} ({splits['train']} train, {splits['heldout']} held out); "
                      f"domains: {', '.join(f'{d} {n}' for d, n in sorted(domains.items()))}")
+        if self.left_out:
+            lines.append(f"left out: {self.left_out} valid training prompts beyond data.max_prompts (a seeded sample is kept)")
         if self.quarantine:
             lines.append(f"quarantined: {len(self.quarantine)} rows")
         return "\n".join(lines)
@@ -91,7 +94,10 @@ def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | Non
             canonical["prompt_tokens"] = len(chat_ids(tokenizer, student_messages(canonical, template)))
             result.prompts.append(canonical)
     if data.max_prompts:
-        train = [p for p in result.prompts if p["split"] == "train"][: data.max_prompts]
-        keep = {p["prompt_id"] for p in train}
+        # A seeded sample rather than the first N rows, so a small run still mixes the sources' domains.
+        train = sorted((p for p in result.prompts if p["split"] == "train"),
+                       key=lambda p: split_draw(p["prompt_id"], data.split_seed + 1))
+        keep = {p["prompt_id"] for p in train[: data.max_prompts]}
+        result.left_out = len(train) - len(keep)
         result.prompts = [p for p in result.prompts if p["split"] == "heldout" or p["prompt_id"] in keep]
     return result

@@ -159,7 +159,11 @@ def prompt_id(messages: list[dict], rubric: list[dict]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def split_draw(prompt_id_: str, seed: int) -> float:
+    """A seeded uniform draw in [0, 1) per prompt, independent of row order."""
+    return int(hashlib.sha256(f"{seed}:{prompt_id_}".encode()).hexdigest()[:15], 16) / 16**15
+
+
 def heldout(prompt_id_: str, fraction: float, seed: int) -> bool:
-    """Whether a prompt falls in the held-out split: a seeded hash, independent of row order."""
-    draw = int(hashlib.sha256(f"{seed}:{prompt_id_}".encode()).hexdigest()[:15], 16) / 16**15
-    return draw < fraction
+    """Whether a prompt falls in the held-out split."""
+    return split_draw(prompt_id_, seed) < fraction

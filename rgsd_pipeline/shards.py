@@ -202,7 +202,8 @@ class StageOutput:
         table = validate_table(table, self.schema, f"{final}")
         tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
         with open(tmp, "wb") as sink:
-            pq.write_table(table, sink, compression="zstd", row_group_size=rows_per_group)
+            pq.write_table(table, sink, compression="zstd", row_group_size=rows_per_group,
+                           **dict(self.schema.parquet_options))
             sink.flush()
             os.fsync(sink.fileno())
         record = {"index": index, "file": final.name, "rows": table.num_rows,

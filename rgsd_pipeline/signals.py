@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from rgsd_pipeline.engines.base import Scores
-from schemas import ArtifactSchema, signals_schema
+from schemas import LOGPROB_CODE_SCALE, ArtifactSchema, signals_schema
 
 
 def storage_schema(score_config, vocab_size: int) -> ArtifactSchema:
@@ -18,6 +18,20 @@ def storage_schema(score_config, vocab_size: int) -> ArtifactSchema:
         raise ValueError(f"score.id_dtype=uint16 cannot hold a vocabulary of {vocab_size}; use auto or int32")
     return signals_schema(score_config.top_k, value_type=getattr(pa, score_config.value_dtype)(),
                           id_type=getattr(pa, id_dtype)())
+
+
+def encode_logprobs(logprobs: np.ndarray, value_type: pa.DataType) -> np.ndarray:
+    """Log-probs as stored: uint8 sqrt-spaced codes, or the float type itself."""
+    if value_type == pa.uint8():
+        return np.clip(np.rint(np.sqrt(np.clip(-logprobs, 0.0, 16.0)) * LOGPROB_CODE_SCALE), 0, 255).astype(np.uint8)
+    return logprobs.astype(value_type.to_pandas_dtype())
+
+
+def decode_logprobs(stored: np.ndarray) -> np.ndarray:
+    """float32 log-probs from stored values (uint8 codes or floats)."""
+    if stored.dtype == np.uint8:
+        return -np.square(stored.astype(np.float32) / LOGPROB_CODE_SCALE)
+    return stored.astype(np.float32)
 
 
 def token_span_ids(tokenizer, text: str) -> list[int]:
@@ -84,7 +98,7 @@ def signals_table(keys: list[dict], scores: list[Scores | None], masks: list[lis
         return np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, width) if width else 0, dtype)
 
     ids = stack("topk_ids_T_K", id_type.to_pandas_dtype(), k)
-    values = stack("topk_logprobs_T_K", np.float32, k)
+    values = encode_logprobs(stack("topk_logprobs_T_K", np.float32, k), value_type)
     tokens = stack("token_logprob_T", np.float32, None)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     columns = {

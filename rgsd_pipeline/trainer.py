@@ -41,9 +41,18 @@ class World:
         return self.rank == 0
 
 
+def device() -> torch.device:
+    """This process's device: its local GPU under torchrun, else GPU 0, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init_world() -> World:
     """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
@@ -79,7 +88,7 @@ def save_state(folder: Path, model, optimizer, step: int) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in trainable(model).items()}, tmp / "weights.safetensors")
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}, tmp / "weights.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     old = folder.with_name(f".{folder.name}.old")
@@ -114,7 +123,9 @@ def find_state(checkpoint: Path) -> Path | None:
 
 class Trainer:
     def __init__(self, model, examples: list[Example], config, world: World, pad_id: int):
-        self.model, self.examples, self.config, self.world, self.pad_id = model, examples, config, world, pad_id
+        self.device = device()
+        self.model = model.to(self.device)
+        self.examples, self.config, self.world, self.pad_id = examples, config, world, pad_id
         self.spec = LossSpec(kind=config.loss, beta=config.beta, clip=config.clip, tau=config.tau,
                              temperature=config.distill_temperature, ce_weight=config.ce_weight)
         self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed)
@@ -139,13 +150,12 @@ class Trainer:
         mine = batch[world.rank::world.size]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
-        totals = torch.zeros(1 + len(STAT_NAMES))  # loss, then the distill stats
+        totals = torch.zeros(1 + len(STAT_NAMES), device=self.device)  # loss, then the distill stats
         for lo in range(0, len(mine), config.micro_batch_size):
             indices = mine[lo:lo + config.micro_batch_size]
             micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
-                            num_tokens, len(batch), self.pad_id)
-            with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
-                                enabled=config.bf16):
+                            num_tokens, len(batch), self.pad_id).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 hidden_B_T_H = self.decoder(input_ids=micro.input_ids_B_T,
                                             attention_mask=micro.attention_mask_B_T).last_hidden_state
             hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]

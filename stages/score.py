@@ -55,7 +55,8 @@ def score(run: Path, iteration: int, engine_kind: str | None, num_shards: int, s
     with StageOutput(out_dir, schema, inputs, plan) as out:
         todo = out.todo()
         if todo:
-            engine = make_engine(engine_kind or config.engine.kind, teacher, config.engine, config.model, max_logprobs=k)
+            kind = engine_kind or config.engine.score_kind or config.engine.kind
+            engine = make_engine(kind, teacher, config.engine, config.model, max_logprobs=k)
             total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
             click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
                        f"teacher {teacher}, top-{k}")

@@ -58,7 +58,7 @@ def test_sharded_workers_equal_one_worker(prepared, tmp_path):
 
 def test_too_long_prompts_are_skipped_with_reason_or_truncated(tmp_path):
     base = ["prepare", "--config", "configs/tiny.yaml", "model.max_model_len=80", "rollout.max_new_tokens=32",
-            "engine.kind=hf", "data.max_prompts=12"]
+            "engine.kind=hf"]
     cli(*base, "--run", tmp_path / "skip")
     cli("rollout", "--run", tmp_path / "skip", "--iteration", 0)
     frame = rollouts(tmp_path / "skip").with_columns(pl.col("prompt_token_ids").list.len().alias("plen"))

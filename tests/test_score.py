@@ -12,7 +12,7 @@ from rgsd_pipeline.config import ScoreConfig, TemplateConfig, load_run_config
 from rgsd_pipeline.models import load_model, load_tokenizer, resolve_model
 from rgsd_pipeline.render import chat_ids, teacher_messages
 from rgsd_pipeline.shards import read_stage
-from rgsd_pipeline.signals import loss_mask, storage_schema
+from rgsd_pipeline.signals import decode_logprobs, loss_mask, storage_schema
 from schemas import PROMPTS, ROLLOUTS
 
 PREPARE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.max_prompts=24", "data.rows_per_shard=8"]
@@ -77,15 +77,27 @@ def test_a_teacher_that_sees_what_the_student_saw_reproduces_the_behaviour_logpr
     np.testing.assert_allclose(teacher, behaviour, atol=2e-4)
 
 
-def test_default_storage_is_compact(rolled, tmp_path):
+def test_default_storage_is_compact_and_decodes_close_to_float32(rolled, tmp_path):
     run = tmp_path / "compact"
-    cli(*PREPARE, "--run", run)
+    cli(*PREPARE, "score.top_k=8", "--run", run)
     shutil.copytree(rolled / "iter-000" / "rollouts", run / "iter-000" / "rollouts")
     out = cli("score", "--run", run, "--iteration", 0).stdout
     per_entry = float(out.split(" bytes per (token, k) entry")[0].rsplit("take ", 1)[1])
     assert per_entry <= 2.5
-    frame = signals(run).lazy().collect()
-    assert frame.schema["topk_ids"] == pl.List(pl.Array(pl.UInt16, 20))
+    compact, exact = signals(run).lazy().collect(), signals(copy_scored(rolled, tmp_path)).lazy().collect()
+    assert compact.schema["topk_ids"] == pl.List(pl.Array(pl.UInt16, 8))
+    assert compact.schema["topk_logprobs"] == pl.List(pl.Array(pl.UInt8, 8))
+    assert compact["topk_ids"].equals(exact["topk_ids"]) and compact["token_logprob"].equals(exact["token_logprob"])
+    decoded = decode_logprobs(np.concatenate(compact["topk_logprobs"].to_list()).astype(np.uint8))
+    reference = np.concatenate(exact["topk_logprobs"].to_list())
+    # The code step is 2 sqrt(-lp) / 63.75 nats: half of it bounds the rounding error.
+    assert (np.abs(decoded - reference) <= np.sqrt(-reference) / 63.75 + 1e-6).all()
+
+
+def copy_scored(rolled, tmp_path):
+    run = copy(rolled, tmp_path, "exact")
+    cli("score", "--run", run, "--iteration", 0)
+    return run
 
 
 def test_kill_during_score_then_resume_equals_uninterrupted(rolled, tmp_path):

@@ -59,8 +59,9 @@ class HfEngine:
 
     def __init__(self, model_path: Path, engine_config, model_config):
         torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_path, model_config.dtype, model_config.trust_remote_code,
-                                model_config.allow_pickle_weights).eval()
+                                model_config.allow_pickle_weights).eval().to(self.device)
         self.tokenizer = load_tokenizer(model_path, model_config.trust_remote_code)
         self.batch_size = engine_config.hf_batch_size
         self.max_model_len = model_config.max_model_len
@@ -82,7 +83,7 @@ class HfEngine:
         return results
 
     def _generate_batch(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Generation]:
-        ids_B_T, mask_B_T = left_pad(prompts, self.pad_id)
+        ids_B_T, mask_B_T = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
         batch = len(prompts)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         budget = min(sampling.max_new_tokens, self.max_model_len - ids_B_T.shape[1])
@@ -98,9 +99,11 @@ class HfEngine:
             sample_logits_B_V = process_logits(raw_B_V, history_B_T, sampling)
             probs_B_V = sample_logits_B_V.softmax(-1)
             logp_B_V = raw_B_V.log_softmax(-1)
+            probs_B_V, logp_B_V = probs_B_V.cpu(), logp_B_V.cpu()  # per-sequence CPU generators sample
             next_B = torch.empty(batch, dtype=torch.long)
             for row in range(batch):
                 next_B[row] = self.pad_id if finished[row] else torch.multinomial(probs_B_V[row], 1, generator=generators[row])
+            next_B = next_B.to(self.device)
             for row in range(batch):
                 if finished[row]:
                     continue
@@ -111,46 +114,61 @@ class HfEngine:
                     finished[row], finish[row] = True, "stop"
             if all(finished):
                 break
-            mask_B_T = torch.cat([mask_B_T, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            mask_B_T = torch.cat([mask_B_T, torch.ones(batch, 1, dtype=torch.long, device=self.device)], dim=1)
             position_B_T = position_B_T[:, -1:] + 1
             history_B_T = torch.cat([history_B_T, next_B[:, None]], dim=1)
             out = self.model(input_ids=next_B[:, None], attention_mask=mask_B_T, position_ids=position_B_T,
                              past_key_values=out.past_key_values, use_cache=True)
         return [Generation(tokens[r], logprobs[r], finish[r]) for r in range(batch)]
 
+    def _response_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], chunk_positions: int):
+        """Yield (index, lo, logp_C_V, targets_C): fp32 log-softmax over chunks of each sequence's response positions.
+
+        The logits at position p predict token p + 1, so response token j is predicted at prompt_len + j - 1.
+        """
+        head = self.model.get_output_embeddings()
+        for batch in length_buckets([len(s) for s in sequences], self.batch_size):
+            ids_B_T, mask_B_T = (t.to(self.device) for t in left_pad([sequences[i] for i in batch], self.pad_id))
+            position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+            hidden_B_T_H = self.model.get_decoder()(input_ids=ids_B_T, attention_mask=mask_B_T,
+                                                    position_ids=position_B_T).last_hidden_state
+            width = ids_B_T.shape[1]
+            for row, index in enumerate(batch):
+                start = width - len(sequences[index])
+                first, last = start + prompt_lens[index] - 1, width - 1
+                for lo in range(first, last, chunk_positions):
+                    hi = min(lo + chunk_positions, last)
+                    logp_C_V = head(hidden_B_T_H[row, lo:hi]).float().log_softmax(-1)
+                    yield index, lo - first, logp_C_V, ids_B_T[row, lo + 1:hi + 1]
+
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None,
               chunk_positions: int = 256) -> list[Scores]:
-        results: list[Scores | None] = [None] * len(sequences)
-        for batch in length_buckets([len(s) for s in sequences], self.batch_size):
-            ids_B_T, mask_B_T = left_pad([sequences[i] for i in batch], self.pad_id)
-            position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-            hidden_B_T_H = self.model.get_decoder()(input_ids=ids_B_T, attention_mask=mask_B_T,
-                                            position_ids=position_B_T).last_hidden_state
-            width = ids_B_T.shape[1]
-            for row, index in enumerate(batch):
-                seq, prompt_len = sequences[index], prompt_lens[index]
-                start = width - len(seq)
-                # The logits at position p predict token p+1: response token j is predicted at prompt_len + j - 1.
-                first, last = start + prompt_len - 1, start + len(seq) - 1
-                targets_T = ids_B_T[row, first + 1:last + 1]
-                ids_chunks, value_chunks, token_chunks = [], [], []
-                for lo in range(first, last, chunk_positions):
-                    hi = min(lo + chunk_positions, last)
-                    logp_C_V = self.model.get_output_embeddings()(hidden_B_T_H[row, lo:hi]).float().log_softmax(-1)
-                    top = logp_C_V.topk(k, dim=-1)
-                    ids_chunks.append(top.indices)
-                    value_chunks.append(top.values)
-                    token_chunks.append(logp_C_V.gather(1, targets_T[lo - first:hi - first, None])[:, 0])
-                empty = torch.empty((0, k))
-                results[index] = Scores(
-                    topk_ids_T_K=torch.cat(ids_chunks).numpy() if ids_chunks else empty.long().numpy(),
-                    topk_logprobs_T_K=torch.cat(value_chunks).numpy() if value_chunks else empty.numpy(),
-                    token_logprob_T=torch.cat(token_chunks).numpy() if token_chunks else np.zeros(0, np.float32),
-                )
-                if on_progress:
-                    on_progress(1, len(seq) - prompt_len)
+        parts: dict[int, list] = {i: [] for i in range(len(sequences))}
+        for index, _, logp_C_V, targets_C in self._response_logprobs(sequences, prompt_lens, chunk_positions):
+            top = logp_C_V.topk(k, dim=-1)
+            parts[index].append((top.indices.cpu(), top.values.cpu(), logp_C_V.gather(1, targets_C[:, None])[:, 0].cpu()))
+        results = []
+        for index in range(len(sequences)):
+            chunks = parts[index]
+            results.append(Scores(
+                topk_ids_T_K=torch.cat([c[0] for c in chunks]).numpy() if chunks else np.zeros((0, k), np.int64),
+                topk_logprobs_T_K=torch.cat([c[1] for c in chunks]).numpy() if chunks else np.zeros((0, k), np.float32),
+                token_logprob_T=torch.cat([c[2] for c in chunks]).numpy() if chunks else np.zeros(0, np.float32),
+            ))
+            if on_progress:
+                on_progress(1, len(sequences[index]) - prompt_lens[index])
         return results
+
+    @torch.inference_mode()
+    def logprobs_at(self, sequences: list[list[int]], prompt_lens: list[int], ids_T_K: list[np.ndarray],
+                    chunk_positions: int = 256) -> list[np.ndarray]:
+        """This model's fp32 log-probs of the given ids [T, K] at each response position of each sequence."""
+        out = [np.zeros(ids.shape, np.float32) for ids in ids_T_K]
+        for index, lo, logp_C_V, _ in self._response_logprobs(sequences, prompt_lens, chunk_positions):
+            ids_C_K = torch.from_numpy(ids_T_K[index][lo:lo + logp_C_V.shape[0]]).long().to(self.device)
+            out[index][lo:lo + logp_C_V.shape[0]] = logp_C_V.gather(1, ids_C_K).cpu().numpy()
+        return out
 
     def close(self) -> None:
         del self.model

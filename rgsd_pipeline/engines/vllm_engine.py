@@ -24,6 +24,11 @@ class VllmEngine:
 
     def __init__(self, model_path: Path, engine_config, model_config, max_logprobs: int = 0):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
+        if (os.cpu_count() or 1) <= 4:
+            # vLLM's CPU backend keeps one core for its scheduler process; on a 2-core machine that halves
+            # the worker's threads. Measured here with SmolLM2-135M: 93 tok/s with none reserved, 69 with one.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         from vllm import LLM
 
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,

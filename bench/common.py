@@ -1,0 +1,41 @@
+"""Shared pieces of the benchmarks: prompts from the bundled data, timing, peak memory in a child process."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results.json"
+
+
+def timed(fn):
+    """(result, seconds) of one call."""
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def peak_rss_mb(code: str) -> float:
+    """Peak resident memory (MB) of a fresh Python process running `code` (its own baseline included)."""
+    wrapper = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True).stdout
+    return int(out.rsplit("PEAK", 1)[1]) / 1024
+
+
+def record(section: str, values: dict) -> None:
+    """Merge one benchmark's numbers into bench/results.json and print them."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[section] = values
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    width = max(len(k) for k in values)
+    print(f"\n== {section}")
+    for key, value in values.items():
+        print(f"  {key:{width}s}  {value:.3f}" if isinstance(value, float) else f"  {key:{width}s}  {value}")
+
+
+def self_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

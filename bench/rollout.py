@@ -1,0 +1,95 @@
+"""Benchmark: the rollout stage against the bare engine call it wraps, and vLLM against transformers.
+
+    python bench/rollout.py [--models builtin:tiny builtin:smollm2-135m-instruct] [--prompts 16] [--tokens 64]
+
+For each model: (1) the stage's tokens/s over the bare `engine.generate` on the same prompts, seeds and
+settings, with the engine built once and shared, so the ratio measures what the stage adds (reading
+prompts, chat templates, the too-long check, decoding, Parquet shards, checksums); goal >= 0.95.
+(2) vLLM tokens/s over HF tokens/s at the same batch. Prints the ratios and writes bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["builtin:tiny", "builtin:smollm2-135m-instruct"])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    import polars as pl
+    from common import record, timed
+
+    import stages.rollout as rollout_stage
+    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.engines import Sampling, make_engine
+    from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.render import chat_ids, student_messages
+    from rgsd_pipeline.shards import read_stage
+    from schemas import PROMPTS, ROLLOUTS
+    from stages.prepare import prepare
+
+    for model in args.models:
+        results = {}
+        path = resolve_model(model)
+        tokenizer = load_tokenizer(path)
+        overrides = [f"model.path={model}", f"data.max_prompts={args.prompts}", "data.heldout_fraction=0",
+                     f"data.rows_per_shard={args.prompts}", f"rollout.max_new_tokens={args.tokens}",
+                     "rollout.temperature=1.0", f"engine.hf_batch_size={args.prompts}", "engine.vllm_enforce_eager=true"]
+        config = load_config(None, overrides)
+        # The same prompts and per-sample seeds the stage will use, so both sample identical tokens.
+        prepared = Path(tempfile.mkdtemp(prefix="bench-prompts-"))
+        freeze_or_check(prepared, config)
+        prepare(prepared, None, [], [], None)
+        rows = read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()
+        prompts = [chat_ids(tokenizer, student_messages(r, config.template)) for r in rows]
+        seeds = [rollout_stage.sample_seed(config.rollout.seed, 0, r["prompt_id"], 0) for r in rows]
+        sampling = Sampling(temperature=1.0, max_new_tokens=args.tokens)
+        tokens_per_s = {}
+        for kind in args.engines:
+            engine = make_engine(kind, path, config.engine, config.model)
+            engine.generate(prompts[:2], seeds[:2], Sampling(max_new_tokens=4))  # warm-up
+            original = rollout_stage.make_engine
+            rollout_stage.make_engine = lambda *a, engine=engine, **k: engine
+            engine_close, engine.close = engine.close, lambda: None
+            bare_rates, stage_rates = [], []
+            try:
+                for _ in range(args.repeats):  # alternate bare and stage so drift hits both alike
+                    bare, bare_s = timed(lambda engine=engine: engine.generate(prompts, seeds, sampling))
+                    bare_rates.append(sum(len(g.token_ids) for g in bare) / bare_s)
+                    run = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+                    shutil.copytree(prepared, run, dirs_exist_ok=True)
+                    _, stage_s = timed(lambda run=run, kind=kind: rollout_stage.rollout(run, 0, kind, 1, 0))
+                    stage_tokens = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
+                        pl.col("response_token_ids").list.len().sum()).collect().item()
+                    stage_rates.append(stage_tokens / stage_s)
+                    shutil.rmtree(run)
+            finally:
+                rollout_stage.make_engine, engine.close = original, engine_close
+                engine.close()
+            tokens_per_s[kind] = statistics.median(bare_rates)
+            results[f"{kind}_bare_tokens_per_s"] = tokens_per_s[kind]
+            results[f"{kind}_stage_tokens_per_s"] = statistics.median(stage_rates)
+            results[f"{kind}_stage_over_bare"] = statistics.median(s / b for s, b in zip(stage_rates, bare_rates))
+        if "vllm" in tokens_per_s and "hf" in tokens_per_s:
+            results["vllm_over_hf"] = tokens_per_s["vllm"] / tokens_per_s["hf"]
+        shutil.rmtree(prepared)
+        results["batch"] = args.prompts
+        results["max_new_tokens"] = args.tokens
+        record(f"rollout {model}", results)
+
+
+if __name__ == "__main__":  # vLLM starts its engine with spawn
+    main()

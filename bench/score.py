@@ -1,0 +1,128 @@
+"""Benchmark: the score stage against a bare teacher forward pass, vLLM against HF, storage, peak memory.
+
+    python bench/score.py [--models builtin:tiny builtin:smollm2-135m-instruct] [--prompts 16] [--tokens 64]
+
+(1) score-stage response tokens/s over a bare HF forward pass (full logits, nothing else) on the same
+teacher sequences in the same batches: the limit; goal >= 0.90. (2) vLLM over HF scoring tokens/s.
+(3) bytes per (token, k) entry of the stored top-k columns. (4) peak memory of scoring one 2,048-token
+sequence with a 151,936-entry vocabulary: chunked scoring against materialising the full logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MEMORY_CODE = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)).eval()
+ids = torch.randint(0, 151936, (1, 2048))
+MODE = "{mode}"
+with torch.inference_mode():
+    if MODE == "full":
+        logp = model(ids).logits.float().log_softmax(-1)
+        top = logp.topk(20, dim=-1)
+    elif MODE == "chunked":
+        from rgsd_pipeline.engines.hf_engine import HfEngine
+        engine = HfEngine.__new__(HfEngine)
+        engine.model, engine.batch_size, engine.pad_id = model, 1, 0
+        engine.score([ids[0].tolist()], [16], 20)
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["builtin:tiny", "builtin:smollm2-135m-instruct"])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    args = parser.parse_args()
+
+    import torch
+    from common import peak_rss_mb, record, timed
+
+    import stages.score as score_stage
+    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.engines import make_engine
+    from rgsd_pipeline.engines.hf_engine import left_pad, length_buckets
+    from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.render import chat_ids, teacher_messages
+    from rgsd_pipeline.shards import read_stage
+    from rgsd_pipeline.signals import storage_schema, topk_bytes
+    from schemas import PROMPTS, ROLLOUTS
+    from stages.prepare import prepare
+    from stages.rollout import rollout
+
+    for model in args.models:
+        results = {}
+        path = resolve_model(model)
+        tokenizer = load_tokenizer(path)
+        config = load_config(None, [f"model.path={model}", f"data.max_prompts={args.prompts}", "data.heldout_fraction=0",
+                                    f"data.rows_per_shard={args.prompts}", f"rollout.max_new_tokens={args.tokens}",
+                                    f"engine.hf_batch_size={args.prompts}", "engine.vllm_enforce_eager=true",
+                                    "engine.kind=hf"])
+        prepared = Path(tempfile.mkdtemp(prefix="bench-score-"))
+        freeze_or_check(prepared, config)
+        prepare(prepared, None, [], [], None)
+        rollout(prepared, 0, "hf", 1, 0)
+        prompts = {p["prompt_id"]: p for p in read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()}
+        rows = read_stage(prepared / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
+        teacher_ids = [chat_ids(tokenizer, teacher_messages(prompts[r["prompt_id"]], config.template)) for r in rows]
+        sequences = [t + r["response_token_ids"] for t, r in zip(teacher_ids, rows)]
+        lens = [len(t) for t in teacher_ids]
+        response_tokens = sum(len(r["response_token_ids"]) for r in rows)
+
+        tokens_per_s = {}
+        for kind in args.engines:
+            engine = make_engine(kind, path, config.engine, config.model, max_logprobs=config.score.top_k)
+            engine.score(sequences[:2], lens[:2], config.score.top_k)  # warm-up
+            _, bare_engine_s = timed(lambda: engine.score(sequences, lens, config.score.top_k))
+            tokens_per_s[kind] = response_tokens / bare_engine_s
+            if kind == "hf":
+                def forward_only():
+                    with torch.inference_mode():
+                        for batch in length_buckets([len(s) for s in sequences], config.engine.hf_batch_size):
+                            ids, mask = left_pad([sequences[i] for i in batch], engine.pad_id)
+                            engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+                _, forward_s = timed(forward_only)
+                results["bare_forward_tokens_per_s"] = response_tokens / forward_s
+            run = Path(tempfile.mkdtemp(prefix="bench-score-run-"))
+            shutil.copytree(prepared, run, dirs_exist_ok=True)
+            original = score_stage.make_engine
+            score_stage.make_engine = lambda *a, **k: engine
+            engine_close, engine.close = engine.close, lambda: None
+            try:
+                _, stage_s = timed(lambda: score_stage.score(run, 0, kind, 1, 0))
+            finally:
+                score_stage.make_engine, engine.close = original, engine_close
+            results[f"{kind}_engine_tokens_per_s"] = tokens_per_s[kind]
+            results[f"{kind}_stage_tokens_per_s"] = response_tokens / stage_s
+            if kind == "hf":
+                results["stage_over_bare_forward"] = (response_tokens / stage_s) / results["bare_forward_tokens_per_s"]
+            stage = read_stage(run / "iter-000" / "signals", storage_schema(config.score, len(tokenizer)))
+            results["bytes_per_topk_entry"] = topk_bytes(stage.files) / (response_tokens * config.score.top_k)
+            shutil.rmtree(run)
+            engine.close()
+        if "vllm" in tokens_per_s and "hf" in tokens_per_s:
+            results["vllm_over_hf"] = tokens_per_s["vllm"] / tokens_per_s["hf"]
+        shutil.rmtree(prepared)
+        record(f"score {model}", results)
+
+    full = peak_rss_mb(MEMORY_CODE.format(mode="full"))
+    chunked = peak_rss_mb(MEMORY_CODE.format(mode="chunked"))
+    baseline = peak_rss_mb(MEMORY_CODE.format(mode="none"))
+    record("score peak memory, vocab 151936, 2048 tokens", {
+        "process_baseline_mb": baseline, "full_logits_mb": full, "chunked_score_mb": chunked,
+        "chunked_over_full_above_baseline": (chunked - baseline) / (full - baseline)})
+
+
+if __name__ == "__main__":  # vLLM starts its engine with spawn
+    main()

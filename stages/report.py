@@ -1,0 +1,73 @@
+"""Stage `report`: what an iteration changed, without a judge.
+
+    rgsd-pipeline report --run runs/demo --iteration 0 [--heldout 12]
+
+Samples the base model and iteration I's checkpoint on the same held-out prompts with the same seeds,
+scores both with the rubric-conditioned teacher, and prints the teacher–student divergence before and
+after, one answer before and after, and where every artifact is.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import click
+import polars as pl
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.diagnostics import heldout_divergence
+from rgsd_pipeline.engines.hf_engine import HfEngine
+from rgsd_pipeline.models import resolve_model
+from rgsd_pipeline.shards import ArtifactError, read_stage
+from schemas import PROMPTS, ROLLOUTS
+from stages.rollout import sample_seed
+
+
+def report(run: Path, iteration: int, heldout: int) -> None:
+    config = load_run_config(run)
+    prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect()
+    held = prompts.filter(pl.col("split") == "heldout").head(heldout).to_dicts()
+    if not held:
+        raise ArtifactError(f"{layout.prompts_dir(run)} has no held-out prompts; set data.heldout_fraction > 0")
+    base = resolve_model(config.model.path)
+    checkpoint = layout.policy_path(run, iteration + 1, base)
+    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy()
+    stats = rollouts.select(pl.len().alias("n"), pl.col("response_token_ids").list.len().sum().alias("tokens")).collect()
+
+    teacher = HfEngine(base, config.engine, config.model)
+    seeds = [sample_seed(config.rollout.seed, -1, p["prompt_id"], 0) for p in held]
+    before = heldout_divergence(teacher, teacher, held, config, seeds, config.score.top_k, config.train.beta)
+    after = heldout_divergence(HfEngine(checkpoint, config.engine, config.model), teacher, held, config, seeds,
+                               config.score.top_k, config.train.beta)
+
+    wrap = lambda text: textwrap.indent(textwrap.fill(text.strip()[:600] or "(empty)", 100), "    ")  # noqa: E731
+    click.echo(f"""
+RGSD report — {run}, iteration {iteration}
+  prompts            {prompts.filter(pl.col('split') == 'train').height} train, {prompts.height - prompts.filter(pl.col('split') == 'train').height} held out
+  rollouts           {stats['n'][0]} samples, {stats['tokens'][0]} response tokens
+  held-out JSD       before {before.divergence:.4f} -> after {after.divergence:.4f} per token (β={config.train.beta}, {len(held)} prompts, teacher top-{config.score.top_k} + tail)
+  mean answer length before {before.mean_length:.1f} -> after {after.mean_length:.1f} tokens
+
+  question: {held[0]['messages'][-1]['content']}
+  before:
+{wrap(before.answers[0])}
+  after:
+{wrap(after.answers[0])}
+
+  artifacts          {layout.prompts_dir(run)}  {layout.iteration_dir(run, iteration)}/{{rollouts,signals,checkpoint,metrics.jsonl}}
+  inspect            {layout.iteration_dir(run, iteration)}/metrics.jsonl, or in Python:
+      import polars as pl, json
+      m = json.load(open("{layout.signals_dir(run, iteration)}/manifest.json"))
+      pl.scan_parquet(["{layout.signals_dir(run, iteration)}/" + s["file"] for s in m["shards"]]).head().collect()
+""")
+
+
+@click.command("report")
+@click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose checkpoint to compare.")
+@click.option("--heldout", default=12, type=click.IntRange(min=1), help="Held-out prompts to sample.")
+def command(run, iteration, heldout):
+    """Held-out teacher–student divergence before and after an iteration, with a sample answer."""
+    report(run, iteration, heldout)

@@ -1,0 +1,112 @@
+"""Iterations end to end: `iterate`, `make iterate`, kill-and-resume mid-iteration, vLLM on a checkpoint, README."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+from helpers import ROOT, cli, kill_after_first_shard
+from safetensors.torch import load_file
+
+from rgsd_pipeline.shards import read_stage
+from rgsd_pipeline.signals import storage_schema
+from schemas import ROLLOUTS
+
+SMALL = {"engine": {"kind": "hf"}, "data": {"max_prompts": 16, "rows_per_shard": 8},
+         "train": {"batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "clip": "none", "save_every": 1}}
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    for section, values in SMALL.items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path_factory.mktemp("config") / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_iterations(small_config, tmp_path_factory):
+    run = tmp_path_factory.mktemp("iterate") / "run"
+    out = cli("iterate", "--config", small_config, "--run", run, "--iterations", 2).stdout
+    assert "2 iteration(s) complete" in out
+    return run
+
+
+def checkpoint_weights(run, iteration):
+    return load_file(run / f"iter-{iteration:03d}" / "checkpoint" / "model.safetensors")
+
+
+def signals_frame(run, iteration):
+    from rgsd_pipeline.config import load_run_config
+
+    schema = storage_schema(load_run_config(run).score, 1024)
+    return read_stage(run / f"iter-{iteration:03d}" / "signals", schema).lazy().collect()
+
+
+@pytest.mark.slow
+def test_two_iterations_chain_policies(two_iterations):
+    chain = json.loads((two_iterations / "chain.json").read_text())
+    assert [link["iteration"] for link in chain] == [0, 1]
+    assert chain[1]["policy"].endswith("iter-000/checkpoint")
+    assert chain[1]["policy_fingerprint"] == chain[0]["checkpoint_fingerprint"]
+    assert chain[1]["rollouts"]["policy"] == chain[0]["checkpoint_fingerprint"]
+    again = cli("iterate", "--run", two_iterations, "--iterations", 2).stdout
+    assert again.count(": complete") == 6
+
+
+@pytest.mark.slow
+def test_make_iterate_matches_the_cli(two_iterations, small_config, tmp_path):
+    run = tmp_path / "made"
+    result = subprocess.run(["make", "--no-print-directory", "iterate", f"CONFIG={small_config}", f"RUN={run}", "ITERS=2"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name, tensor in checkpoint_weights(two_iterations, 1).items():
+        torch.testing.assert_close(checkpoint_weights(run, 1)[name], tensor, atol=1e-6, rtol=0)
+    again = subprocess.run(["make", "iterate", f"CONFIG={small_config}", f"RUN={run}", "ITERS=2"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert "rgsd-pipeline" not in again.stdout  # nothing left to do
+
+
+@pytest.mark.slow
+def test_kill_during_iteration_1_score_then_rerun_gives_the_same_result(two_iterations, small_config, tmp_path):
+    run = tmp_path / "killed"
+    cli("iterate", "--config", small_config, "--run", run, "--iterations", 1)
+    cli("rollout", "--run", run, "--iteration", 1)
+    done = kill_after_first_shard(["score", "--run", run, "--iteration", 1], run / "iter-001" / "signals")
+    assert done < 2 and not (run / "iter-001" / "signals" / "_SUCCESS").exists()
+    cli("iterate", "--run", run, "--iterations", 2)
+    assert signals_frame(run, 1).equals(signals_frame(two_iterations, 1))
+    for name, tensor in checkpoint_weights(two_iterations, 1).items():
+        torch.testing.assert_close(checkpoint_weights(run, 1)[name], tensor, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_samples_from_a_trained_checkpoint(two_iterations, tmp_path):
+    run = tmp_path / "vllm"
+    shutil.copytree(two_iterations, run, ignore=shutil.ignore_patterns("iter-001"))
+    out = cli("rollout", "--run", run, "--iteration", 1, "--engine", "vllm").stdout
+    assert "with vllm from" in out and "iter-000/checkpoint" in out
+    frame = read_stage(run / "iter-001" / "rollouts", ROLLOUTS).lazy().collect()
+    assert frame.height == 16 and (frame["response_token_ids"].list.len() > 0).all()
+
+
+@pytest.mark.slow
+def test_report_prints_before_and_after(two_iterations):
+    out = cli("report", "--run", two_iterations, "--iteration", 1, "--heldout", 3).stdout
+    assert re.search(r"held-out JSD\s+before \d+\.\d+ -> after \d+\.\d+", out)
+    assert "before:" in out and "after:" in out and "signals/manifest.json" in out
+
+
+def test_readme_polars_snippet_runs(two_iterations, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(two_iterations.parent)
+    namespace = {}
+    exec(snippet.replace("runs/demo", str(two_iterations)), namespace)  # noqa: S102
+    assert namespace["per_token"].height > 0
