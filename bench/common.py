@@ -19,10 +19,13 @@ def timed(fn):
     return result, time.perf_counter() - started
 
 
-def peak_rss_mb(code: str) -> float:
-    """Peak resident memory (MB) of a fresh Python process running `code` (its own baseline included)."""
+def peak_memory_mb(code: str) -> float:
+    """Peak memory (MB) of a fresh Python process running `code`: CUDA allocations when the code prints
+    CUDA_PEAK, else resident memory (the process's own baseline included)."""
     wrapper = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True).stdout
+    if "CUDA_PEAK" in out:
+        return int(out.split("CUDA_PEAK", 1)[1].split()[0]) / 2**20
     return int(out.rsplit("PEAK", 1)[1]) / 1024
 
 

@@ -47,7 +47,7 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from common import peak_rss_mb, record, timed
+    from common import peak_memory_mb, record, timed
 
     import stages.score as score_stage
     from rgsd_pipeline.config import freeze_or_check, load_config
@@ -116,9 +116,9 @@ def main():
         shutil.rmtree(prepared)
         record(f"score {model}", results)
 
-    full = peak_rss_mb(MEMORY_CODE.format(mode="full"))
-    chunked = peak_rss_mb(MEMORY_CODE.format(mode="chunked"))
-    baseline = peak_rss_mb(MEMORY_CODE.format(mode="none"))
+    full = peak_memory_mb(MEMORY_CODE.format(mode="full"))
+    chunked = peak_memory_mb(MEMORY_CODE.format(mode="chunked"))
+    baseline = peak_memory_mb(MEMORY_CODE.format(mode="none"))
     record("score peak memory, vocab 151936, 2048 tokens", {
         "process_baseline_mb": baseline, "full_logits_mb": full, "chunked_score_mb": chunked,
         "chunked_over_full_above_baseline": (chunked - baseline) / (full - baseline)})

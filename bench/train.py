@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MEMORY_CODE = """
 import numpy as np, torch
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 from transformers import LlamaConfig, LlamaForCausalLM
 from rgsd_pipeline.config import TrainConfig
 from rgsd_pipeline.examples import Example
@@ -26,7 +27,7 @@ from rgsd_pipeline.trainer import Trainer, World
 torch.manual_seed(0)
 V, T, MODE = {vocab}, {length}, "{mode}"
 model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192))
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)).to(DEVICE)
 rng = np.random.default_rng(0)
 ids = rng.integers(0, V, T)
 prompt = 32
@@ -39,8 +40,8 @@ if MODE == "rgsd":
 elif MODE == "chunked_ce":
     from torch.utils.checkpoint import checkpoint
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    hidden = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0, prompt - 1:-1]
-    targets = torch.tensor(ids[prompt:])
+    hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=DEVICE)).last_hidden_state[0, prompt - 1:-1]
+    targets = torch.tensor(ids[prompt:], device=DEVICE)
     head = model.get_output_embeddings()
     def chunk_loss(h, t):
         return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
@@ -48,6 +49,8 @@ elif MODE == "chunked_ce":
                for i in range(0, len(targets), 512)) / len(targets)
     loss.backward()
     optimizer.step()
+if DEVICE == "cuda":
+    print("CUDA_PEAK", torch.cuda.max_memory_allocated())
 """
 
 
@@ -58,20 +61,36 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[49152, 151936])
+    parser.add_argument("--shape", default="", help="hidden,layers,vocab of a random model instead of --model")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both steps")
     args = parser.parse_args()
 
     import numpy as np
     import torch
-    from common import peak_rss_mb, record, timed
+    from common import peak_memory_mb, record, timed
 
     from rgsd_pipeline.config import TrainConfig
     from rgsd_pipeline.examples import Example
     from rgsd_pipeline.models import load_model, resolve_model
-    from rgsd_pipeline.trainer import Trainer, World
+    from rgsd_pipeline.trainer import Trainer, World, device
 
-    path = resolve_model(args.model)
+    def synchronize():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     rng = np.random.default_rng(0)
-    vocab = load_model(path).config.vocab_size
+    if args.shape:  # a random model of a given shape: "hidden,layers,vocab"
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hidden, layers, vocab = map(int, args.shape.split(","))
+        shape = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                            num_attention_heads=hidden // 64, num_key_value_heads=2, head_dim=64)
+        new_model = lambda: LlamaForCausalLM(shape)  # noqa: E731
+        name = f"random Llama hidden {hidden}, {layers} layers, vocab {vocab}"
+    else:
+        path = resolve_model(args.model)
+        new_model = lambda: load_model(path)  # noqa: E731
+        vocab, name = new_model().config.vocab_size, args.model
     prompt = 48
     examples = []
     for _ in range(args.sequences):
@@ -80,41 +99,52 @@ def main():
         examples.append(Example(ids, prompt, positions, rng.integers(0, vocab, (len(positions), 20)),
                                 np.log(np.full((len(positions), 20), 0.04, np.float32)),
                                 np.full(len(positions), -3.0, np.float32)))
-    config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=1e-6, clip="none")
+    config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=1e-6, clip="none", bf16=args.bf16)
     tokens = sum(len(e.input_ids) for e in examples)
 
-    trainer = Trainer(load_model(path), examples, config, World(), pad_id=0)
+    trainer = Trainer(new_model(), examples, config, World(), pad_id=0)
+    batches = trainer.batches
     trainer.step(0)  # warm-up
-    _, ours_s = timed(lambda: [trainer.step(s) for s in range(trainer.total_steps)])
+    def our_steps():
+        for step in range(trainer.total_steps):
+            trainer.step(step)
+        synchronize()
 
-    model = load_model(path)
+    _, ours_s = timed(our_steps)
+    trainer = None  # free its model and optimizer before the baseline's
+
+    model = new_model().to(device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def bare_steps(batches):
         for batch in batches:
             optimizer.zero_grad()
             for lo in range(0, len(batch), config.micro_batch_size):
-                ids = torch.tensor(np.stack([examples[i].input_ids for i in batch[lo:lo + config.micro_batch_size]]))
+                ids = torch.tensor(np.stack([examples[i].input_ids for i in batch[lo:lo + config.micro_batch_size]]),
+                                   device=device())
                 labels = ids.clone()
                 labels[:, :prompt] = -100
-                model(input_ids=ids, labels=labels).loss.backward()
+                with torch.autocast(device().type, dtype=torch.bfloat16, enabled=args.bf16):
+                    loss = model(input_ids=ids, labels=labels).loss
+                loss.backward()
             optimizer.step()
+        synchronize()
 
-    bare_steps(trainer.batches[:1])  # warm-up
-    _, bare_s = timed(lambda: bare_steps(trainer.batches))
-    record(f"train {args.model}", {"stage_tokens_per_s": tokens / ours_s, "bare_ce_tokens_per_s": tokens / bare_s,
+    bare_steps(batches[:1])  # warm-up
+    _, bare_s = timed(lambda: bare_steps(batches))
+    record(f"train {name} on {device().type}", {"stage_tokens_per_s": tokens / ours_s, "bare_ce_tokens_per_s": tokens / bare_s,
                                    "stage_over_bare_ce": bare_s / ours_s, "sequences": args.sequences,
                                    "length": args.length})
 
     memory = {}
     for vocab_size in args.vocabs:
         for length in args.lengths:
-            ours = peak_rss_mb(MEMORY_CODE.format(vocab=vocab_size, length=length, mode="rgsd"))
-            baseline = peak_rss_mb(MEMORY_CODE.format(vocab=vocab_size, length=length, mode="chunked_ce"))
+            ours = peak_memory_mb(MEMORY_CODE.format(vocab=vocab_size, length=length, mode="rgsd"))
+            baseline = peak_memory_mb(MEMORY_CODE.format(vocab=vocab_size, length=length, mode="chunked_ce"))
             memory[f"V{vocab_size}_T{length}_rgsd_mb"] = ours
             memory[f"V{vocab_size}_T{length}_chunked_ce_mb"] = baseline
             memory[f"V{vocab_size}_T{length}_ratio"] = ours / baseline
-    record("train peak memory (2-layer decoder, one sequence)", memory)
+    record(f"train peak memory on {device().type} (2-layer decoder, one sequence)", memory)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ STAT_NAMES = ("divergence", "clipped", "teacher_tail", "student_tail")
 
 def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_topk_C_K, teacher_token_C, token_ids_C,
                 weight_C, spec: LossSpec):
-    logits_C_V = torch.nn.functional.linear(hidden_C_H, head_weight_V_H, head_bias).float() / spec.temperature
+    logits_C_V = torch.nn.functional.linear(hidden_C_H, head_weight_V_H, head_bias).float()
+    if spec.temperature != 1.0:
+        logits_C_V = logits_C_V / spec.temperature
     student_C_V = logits_C_V.log_softmax(-1)
     student_token_C = student_C_V.gather(-1, token_ids_C[:, None])[:, 0]
     student_C_B = student_buckets(student_C_V, topk_ids_C_K)

@@ -155,11 +155,13 @@ class Trainer:
             indices = mine[lo:lo + config.micro_batch_size]
             micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
                             num_tokens, len(batch), self.pad_id).to(self.device)
+            # The LM head runs under autocast too (it is a quarter of a small model's FLOPs); the loss itself
+            # upcasts the logits to fp32.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 hidden_B_T_H = self.decoder(input_ids=micro.input_ids_B_T,
                                             attention_mask=micro.attention_mask_B_T).last_hidden_state
-            hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
-            loss, stats = distill_loss(hidden_N_H, self.lm_head, micro.targets, self.spec, config.chunk_positions)
+                hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
+                loss, stats = distill_loss(hidden_N_H, self.lm_head, micro.targets, self.spec, config.chunk_positions)
             loss.backward()
             totals += torch.cat([loss.detach().reshape(1), stats])
         params = [p for p in trainable(self.model).values()]

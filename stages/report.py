@@ -36,11 +36,11 @@ def report(run: Path, iteration: int, heldout: int) -> None:
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy()
     stats = rollouts.select(pl.len().alias("n"), pl.col("response_token_ids").list.len().sum().alias("tokens")).collect()
 
-    teacher = HfEngine(base, config.engine, config.model)
+    teacher, trained = HfEngine(base, config.engine, config.model), HfEngine(checkpoint, config.engine, config.model)
+    teacher.batch_size = trained.batch_size = len(held)  # one batch: decoding is step-bound on a CPU
     seeds = [sample_seed(config.rollout.seed, -1, p["prompt_id"], 0) for p in held]
     before = heldout_divergence(teacher, teacher, held, config, seeds, config.score.top_k, config.train.beta)
-    after = heldout_divergence(HfEngine(checkpoint, config.engine, config.model), teacher, held, config, seeds,
-                               config.score.top_k, config.train.beta)
+    after = heldout_divergence(trained, teacher, held, config, seeds, config.score.top_k, config.train.beta)
 
     wrap = lambda text: textwrap.indent(textwrap.fill(text.strip()[:600] or "(empty)", 100), "    ")  # noqa: E731
     click.echo(f"""

@@ -89,7 +89,8 @@ def train(run: Path, iteration: int) -> None:
 
     # 4. The checkpoint the next rollout loads: a plain HF folder, then _SUCCESS.
     if world.main:
-        write_checkpoint(model, policy, out, config.train)
+        write_checkpoint(model, policy, out, config.train, {"policy": str(policy),
+                                                            "signals": fingerprint(signals.manifest["shards"])})
         click.echo(summary(metrics_path, out))
     if world.size > 1:
         torch.distributed.barrier()
@@ -116,15 +117,14 @@ def keep_metrics(path: Path, steps: int) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def write_checkpoint(model, policy: Path, out: Path, train_config) -> None:
+def write_checkpoint(model, policy: Path, out: Path, train_config, provenance: dict) -> None:
     if train_config.lora and not train_config.save_adapters:
         model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (policy / name).exists():
             shutil.copy2(policy / name, out / name)
-    write_json_atomic(out / "rgsd.json", {"trained_from": str(policy), "lora_adapters": bool(
-        train_config.lora and train_config.save_adapters)})
+    write_json_atomic(out / "rgsd.json", {**provenance, "lora_adapters": bool(train_config.lora and train_config.save_adapters)})
     (out / "_SUCCESS").write_text("")
 
 

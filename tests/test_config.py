@@ -55,3 +55,14 @@ def test_freeze_then_refuse_a_different_config(tmp_path):
 def test_every_field_is_documented():
     rows = reference()
     assert len(rows) > 15 and all(help_text for _, _, help_text in rows)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+    load_config(recipe)
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, _, _ in reference() if f"`{key}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}; regenerate it from `rgsd-pipeline config-reference`"

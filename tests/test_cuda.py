@@ -1,0 +1,57 @@
+"""The same engines and trainer on a GPU: they must agree with the CPU (run where CUDA is present)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rgsd_pipeline.config import EngineConfig, ModelConfig, TrainConfig
+from rgsd_pipeline.engines import Sampling
+from rgsd_pipeline.examples import Example
+from rgsd_pipeline.models import load_model
+from rgsd_pipeline.render import chat_ids
+from rgsd_pipeline.trainer import Trainer, World
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on GPU machines)")
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def test_hf_engine_on_gpu_matches_a_cpu_forward_pass(tiny_path, tiny_tokenizer):
+    from rgsd_pipeline.engines.hf_engine import HfEngine
+
+    engine = HfEngine(tiny_path, EngineConfig(hf_batch_size=4), ModelConfig(max_model_len=1024))
+    assert engine.device.type == "cuda"
+    prompts = [chat_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in ("What is DNA?", "Why do tides happen?")]
+    generations = engine.generate(prompts, [1, 2], Sampling(max_new_tokens=16))
+    cpu_model = load_model(tiny_path)
+    for prompt, generation in zip(prompts, generations):
+        with torch.no_grad():
+            logp = cpu_model(torch.tensor([prompt + generation.token_ids])).logits[0].log_softmax(-1)
+        expected = logp[torch.arange(len(prompt) - 1, len(prompt) + len(generation.token_ids) - 1),
+                        torch.tensor(generation.token_ids)]
+        np.testing.assert_allclose(generation.logprobs, expected.numpy(), atol=1e-3)
+    scores = engine.score([p + g.token_ids for p, g in zip(prompts, generations)], [len(p) for p in prompts], k=5)
+    for score, generation in zip(scores, generations):
+        np.testing.assert_allclose(score.token_logprob_T, generation.logprobs, atol=1e-3)
+
+
+def test_trainer_on_gpu_makes_the_cpu_update(tiny_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    examples = [Example(rng.integers(3, 1000, 40), 24, np.arange(16), rng.integers(3, 1000, (16, 4)),
+                        np.log(np.full((16, 4), 0.2, np.float32)), np.full(16, -2.0, np.float32)) for _ in range(4)]
+    config = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-3, clip="none", epochs=2)
+    results = {}
+    for name in ("cuda", "cpu"):
+        if name == "cpu":
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        trainer = Trainer(load_model(tiny_path), examples, config, World(), pad_id=0)
+        assert trainer.device.type == name
+        for step in range(trainer.total_steps):
+            trainer.step(step)
+        results[name] = {n: p.detach().cpu() for n, p in trainer.model.named_parameters()}
+    for n, p in results["cpu"].items():
+        torch.testing.assert_close(results["cuda"][n], p, atol=1e-4, rtol=1e-3)
