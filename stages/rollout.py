@@ -14,20 +14,18 @@ with the reason in `finish_reason` (or left-truncated when rollout.too_long=trun
 from __future__ import annotations
 
 import hashlib
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import click
 import polars as pl
 import pyarrow as pa
-from tqdm import tqdm
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
 from rgsd_pipeline.engines import KINDS, Sampling, make_engine
 from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
+from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.render import chat_ids, student_messages
 from rgsd_pipeline.shards import ShardPlan, StageOutput, read_stage
 from schemas import PROMPTS, ROLLOUTS
@@ -67,14 +65,7 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
             total = sum(len(work[i * per_shard:(i + 1) * per_shard]) for i in todo)
             click.echo(f"rollout iteration {iteration}: {total} samples in {len(todo)} shard(s) with {engine.kind} "
                        f"from {policy}")
-            bar = tqdm(total=total, unit="sample", dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10)
-            started, tokens = time.perf_counter(), 0
-
-            def advance(samples: int, new_tokens: int) -> None:
-                nonlocal tokens
-                tokens += new_tokens
-                bar.update(samples)
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
+            advance = TokenProgress(total, "sample")
 
             # 3. Generate shard by shard; each shard is published whole.
             for index in todo:
@@ -100,7 +91,7 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
                     row["response_text"] = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
                     row["finish_reason"] = generation.finish_reason
                 out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
-            bar.close()
+            advance.close()
             engine.close()
         complete = out.finalize()
 

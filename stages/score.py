@@ -11,18 +11,16 @@ the teacher's top-k ids and log-probs, its log-prob of the sampled token, and th
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import click
 import polars as pl
-from tqdm import tqdm
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
 from rgsd_pipeline.engines import KINDS, make_engine
 from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.render import chat_ids, teacher_messages
 from rgsd_pipeline.shards import ArtifactError, ShardPlan, StageOutput, read_stage
 from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, token_span_ids, topk_bytes
@@ -60,14 +58,7 @@ def score(run: Path, iteration: int, engine_kind: str | None, num_shards: int, s
             total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
             click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
                        f"teacher {teacher}, top-{k}")
-            bar = tqdm(total=total, unit="seq", dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10)
-            started, tokens = time.perf_counter(), 0
-
-            def advance(sequences: int, new_tokens: int) -> None:
-                nonlocal tokens
-                tokens += new_tokens
-                bar.update(sequences)
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
+            advance = TokenProgress(total, "seq")
 
             # 3. Teacher input = teacher prompt ids + the student's response ids as sampled.
             for index in todo:
@@ -95,8 +86,8 @@ def score(run: Path, iteration: int, engine_kind: str | None, num_shards: int, s
                 masks = [loss_mask(row["response_token_ids"], eos_ids, think, config.score.eos_in_loss)
                          if scores[i] is not None else [] for i, row in enumerate(shard)]
                 out.write_shard(index, signals_table(keys, scores, masks, schema, k))
-                bar.update(len(keys) - len(to_score))
-            bar.close()
+                advance(len(keys) - len(to_score), 0)
+            advance.close()
             engine.close()
         complete = out.finalize()
 
