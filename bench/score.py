@@ -33,7 +33,7 @@ with torch.inference_mode():
     elif MODE == "chunked":
         from rgsd_pipeline.engines.hf_engine import HfEngine
         engine = HfEngine.__new__(HfEngine)
-        engine.model, engine.batch_size, engine.pad_id = model, 1, 0
+        engine.model, engine.batch_size, engine.pad_id, engine.device = model, 1, 0, torch.device("cpu")
         engine.score([ids[0].tolist()], [16], 20)
 """
 
@@ -44,6 +44,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    parser.add_argument("--memory-only", action="store_true", help="only the 150k-vocabulary peak-memory part")
     args = parser.parse_args()
 
     import torch
@@ -61,7 +62,7 @@ def main():
     from stages.prepare import prepare
     from stages.rollout import rollout
 
-    for model in args.models:
+    for model in args.models if not args.memory_only else []:
         results = {}
         path = resolve_model(model)
         tokenizer = load_tokenizer(path)
