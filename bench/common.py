@@ -22,7 +22,8 @@ def timed(fn):
 def peak_memory_mb(code: str) -> float:
     """Peak memory (MB) of a fresh Python process running `code`: CUDA allocations when the code prints
     CUDA_PEAK, else resident memory (the process's own baseline included)."""
-    wrapper = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    # VmHWM, not ru_maxrss: Linux children inherit the parent's ru_maxrss, so a large parent masks them.
+    wrapper = code + "\nprint('PEAK', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True).stdout
     if "CUDA_PEAK" in out:
         return int(out.split("CUDA_PEAK", 1)[1].split()[0]) / 2**20

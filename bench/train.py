@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--vocabs", type=int, nargs="+", default=[49152, 151936])
     parser.add_argument("--shape", default="", help="hidden,layers,vocab of a random model instead of --model")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both steps")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
     args = parser.parse_args()
 
     import numpy as np
@@ -78,63 +79,64 @@ def main():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    rng = np.random.default_rng(0)
-    if args.shape:  # a random model of a given shape: "hidden,layers,vocab"
-        from transformers import LlamaConfig, LlamaForCausalLM
+    if not args.memory_only:
+        rng = np.random.default_rng(0)
+        if args.shape:  # a random model of a given shape: "hidden,layers,vocab"
+            from transformers import LlamaConfig, LlamaForCausalLM
 
-        hidden, layers, vocab = map(int, args.shape.split(","))
-        shape = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                            num_attention_heads=hidden // 64, num_key_value_heads=2, head_dim=64)
-        new_model = lambda: LlamaForCausalLM(shape)  # noqa: E731
-        name = f"random Llama hidden {hidden}, {layers} layers, vocab {vocab}"
-    else:
-        path = resolve_model(args.model)
-        new_model = lambda: load_model(path)  # noqa: E731
-        vocab, name = new_model().config.vocab_size, args.model
-    prompt = 48
-    examples = []
-    for _ in range(args.sequences):
-        ids = rng.integers(0, vocab, args.length)
-        positions = np.arange(args.length - prompt)
-        examples.append(Example(ids, prompt, positions, rng.integers(0, vocab, (len(positions), 20)),
-                                np.log(np.full((len(positions), 20), 0.04, np.float32)),
-                                np.full(len(positions), -3.0, np.float32)))
-    config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=1e-6, clip="none", bf16=args.bf16)
-    tokens = sum(len(e.input_ids) for e in examples)
+            hidden, layers, vocab = map(int, args.shape.split(","))
+            shape = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                                num_attention_heads=hidden // 64, num_key_value_heads=2, head_dim=64)
+            new_model = lambda: LlamaForCausalLM(shape)  # noqa: E731
+            name = f"random Llama hidden {hidden}, {layers} layers, vocab {vocab}"
+        else:
+            path = resolve_model(args.model)
+            new_model = lambda: load_model(path)  # noqa: E731
+            vocab, name = new_model().config.vocab_size, args.model
+        prompt = 48
+        examples = []
+        for _ in range(args.sequences):
+            ids = rng.integers(0, vocab, args.length)
+            positions = np.arange(args.length - prompt)
+            examples.append(Example(ids, prompt, positions, rng.integers(0, vocab, (len(positions), 20)),
+                                    np.log(np.full((len(positions), 20), 0.04, np.float32)),
+                                    np.full(len(positions), -3.0, np.float32)))
+        config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=1e-6, clip="none", bf16=args.bf16)
+        tokens = sum(len(e.input_ids) for e in examples)
 
-    trainer = Trainer(new_model(), examples, config, World(), pad_id=0)
-    batches = trainer.batches
-    trainer.step(0)  # warm-up
-    def our_steps():
-        for step in range(trainer.total_steps):
-            trainer.step(step)
-        synchronize()
+        trainer = Trainer(new_model(), examples, config, World(), pad_id=0)
+        batches = trainer.batches
+        trainer.step(0)  # warm-up
+        def our_steps():
+            for step in range(trainer.total_steps):
+                trainer.step(step)
+            synchronize()
 
-    _, ours_s = timed(our_steps)
-    trainer = None  # free its model and optimizer before the baseline's
+        _, ours_s = timed(our_steps)
+        trainer = None  # free its model and optimizer before the baseline's
 
-    model = new_model().to(device())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        model = new_model().to(device())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-    def bare_steps(batches):
-        for batch in batches:
-            optimizer.zero_grad()
-            for lo in range(0, len(batch), config.micro_batch_size):
-                ids = torch.tensor(np.stack([examples[i].input_ids for i in batch[lo:lo + config.micro_batch_size]]),
-                                   device=device())
-                labels = ids.clone()
-                labels[:, :prompt] = -100
-                with torch.autocast(device().type, dtype=torch.bfloat16, enabled=args.bf16):
-                    loss = model(input_ids=ids, labels=labels).loss
-                loss.backward()
-            optimizer.step()
-        synchronize()
+        def bare_steps(batches):
+            for batch in batches:
+                optimizer.zero_grad()
+                for lo in range(0, len(batch), config.micro_batch_size):
+                    ids = torch.tensor(np.stack([examples[i].input_ids for i in batch[lo:lo + config.micro_batch_size]]),
+                                       device=device())
+                    labels = ids.clone()
+                    labels[:, :prompt] = -100
+                    with torch.autocast(device().type, dtype=torch.bfloat16, enabled=args.bf16):
+                        loss = model(input_ids=ids, labels=labels).loss
+                    loss.backward()
+                optimizer.step()
+            synchronize()
 
-    bare_steps(batches[:1])  # warm-up
-    _, bare_s = timed(lambda: bare_steps(batches))
-    record(f"train {name} on {device().type}", {"stage_tokens_per_s": tokens / ours_s, "bare_ce_tokens_per_s": tokens / bare_s,
-                                   "stage_over_bare_ce": bare_s / ours_s, "sequences": args.sequences,
-                                   "length": args.length})
+        bare_steps(batches[:1])  # warm-up
+        _, bare_s = timed(lambda: bare_steps(batches))
+        record(f"train {name} on {device().type}", {"stage_tokens_per_s": tokens / ours_s, "bare_ce_tokens_per_s": tokens / bare_s,
+                                       "stage_over_bare_ce": bare_s / ours_s, "sequences": args.sequences,
+                                       "length": args.length})
 
     memory = {}
     for vocab_size in args.vocabs:
