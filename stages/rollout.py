@@ -22,8 +22,9 @@ import polars as pl
 import pyarrow as pa
 
 from rgsd_pipeline import layout
+from rgsd_pipeline.cli_options import engine_stage_options
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
-from rgsd_pipeline.engines import KINDS, Sampling, make_engine
+from rgsd_pipeline.engines import Sampling, make_engine
 from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
 from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.render import chat_ids, student_messages
@@ -121,11 +122,7 @@ def summary(rollouts: pl.LazyFrame) -> str:
 
 
 @click.command("rollout")
-@click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
-@click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration to sample.")
-@click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Override engine.kind for this command.")
-@click.option("--num-shards", default=1, type=click.IntRange(min=1), help="Independent workers splitting the stage.")
-@click.option("--shard-index", default=0, type=click.IntRange(min=0), help="This worker's index in [0, num-shards).")
+@engine_stage_options
 def command(run, iteration, engine_kind, num_shards, shard_index):
     """Sample on-policy student responses to the training prompts."""
     rollout(run, iteration, engine_kind, num_shards, shard_index)

@@ -17,8 +17,9 @@ import click
 import polars as pl
 
 from rgsd_pipeline import layout
+from rgsd_pipeline.cli_options import engine_stage_options
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
-from rgsd_pipeline.engines import KINDS, make_engine
+from rgsd_pipeline.engines import make_engine
 from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
 from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.render import chat_ids, teacher_messages
@@ -115,11 +116,7 @@ def summary(stage, k: int) -> str:
 
 
 @click.command("score")
-@click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
-@click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose rollouts to score.")
-@click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Override engine.kind for this command.")
-@click.option("--num-shards", default=1, type=click.IntRange(min=1), help="Independent workers splitting the stage.")
-@click.option("--shard-index", default=0, type=click.IntRange(min=0), help="This worker's index in [0, num-shards).")
+@engine_stage_options
 def command(run, iteration, engine_kind, num_shards, shard_index):
     """Score the student's rollouts with the rubric-conditioned teacher."""
     score(run, iteration, engine_kind, num_shards, shard_index)
