@@ -10,7 +10,7 @@ import click
 from rgsd_pipeline import __version__
 
 # Errors a user can fix from the message alone: printed without a traceback, exit status 2.
-USER_ERRORS = ("ConfigError", "SourceError", "ArtifactError", "ModelError", "LockedError")
+USER_ERRORS = ("ConfigError", "SourceError", "ArtifactError", "ModelError", "LockedError", "JudgeError")
 
 
 class Group(click.Group):
@@ -44,9 +44,9 @@ def config_reference():
 
 
 def _register():
-    from stages import iterate, prepare, report, rollout, score, train
+    from stages import evaluate, inspect, iterate, prepare, report, rollout, score, train
 
-    for stage in (prepare, rollout, score, train, iterate, report):
+    for stage in (prepare, rollout, score, train, iterate, report, evaluate, inspect):
         main.add_command(stage.command)
 
 

@@ -1,7 +1,15 @@
-"""Judge-free diagnostics: how far a policy is from the rubric-conditioned teacher on held-out prompts."""
+"""Judge-free diagnostics: how far a policy is from the rubric-conditioned teacher, and what its answers look like.
+
+- `divergence`: mean per-token JSD(β) between the teacher (prompt + rubric) and the policy over the
+  policy's own responses, teacher top-k + one tail bucket (the quantity RGSD trains down);
+- `repetition_rate`: share of repeated token 4-grams in a response;
+- `rubric_leakage`: whether a response contains word 4-grams of its rubric's criteria that its prompt
+  does not contain, or names the rubric itself ("rubric", "criteria", "criterion").
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +20,8 @@ from rgsd_pipeline.engines.hf_engine import HfEngine
 from rgsd_pipeline.losses import divergence_terms, with_tail
 from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
 
+RUBRIC_WORDS = re.compile(r"\b(rubric|rubrics|criteria|criterion)\b", re.I)
+
 
 @dataclass
 class HeldoutReport:
@@ -21,27 +31,46 @@ class HeldoutReport:
     answers: list[str]  # the policy's responses, in prompt order
 
 
-def heldout_divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], config, seeds: list[int],
-                       top_k: int = 20, beta: float = 0.5) -> HeldoutReport:
-    """Sample the policy on `prompts`, score the samples with the teacher, and average the per-token divergence."""
-    sampling = Sampling(temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-                        max_new_tokens=config.rollout.max_new_tokens,
-                        repetition_penalty=config.rollout.repetition_penalty)
+def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], responses: list[list[int]], config,
+               top_k: int = 20, beta: float = 0.5) -> np.ndarray:
+    """Per-token JSD(β) of teacher vs policy at every position of every response, concatenated."""
     tokenizer = policy.tokenizer
     student_ids = [chat_ids(tokenizer, student_messages(p, config.template)) for p in prompts]
-    generations = policy.generate(student_ids, seeds, sampling)
-    responses = [g.token_ids for g in generations]
     teacher_ids = [chat_ids(tokenizer, teacher_messages(p, config.template)) for p in prompts]
     scores = teacher.score([t + r for t, r in zip(teacher_ids, responses)], [len(t) for t in teacher_ids], top_k)
     student = policy.logprobs_at([s + r for s, r in zip(student_ids, responses)], [len(s) for s in student_ids],
                                  [s.topk_ids_T_K for s in scores])
-    per_token = []
-    for score, student_T_K in zip(scores, student):
-        if len(student_T_K):
-            terms = divergence_terms(with_tail(torch.from_numpy(score.topk_logprobs_T_K)),
-                                     with_tail(torch.from_numpy(student_T_K)), beta)
-            per_token.append(terms.sum(-1).numpy())
-    all_tokens = np.concatenate(per_token) if per_token else np.zeros(0)
-    return HeldoutReport(divergence=float(all_tokens.mean()) if len(all_tokens) else float("nan"),
-                         tokens=int(len(all_tokens)), mean_length=float(np.mean([len(r) for r in responses])),
+    per_token = [divergence_terms(with_tail(torch.from_numpy(score.topk_logprobs_T_K)),
+                                  with_tail(torch.from_numpy(student_T_K)), beta).sum(-1).numpy()
+                 for score, student_T_K in zip(scores, student) if len(student_T_K)]
+    return np.concatenate(per_token) if per_token else np.zeros(0)
+
+
+def heldout_divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], config, seeds: list[int],
+                       top_k: int = 20, beta: float = 0.5) -> HeldoutReport:
+    """Sample the policy on `prompts`, score the samples with the teacher, and average the per-token divergence."""
+    tokenizer = policy.tokenizer
+    student_ids = [chat_ids(tokenizer, student_messages(p, config.template)) for p in prompts]
+    responses = [g.token_ids for g in policy.generate(student_ids, seeds, Sampling.of(config.rollout))]
+    per_token = divergence(policy, teacher, prompts, responses, config, top_k, beta)
+    return HeldoutReport(divergence=float(per_token.mean()) if len(per_token) else float("nan"),
+                         tokens=int(len(per_token)), mean_length=float(np.mean([len(r) for r in responses])),
                          answers=[tokenizer.decode(r, skip_special_tokens=True) for r in responses])
+
+
+def repetition_rate(token_ids: list[int], n: int = 4) -> float:
+    """1 - distinct n-grams / n-grams: 0 for a response that never repeats a 4-gram, near 1 for a loop."""
+    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _word_grams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def rubric_leakage(answer: str, prompt_text: str, criteria: list[str], n: int = 4) -> dict:
+    """Criterion n-grams absent from the prompt that the answer repeats, and rubric words in the answer."""
+    rubric_grams = set().union(*(_word_grams(c, n) for c in criteria)) if criteria else set()
+    leaked = sorted(" ".join(g) for g in (rubric_grams - _word_grams(prompt_text, n)) & _word_grams(answer, n))
+    return {"leaked_ngrams": leaked, "rubric_words": sorted({m.lower() for m in RUBRIC_WORDS.findall(answer)})}

@@ -40,3 +40,20 @@ def policy_path(run: Path, iteration: int, base_model: Path) -> Path:
         raise ArtifactError(f"iteration {iteration} samples from {checkpoint}, which is missing or incomplete; "
                             f"run `rgsd-pipeline train --run {run} --iteration {iteration - 1}` first")
     return checkpoint
+
+
+def eval_root(run: Path) -> Path:
+    return Path(run) / "eval"
+
+
+def eval_set_dir(run: Path, set_name: str) -> Path:
+    """One evaluation set: its prompts/ and one folder per evaluated policy (base, iter-000, ...)."""
+    return eval_root(run) / set_name
+
+
+def eval_dir(run: Path, set_name: str, label: str) -> Path:
+    return eval_set_dir(run, set_name) / label
+
+
+def judge_cache(run: Path) -> Path:
+    return eval_root(run) / "judge-cache.sqlite"

@@ -18,7 +18,8 @@ class TokenProgress:
     def __call__(self, items: int, new_tokens: int) -> None:
         self.tokens += new_tokens
         self.bar.update(items)
-        self.bar.set_postfix(tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}", refresh=False)
+        if self.tokens:  # stages that count items only (judge calls) show no rate of tokens
+            self.bar.set_postfix(tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -45,9 +45,6 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
     train = prompts_stage.lazy().filter(pl.col("split") == "train").collect().to_dicts()
     policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
-    sampling = Sampling(temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-                        max_new_tokens=config.rollout.max_new_tokens,
-                        repetition_penalty=config.rollout.repetition_penalty)
     inputs = {"prompts": fingerprint(prompts_stage.manifest["shards"]), "policy": model_fingerprint(policy),
               "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
                                      "max_model_len": config.model.max_model_len, "iteration": iteration})}
@@ -57,7 +54,6 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
     per_shard = config.data.rows_per_shard
     plan = ShardPlan(max(1, -(-len(work) // per_shard)), num_shards, shard_index)
     out_dir = layout.rollouts_dir(run, iteration)
-    context_budget = config.model.max_model_len - sampling.max_new_tokens
 
     with StageOutput(out_dir, ROLLOUTS, inputs, plan) as out:
         todo = out.todo()
@@ -71,26 +67,7 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
             # 3. Generate shard by shard; each shard is published whole.
             for index in todo:
                 items = work[index * per_shard:(index + 1) * per_shard]
-                rows = [row_for(p, s, iteration, chat_ids(tokenizer, student_messages(p, config.template)))
-                        for p, s in items]
-                runnable = []
-                for row in rows:
-                    length = len(row["prompt_token_ids"])
-                    if length > context_budget:
-                        if config.rollout.too_long == "skip":
-                            row["finish_reason"] = (f"skipped:prompt is {length} tokens, over model.max_model_len - "
-                                                    f"rollout.max_new_tokens = {context_budget}")
-                            advance(1, 0)
-                            continue
-                        row["prompt_token_ids"] = row["prompt_token_ids"][-context_budget:]
-                    runnable.append(row)
-                seeds = [sample_seed(config.rollout.seed, iteration, r["prompt_id"], r["sample_idx"]) for r in runnable]
-                generations = engine.generate([r["prompt_token_ids"] for r in runnable], seeds, sampling, advance)
-                for row, generation in zip(runnable, generations):
-                    row["response_token_ids"] = generation.token_ids
-                    row["response_logprobs"] = generation.logprobs
-                    row["response_text"] = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-                    row["finish_reason"] = generation.finish_reason
+                rows = sample_rows(engine, tokenizer, config, items, iteration, iteration, advance)
                 out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
             advance.close()
             engine.close()
@@ -102,6 +79,34 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
         click.echo(f"rollouts complete in {out_dir}")
     else:
         click.echo(f"worker {shard_index}/{num_shards} done; {out_dir} completes when every worker has finished")
+
+
+def sample_rows(engine, tokenizer, config, items: list[tuple[dict, int]], iteration: int, seed_iteration: int,
+                advance) -> list[dict]:
+    """Rollout rows for (prompt, sample_idx) items: render the student view, skip or truncate prompts over
+    the context budget, sample with one seed per (seed_iteration, prompt, sample), decode."""
+    sampling = Sampling.of(config.rollout)
+    context_budget = config.model.max_model_len - sampling.max_new_tokens
+    rows = [row_for(p, s, iteration, chat_ids(tokenizer, student_messages(p, config.template))) for p, s in items]
+    runnable = []
+    for row in rows:
+        length = len(row["prompt_token_ids"])
+        if length > context_budget:
+            if config.rollout.too_long == "skip":
+                row["finish_reason"] = (f"skipped:prompt is {length} tokens, over model.max_model_len - "
+                                        f"rollout.max_new_tokens = {context_budget}")
+                advance(1, 0)
+                continue
+            row["prompt_token_ids"] = row["prompt_token_ids"][-context_budget:]
+        runnable.append(row)
+    seeds = [sample_seed(config.rollout.seed, seed_iteration, r["prompt_id"], r["sample_idx"]) for r in runnable]
+    generations = engine.generate([r["prompt_token_ids"] for r in runnable], seeds, sampling, advance)
+    for row, generation in zip(runnable, generations):
+        row["response_token_ids"] = generation.token_ids
+        row["response_logprobs"] = generation.logprobs
+        row["response_text"] = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+        row["finish_reason"] = generation.finish_reason
+    return rows
 
 
 def row_for(prompt: dict, sample_idx: int, iteration: int, prompt_ids: list[int]) -> dict:

@@ -29,3 +29,20 @@ def tiny_tokenizer(tiny_path):
     from rgsd_pipeline.models import load_tokenizer
 
     return load_tokenizer(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, model_cache):
+    """One RGSD iteration of the tiny model on 16 training prompts (12 held out), through the CLI."""
+    import yaml
+    from helpers import ROOT, cli
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["engine"]["kind"] = "hf"
+    config["data"].update(max_prompts=16, rows_per_shard=8)
+    config["train"] = {"batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3}
+    path = tmp_path_factory.mktemp("config") / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    cli("iterate", "--config", path, "--run", run, "--iterations", 1)
+    return run

@@ -16,6 +16,13 @@ class Sampling:
     max_new_tokens: int = 256
     repetition_penalty: float = 1.0
 
+    @classmethod
+    def of(cls, rollout_config) -> Sampling:
+        """The sampling settings of a config's `rollout` section."""
+        r = rollout_config
+        return cls(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                   repetition_penalty=r.repetition_penalty)
+
 
 @dataclass
 class Generation:

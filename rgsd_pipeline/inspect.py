@@ -1,0 +1,165 @@
+"""Polars views of a run for looking at what the teacher said about the student's tokens.
+
+    from rgsd_pipeline import inspect
+    t = inspect.tokens("runs/demo", 0)            # LazyFrame, one row per response token
+    t.sort("divergence", descending=True).head(20).collect()
+    inspect.rollouts("runs/demo", 0).collect()    # one row per rollout
+    inspect.iterations("runs/demo")               # one row per policy: rollouts, training, evaluation
+
+`divergence` of a token is log π_student(y_t) − log π_teacher(y_t) for the token the student sampled:
+the one-sample estimate of the reverse KL at that position. It is large where the student was sure of a
+token that the rubric-conditioned teacher found unlikely. The student's log-prob is the behaviour
+log-prob recorded at sampling (temperature 1); the teacher's comes from the signals shards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import polars as pl
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.shards import read_stage
+from schemas import LOGPROB_CODE_SCALE, ROLLOUTS
+
+
+def _signals(run: Path, iteration: int) -> pl.LazyFrame:
+    from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.signals import storage_schema
+
+    config = load_run_config(run)
+    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    return read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer))).lazy()
+
+
+@lru_cache(maxsize=4)
+def _vocabulary(model_path: str, trust_remote_code: bool) -> pl.DataFrame:
+    """token_id -> the text of that one token (a partial UTF-8 character shows as U+FFFD)."""
+    from rgsd_pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(model_path), trust_remote_code)
+    size = len(tokenizer)
+    return pl.DataFrame({"token_id": pl.Series(range(size), dtype=pl.Int64),
+                         "token": tokenizer.batch_decode([[i] for i in range(size)])})
+
+
+def vocabulary(run: Path) -> pl.DataFrame:
+    from rgsd_pipeline.models import resolve_model
+
+    config = load_run_config(run)
+    return _vocabulary(str(resolve_model(config.model.path)), config.model.trust_remote_code)
+
+
+def _decoded(column: str) -> pl.Expr:
+    """Stored teacher log-probs as float32: uint8 codes are -(code / scale)^2 (schemas.LOGPROB_CODE_SCALE)."""
+    values = pl.col(column).cast(pl.List(pl.Float32))
+    return values.list.eval(-(pl.element() / LOGPROB_CODE_SCALE) ** 2)
+
+
+def tokens(run: Path, iteration: int) -> pl.LazyFrame:
+    """One row per response token of iteration `iteration` that the teacher scored.
+
+    Columns: prompt_id, sample_idx, position, token_id, token, behaviour_logprob, teacher_logprob,
+    divergence, mask, teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list).
+    """
+    run = Path(run)
+    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy().select(
+        "prompt_id", "sample_idx", "response_token_ids", "response_logprobs")
+    signals = _signals(run, iteration).filter(pl.col("status") == "ok")
+    store_is_code = signals.collect_schema()["topk_logprobs"].inner.inner == pl.UInt8
+    signals = signals.select(
+        "prompt_id", "sample_idx", "token_logprob", "loss_mask",
+        pl.col("topk_ids").cast(pl.List(pl.List(pl.Int64))).alias("teacher_topk_ids"),
+        pl.col("topk_logprobs").cast(pl.List(pl.List(pl.UInt8 if store_is_code else pl.Float32)))
+        .alias("teacher_topk_logprobs"))
+    vocab = vocabulary(run).lazy()
+    frame = (
+        rollouts.join(signals, on=["prompt_id", "sample_idx"], how="inner")
+        .with_columns(position=pl.int_ranges(0, pl.col("response_token_ids").list.len()))
+        .explode(["position", "response_token_ids", "response_logprobs", "token_logprob", "loss_mask",
+                  "teacher_topk_ids", "teacher_topk_logprobs"])
+        .rename({"response_token_ids": "token_id", "response_logprobs": "behaviour_logprob",
+                 "token_logprob": "teacher_logprob", "loss_mask": "mask"})
+        .with_columns(pl.col("token_id").cast(pl.Int64),
+                      divergence=pl.col("behaviour_logprob") - pl.col("teacher_logprob"),
+                      teacher_top1_id=pl.col("teacher_topk_ids").list.first())
+    )
+    if store_is_code:
+        frame = frame.with_columns(_decoded("teacher_topk_logprobs").alias("teacher_topk_logprobs"))
+    frame = (frame.join(vocab, on="token_id", how="left")
+             .join(vocab.rename({"token_id": "teacher_top1_id", "token": "teacher_top1"}), on="teacher_top1_id", how="left"))
+    return frame.select("prompt_id", "sample_idx", "position", "token_id", "token", "behaviour_logprob",
+                        "teacher_logprob", "divergence", "mask", "teacher_top1_id", "teacher_top1",
+                        "teacher_topk_ids", "teacher_topk_logprobs")
+
+
+def rollouts(run: Path, iteration: int) -> pl.LazyFrame:
+    """One row per rollout: text, length, finish reason, scoring status and its mean divergence over the loss mask."""
+    run = Path(run)
+    rows = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy().select(
+        "prompt_id", "sample_idx", "response_text", "finish_reason",
+        pl.col("response_token_ids").list.len().alias("length"),
+        pl.col("response_logprobs").list.mean().alias("behaviour_logprob_mean"))
+    status = _signals(run, iteration).select("prompt_id", "sample_idx", "status")
+    per_token = tokens(run, iteration).filter(pl.col("mask")).group_by("prompt_id", "sample_idx").agg(
+        masked_tokens=pl.len(), teacher_logprob_mean=pl.col("teacher_logprob").mean(),
+        divergence_mean=pl.col("divergence").mean())
+    return (rows.join(status, on=["prompt_id", "sample_idx"], how="left")
+            .join(per_token, on=["prompt_id", "sample_idx"], how="left")
+            .with_columns(pl.col("masked_tokens").fill_null(0)))
+
+
+def _label(policy: int) -> str:
+    """Policy p is the base model for p = 0 and iter-(p-1)/checkpoint after."""
+    return "base" if policy == 0 else f"iter-{policy - 1:03d}"
+
+
+def _iteration_numbers(run: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in Path(run).glob("iter-*") if re.fullmatch(r"iter-\d{3,}", p.name))
+
+
+def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
+    """One row per policy (base, iter-000, ...): its training rollouts (sampled in the iteration it starts),
+    the training metrics of that iteration, and its evaluation on `eval_set` (diagnostics and judge scores)."""
+    run = Path(run)
+    eval_root = layout.eval_set_dir(run, eval_set)
+    policies = set(_iteration_numbers(run))  # policy I samples iteration I's rollouts
+    policies |= {i + 1 for i in policies if (layout.checkpoint_dir(run, i) / "_SUCCESS").exists()}
+    policies |= {0 if p.name == "base" else int(p.name[5:]) + 1 for p in eval_root.glob("*")
+                 if re.fullmatch(r"base|iter-\d{3,}", p.name)}
+    rows = []
+    for policy in sorted(policies):
+        row = {"policy": _label(policy), "index": policy}
+        if (layout.rollouts_dir(run, policy) / "_SUCCESS").exists():
+            stats = read_stage(layout.rollouts_dir(run, policy), ROLLOUTS).lazy().select(
+                pl.len().alias("rollouts"), pl.col("response_token_ids").list.len().mean().alias("rollout_length"),
+                (pl.col("finish_reason") == "length").mean().alias("rollout_truncation")).collect().row(0, named=True)
+            row.update(stats)
+            if (layout.signals_dir(run, policy) / "_SUCCESS").exists():
+                token_stats = tokens(run, policy).filter(pl.col("mask")).select(
+                    pl.col("divergence").mean().alias("sampled_divergence"),
+                    pl.col("teacher_logprob").mean().alias("teacher_logprob")).collect().row(0, named=True)
+                row.update(token_stats)
+        metrics_path = layout.iteration_dir(run, policy) / "metrics.jsonl"
+        if metrics_path.exists():
+            steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            if steps:
+                row.update(train_steps=len(steps), train_divergence_first=steps[0]["divergence"],
+                           train_divergence_last=steps[-1]["divergence"])
+        folder = eval_root / _label(policy)
+        if (folder / "diagnostics.json").exists():
+            d = json.loads((folder / "diagnostics.json").read_text())
+            row.update(heldout_divergence=d.get("divergence"), eval_length=d.get("mean_length"),
+                       eval_truncation=d.get("truncation_rate"), eval_repetition=d.get("repetition_rate"),
+                       eval_leakage=d.get("leakage_rate"))
+        for summary in sorted(folder.glob("summary-*.json")):
+            s = json.loads(summary.read_text())
+            slug = summary.name[len("summary-"):-len(".json")]
+            row.update({f"score[{slug}]": s["overall"]["mean"], f"score_low[{slug}]": s["overall"]["low"],
+                        f"score_high[{slug}]": s["overall"]["high"]})
+        rows.append(row)
+    return pl.DataFrame(rows) if rows else pl.DataFrame({"policy": [], "index": []})

