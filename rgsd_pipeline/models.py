@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from rgsd_pipeline.shards import exclusive_lock
@@ -156,10 +157,35 @@ def check_weights_format(path: Path, allow_pickle: bool) -> None:
         raise ModelError(f"{path} holds no weights (*.safetensors)")
 
 
+@contextmanager
+def _no_remote_code(path: Path):
+    """transformers' refusal to run a folder's own Python code, as a ModelError naming the setting."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise _remote_code_refused(path) from None
+
+
+def _remote_code_refused(path: Path) -> ModelError:
+    return ModelError(f"{path} ships its own Python code (auto_map in its config); rgsd-pipeline does not run "
+                      "it unless you set model.trust_remote_code=true after reading that code")
+
+
+def check_loadable(path: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+    """Refuse, before any work starts, a folder whose weights are pickles or whose config needs its own code."""
+    check_weights_format(path, allow_pickle)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise _remote_code_refused(path)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with _no_remote_code(path):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise ModelError(f"{path}: the tokenizer has no chat template; rgsd-pipeline renders prompts with it")
     return tokenizer
@@ -171,9 +197,10 @@ def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = Fal
     from transformers import AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
-                                                trust_remote_code=trust_remote_code,
-                                                use_safetensors=not allow_pickle or None)
+    with _no_remote_code(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                    trust_remote_code=trust_remote_code,
+                                                    use_safetensors=not allow_pickle or None)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

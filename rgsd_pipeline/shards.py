@@ -62,13 +62,26 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary name, flush it to disk and rename it over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _cleaned_on_failure(tmp, path):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def _cleaned_on_failure(tmp: Path, final: Path):
+    """A write that fails (disk full, file-size limit, I/O error) removes its temporary file and raises an
+    ArtifactError naming the file it was writing; nothing partial is ever visible under the final name."""
+    try:
+        yield
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write {final}: {err.strerror or err}; nothing was published, free space "
+                            "(or raise the limit) and rerun the stage to resume") from err
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -201,14 +214,15 @@ class StageOutput:
         final = self.folder / shard_file(index)
         table = validate_table(table, self.schema, f"{final}")
         tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as sink:
-            pq.write_table(table, sink, compression="zstd", row_group_size=rows_per_group,
-                           **dict(self.schema.parquet_options))
-            sink.flush()
-            os.fsync(sink.fileno())
-        record = {"index": index, "file": final.name, "rows": table.num_rows,
-                  "sha256": sha256_file(tmp), "size": tmp.stat().st_size}
-        os.replace(tmp, final)
+        with _cleaned_on_failure(tmp, final):
+            with open(tmp, "wb") as sink:
+                pq.write_table(table, sink, compression="zstd", row_group_size=rows_per_group,
+                               **dict(self.schema.parquet_options))
+                sink.flush()
+                os.fsync(sink.fileno())
+            record = {"index": index, "file": final.name, "rows": table.num_rows,
+                      "sha256": sha256_file(tmp), "size": tmp.stat().st_size}
+            os.replace(tmp, final)
         write_json_atomic(self.folder / PROGRESS / f"part-{index:05d}.json", record)
 
     def finalize(self) -> bool:

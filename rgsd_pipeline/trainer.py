@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -108,7 +109,13 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True) -> int
         with torch.no_grad():
             for name, param in trainable(model).items():
                 param.copy_(weights[name])
-    bundle = torch.load(folder / "optimizer.pt", weights_only=True)
+    try:
+        bundle = torch.load(folder / "optimizer.pt", weights_only=True)
+    except pickle.UnpicklingError as err:
+        from rgsd_pipeline.shards import ArtifactError
+
+        raise ArtifactError(f"{folder / 'optimizer.pt'} holds more than tensors and plain containers; it is not "
+                            f"unpickled (weights_only=True). Delete {folder} to train this iteration from its start") from err
     optimizer.load_state_dict(bundle["optimizer"])
     torch.set_rng_state(bundle["torch_rng"])
     return json.loads((folder / "state.json").read_text())["step"]

@@ -21,7 +21,7 @@ import pyarrow as pa
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import fingerprint, freeze_or_check, load_config, load_run_config, to_dict
 from rgsd_pipeline.ingest import ingest
-from rgsd_pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model, tokenizer_fingerprint
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
 from rgsd_pipeline.shards import (
     ShardPlan,
@@ -57,6 +57,8 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
 
     out_dir = layout.prompts_dir(run)
     model_path = resolve_model(config.model.path)
+    # Refused now rather than at the first rollout: pickle weights, a folder that needs its own code.
+    check_loadable(model_path, config.model.allow_pickle_weights, config.model.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     inputs = {
         "config": fingerprint({"data": to_dict(config.data), "template": to_dict(config.template)}),

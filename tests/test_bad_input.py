@@ -1,0 +1,105 @@
+"""A user's mistakes beyond data files, and what the toolkit refuses to load or run: a clear message, exit 2,
+no traceback."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+import yaml
+from helpers import ROOT, cli
+
+from rgsd_pipeline.shards import ArtifactError
+from rgsd_pipeline.trainer import load_state, save_state
+
+
+def write_config(tmp_path, **sections):
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def custom_code_model(source, target):
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(model_type="house-llama", architectures=["HouseForCausalLM"],
+                  auto_map={"AutoConfig": "house.HouseConfig", "AutoModelForCausalLM": "house.HouseForCausalLM"})
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "house.py").write_text(f"open({str(target / 'RAN')!r}, 'w').write('ran')\n"
+                                     "from transformers import LlamaConfig as HouseConfig\n"
+                                     "from transformers import LlamaForCausalLM as HouseForCausalLM\n")
+    return target
+
+
+def pickle_only_model(source, target):
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    (target / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "negative size", "missing model", "pickle weights",
+                                  "remote code", "broken yaml"])
+def test_config_and_model_mistakes_exit_2_with_the_reason(case, tmp_path, tiny_path):
+    overrides = []
+    if case == "unknown key":
+        config, message = write_config(tmp_path, train={"batch_sise": 8}), "unknown key 'train.batch_sise'; did you mean 'batch_size'"
+    elif case == "wrong type":
+        config, message = write_config(tmp_path, rollout={"max_new_tokens": "lots"}), "rollout.max_new_tokens: expected int"
+    elif case == "negative size":
+        config, overrides, message = write_config(tmp_path), ["rollout.max_new_tokens=-5"], "rollout.max_new_tokens: -5 is below the minimum 1"
+    elif case == "missing model":
+        config, message = write_config(tmp_path, model={"path": str(tmp_path / "nowhere")}), f"model path {tmp_path / 'nowhere'} is not a local HF model folder"
+    elif case == "pickle weights":
+        model = pickle_only_model(tiny_path, tmp_path / "pickled")
+        config, message = write_config(tmp_path, model={"path": str(model)}), "only pickle weights"
+    elif case == "remote code":
+        model = custom_code_model(tiny_path, tmp_path / "custom")
+        config, message = write_config(tmp_path, model={"path": str(model)}), "ships its own Python code"
+    else:
+        config = tmp_path / "broken.yaml"
+        config.write_text("train: {batch_size: 8\n")
+        message = "not valid YAML"
+    result = cli("prepare", "--config", config, "--run", tmp_path / "run", *overrides, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    if case == "remote code":
+        assert not (tmp_path / "custom" / "RAN").exists()  # the folder's code never ran
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('MARKER', 'w').write('ran')",))
+
+
+def test_trainer_state_is_never_unpickled_beyond_tensors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = tmp_path / "trainer_state"
+    save_state(state, model, optimizer, step=3)
+    assert load_state(state, model, optimizer) == 3
+    bundle = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "extra": RunsCode()}
+    (state / "optimizer.pt").write_bytes(pickle.dumps(bundle))
+    with pytest.raises(ArtifactError, match="not unpickled"):
+        load_state(state, model, optimizer)
+    assert not (tmp_path / "MARKER").exists()
+
+
+@pytest.mark.slow
+def test_manifest_names_that_escape_the_run_are_refused_by_a_stage(evaluated_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run / "prompts", run / "prompts")
+    shutil.copy(evaluated_run / "run.yaml", run / "run.yaml")
+    shutil.copytree(evaluated_run / "iter-000" / "rollouts", run / "iter-000" / "rollouts")
+    manifest_path = run / "iter-000" / "rollouts" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["file"] = "../../prompts/part-00000.parquet"
+    manifest_path.write_text(json.dumps(manifest))
+    result = cli("score", "--run", run, "--iteration", 0, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not a plain part-NNNNN.parquet inside the stage folder; refusing to read it" in result.stderr
