@@ -74,11 +74,24 @@ demo: setup
 	$(MAKE) --no-print-directory iterate CONFIG=configs/smollm2-cpu.yaml RUN=$(RUN) ITERS=1
 	$(CLI) report --run $(RUN) --iteration 0
 
-# Ratios measured side by side in one run (never timed tests); writes bench/results.json.
-bench: setup
+# Ratios measured side by side in one run (never timed tests); writes bench/results.json and prints the
+# table. The TRL comparison runs TRL in .venv-bench: trl layered over .venv, so .venv itself never holds it.
+BENCH_VENV := .venv-bench
+TRL_VERSION := 1.16.0
+
+$(BENCH_VENV)/.installed: $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import site; print(site.getsitepackages()[0])')')" \
+		> "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/rgsd-main-venv.pth"
+	$(BENCH_VENV)/bin/pip install -q $(if $(HAS_GPU),,-c $(VENV)/torch-constraint.txt) trl==$(TRL_VERSION)
+	touch $@
+
+bench: setup $(BENCH_VENV)/.installed
 	$(PY) bench/rollout.py
 	$(PY) bench/score.py
 	$(PY) bench/train.py
+	$(PY) bench/trl_compare.py
+	$(PY) bench/table.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache
