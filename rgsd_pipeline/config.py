@@ -153,6 +153,9 @@ class TrainConfig:
     chunk_positions: int = opt(512, "Positions per LM-head chunk in the loss", minimum=1)
     save_every: int = opt(20, "Save resumable trainer state every N optimizer steps", minimum=1)
     carry_optimizer: bool = opt(False, "Start from the previous iteration's optimizer state")
+    parallel: str = opt("ddp", "Under torchrun: ddp (each process holds the whole model, gradients summed) or fsdp "
+                               "(FSDP2: parameters, gradients and optimizer state sharded across processes)",
+                        choices=("ddp", "fsdp"))
     seed: int = opt(0, "Seed of the data order")
     lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights")
     lora_rank: int = opt(16, "LoRA rank", minimum=1)

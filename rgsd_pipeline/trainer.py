@@ -5,9 +5,14 @@ step s is the same everywhere; process r takes its sequences r, r + W, ... Loss 
 global batch's, and gradients are summed across processes, so W processes make exactly the update
 one process makes with the same global batch (up to float summation order).
 
+With `train.parallel=fsdp` (FSDP2), each decoder layer and the rest of the model (embeddings, final
+norm, a tied or untied LM head) are sharded across the processes; gradients are reduce-scattered
+instead of summed in full, and the optimizer state lives only as shards. The update is the same.
+
 Trainer state (trainable weights, optimizer, step, RNG) is saved every `save_every` steps under
-checkpoint/trainer_state/ with safetensors and a weights_only torch file; a killed run resumes from
-it and reaches the same final weights as an uninterrupted run.
+checkpoint/trainer_state/ with safetensors and weights_only torch files (one optimizer file per
+process under FSDP2); a killed run resumes from it and reaches the same final weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -84,14 +89,68 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_state(folder: Path, model, optimizer, step: int) -> None:
-    """Write trainer state to a temporary folder and swap it in, so a kill never leaves half a state."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}, tmp / "weights.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU; for an FSDP2 shard (DTensor) a collective every process must join."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on the CPU (a collective under FSDP2)."""
+    return {name: _full(value) for name, value in model.state_dict().items()}
+
+
+def _optimizer_file(world: World, sharded: bool) -> str:
+    return f"optimizer-{world.rank}-of-{world.size}.pt" if sharded else "optimizer.pt"
+
+
+def _local_state(state):
+    """Optimizer state with FSDP2 shards as plain local tensors (what a weights_only load accepts)."""
+    if isinstance(state, dict):
+        return {k: _local_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_local_state(v) for v in state]
+    return state.to_local() if hasattr(state, "to_local") else state
+
+
+def _sharded_like(optimizer, saved: dict) -> dict:
+    """Saved local optimizer shards turned back into DTensors placed like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        param = params[int(index)]
+        if isinstance(param, DTensor):
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = DTensor.from_local(value, param.device_mesh, param.placements,
+                                                    shape=param.shape, stride=param.stride())
+    return saved
+
+
+def save_state(folder: Path, model, optimizer, step: int, world: World = World(), sharded: bool = False) -> None:
+    """Write trainer state to a temporary folder and swap it in, so a kill never leaves half a state.
+
+    Every process calls it: under FSDP2 each writes its optimizer shard, and gathering the weights is a
+    collective; otherwise only the main process writes."""
+    if not (sharded or world.main):
+        return
+    weights = {n: _full(p) for n, p in trainable(model).items()}
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if sharded:
+        dist.barrier()
+    torch.save({"optimizer": _local_state(optimizer.state_dict()), "torch_rng": torch.get_rng_state()},
+               tmp / _optimizer_file(world, sharded))
+    if sharded:
+        dist.barrier()
+    if not world.main:
+        return
+    save_file(weights, tmp / "weights.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "processes": world.size if sharded else 1}))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -100,23 +159,39 @@ def save_state(folder: Path, model, optimizer, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(folder: Path, model, optimizer, load_weights: bool = True) -> int:
+def load_state(folder: Path, model, optimizer, load_weights: bool = True, world: World = World(),
+               sharded: bool = False) -> int:
     """Restore trainer state saved by save_state; returns the step to continue from."""
     if not folder.exists() and folder.with_name(f".{folder.name}.old").exists():
         folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
+    saved_processes = json.loads((folder / "state.json").read_text()).get("processes", 1)
+    if saved_processes != (world.size if sharded else 1):
+        from rgsd_pipeline.shards import ArtifactError
+
+        raise ArtifactError(f"{folder} holds the optimizer state of {saved_processes} process(es) "
+                            f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with "
+                            + (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
+                               else "train.parallel=ddp or one process")
+                            + ", or delete it to restart this iteration")
     if load_weights:
         weights = load_file(folder / "weights.safetensors")
         with torch.no_grad():
             for name, param in trainable(model).items():
-                param.copy_(weights[name])
+                if hasattr(param, "device_mesh"):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    param.copy_(distribute_tensor(weights[name].to(param.dtype), param.device_mesh, param.placements))
+                else:
+                    param.copy_(weights[name])
+    path = folder / _optimizer_file(world, sharded)
     try:
-        bundle = torch.load(folder / "optimizer.pt", weights_only=True)
+        bundle = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:
         from rgsd_pipeline.shards import ArtifactError
 
-        raise ArtifactError(f"{folder / 'optimizer.pt'} holds more than tensors and plain containers; it is not "
-                            f"unpickled (weights_only=True). Delete {folder} to train this iteration from its start") from err
-    optimizer.load_state_dict(bundle["optimizer"])
+        raise ArtifactError(f"{path} holds more than tensors and plain containers; it is not unpickled "
+                            f"(weights_only=True). Delete {folder} to train this iteration from its start") from err
+    optimizer.load_state_dict(_sharded_like(optimizer, bundle["optimizer"]) if sharded else bundle["optimizer"])
     torch.set_rng_state(bundle["torch_rng"])
     return json.loads((folder / "state.json").read_text())["step"]
 
@@ -128,6 +203,38 @@ def find_state(checkpoint: Path) -> Path | None:
     return None
 
 
+class DistillForward(torch.nn.Module):
+    """The loss of one micro-batch: decoder, then the chunked LM head and distillation loss.
+
+    One module owns the whole forward so that FSDP2 can make it the root unit: embeddings, final norm
+    and the LM head (tied to the embeddings or not) are gathered for the forward and the backward."""
+
+    def __init__(self, model, spec: LossSpec, chunk_positions: int):
+        super().__init__()
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+        self._parts = (base.get_decoder(), base.get_output_embeddings())  # a tuple: not registered twice
+        self.spec, self.chunk_positions = spec, chunk_positions
+
+    def forward(self, micro) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder, lm_head = self._parts
+        hidden_B_T_H = decoder(input_ids=micro.input_ids_B_T, attention_mask=micro.attention_mask_B_T).last_hidden_state
+        hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
+        return distill_loss(hidden_N_H, lm_head, micro.targets, self.spec, self.chunk_positions)
+
+
+def shard(forward: DistillForward, device_type: str, world: World) -> None:
+    """FSDP2: each decoder layer its own unit, the rest of the model the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world.size,))
+    decoder, _ = forward._parts
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(forward, mesh=mesh, reshard_after_forward=False)  # the chunked LM head is recomputed in backward
+
+
 class Trainer:
     def __init__(self, model, examples: list[Example], config, world: World, pad_id: int):
         self.device = device()
@@ -136,11 +243,18 @@ class Trainer:
         self.spec = LossSpec(kind=config.loss, beta=config.beta, clip=config.clip, tau=config.tau,
                              temperature=config.distill_temperature, ce_weight=config.ce_weight)
         self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed)
+        self.forward = DistillForward(self.model, self.spec, config.chunk_positions)
+        self.sharded = config.parallel == "fsdp" and world.size > 1
+        if self.sharded:
+            shard(self.forward, self.device.type, world)
         self.optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-        self.decoder = base.get_decoder()
-        self.lm_head = base.get_output_embeddings()
+
+    def save(self, folder: Path, step: int) -> None:
+        save_state(folder, self.model, self.optimizer, step, self.world, self.sharded)
+
+    def load(self, folder: Path, load_weights: bool = True) -> int:
+        return load_state(folder, self.model, self.optimizer, load_weights, self.world, self.sharded)
 
     @property
     def total_steps(self) -> int:
@@ -165,18 +279,19 @@ class Trainer:
             # The LM head runs under autocast too (it is a quarter of a small model's FLOPs); the loss itself
             # upcasts the logits to fp32.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                hidden_B_T_H = self.decoder(input_ids=micro.input_ids_B_T,
-                                            attention_mask=micro.attention_mask_B_T).last_hidden_state
-                hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
-                loss, stats = distill_loss(hidden_N_H, self.lm_head, micro.targets, self.spec, config.chunk_positions)
-            loss.backward()
+                loss, stats = self.forward(micro)
+            # FSDP2 averages the gradients it reduce-scatters; the loss is a share of a global-batch sum.
+            (loss * world.size if self.sharded else loss).backward()
             totals += torch.cat([loss.detach().reshape(1), stats])
         params = [p for p in trainable(self.model).values()]
         if world.size > 1:
-            for param in params:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            if not self.sharded:
+                for param in params:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         elapsed = time.perf_counter() - started
         loss, divergence, clipped, teacher_tail, student_tail = totals.tolist()

@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import fingerprint, load_run_config
+from rgsd_pipeline.config import ConfigError, fingerprint, load_run_config
 from rgsd_pipeline.examples import load_examples
 from rgsd_pipeline.models import TOKENIZER_FILES, load_model, load_tokenizer, resolve_model
 from rgsd_pipeline.shards import read_stage, write_json_atomic
 from rgsd_pipeline.signals import storage_schema
-from rgsd_pipeline.trainer import STATE_DIR, Trainer, find_state, init_world, load_state, save_state
+from rgsd_pipeline.trainer import STATE_DIR, Trainer, find_state, full_state_dict, init_world
 from schemas import ROLLOUTS
 
 
@@ -57,15 +57,18 @@ def train(run: Path, iteration: int) -> None:
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.train.lora:
+        if config.train.parallel == "fsdp":
+            raise ConfigError("train.parallel=fsdp with train.lora=true is not supported; LoRA adapters are small, "
+                              "train them with train.parallel=ddp")
         model = with_lora(model, config.train)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model, examples, config.train, world, pad_id)
     start = 0
     state = find_state(out)
     if state is not None:
-        start = load_state(state, model, trainer.optimizer)
+        start = trainer.load(state)
     elif config.train.carry_optimizer and iteration > 0 and find_state(policy) is not None:
-        load_state(find_state(policy), model, trainer.optimizer, load_weights=False)
+        trainer.load(find_state(policy), load_weights=False)
     metrics_path = layout.iteration_dir(run, iteration) / "metrics.jsonl"
     if world.main:
         keep_metrics(metrics_path, start)
@@ -83,14 +86,16 @@ def train(run: Path, iteration: int) -> None:
                 f.write(json.dumps(metrics) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", div=f"{metrics['divergence']:.4f}", refresh=False)
-            if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
-                save_state(out / STATE_DIR, model, trainer.optimizer, step + 1)
+        if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
+            trainer.save(out / STATE_DIR, step + 1)  # every process joins: FSDP2 gathers the weights
     bar.close()
 
     # 4. The checkpoint the next rollout loads: a plain HF folder, then _SUCCESS.
+    weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
     if world.main:
         write_checkpoint(model, policy, out, config.train, {"policy": str(policy),
-                                                            "signals": fingerprint(signals.manifest["shards"])})
+                                                            "signals": fingerprint(signals.manifest["shards"])},
+                         weights)
         click.echo(summary(metrics_path, out))
     if world.size > 1:
         torch.distributed.barrier()
@@ -117,10 +122,10 @@ def keep_metrics(path: Path, steps: int) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def write_checkpoint(model, policy: Path, out: Path, train_config, provenance: dict) -> None:
+def write_checkpoint(model, policy: Path, out: Path, train_config, provenance: dict, weights: dict | None = None) -> None:
     if train_config.lora and not train_config.save_adapters:
         model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
     for name in TOKENIZER_FILES:
         if (policy / name).exists():
             shutil.copy2(policy / name, out / name)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -109,18 +110,77 @@ def test_kill_during_training_then_resume_equals_uninterrupted(scored, tmp_path)
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))
 
 
+def torchrun(run, port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            "-m", "rgsd_pipeline", "train", "--run-dir", str(run), "--iteration", "0"]
+
+
 @pytest.mark.slow
-def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path):
-    one, two = copy(scored, tmp_path, "one"), copy(scored, tmp_path, "two")
+@pytest.mark.parametrize("parallel, port", [("ddp", 29533), ("fsdp", 29534)])
+def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path, parallel, port):
+    one, two = copy(scored, tmp_path, "one"), copy(scored, tmp_path, "two", parallel=parallel)
     cli("train", "--run", one, "--iteration", 0)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                "-m", "rgsd_pipeline", "train", "--run-dir", str(two), "--iteration", "0"]
-    result = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(torchrun(two, port), cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     want, got = weights(one), weights(two)
+    assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=2e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_kill_then_resume_with_sharded_optimizer_equals_one_process(scored, tmp_path):
+    one, killed = copy(scored, tmp_path, "one"), copy(scored, tmp_path, "killed", parallel="fsdp")
+    cli("train", "--run", one, "--iteration", 0)
+    state = killed / "iter-000" / "checkpoint" / "trainer_state" / "state.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen(torchrun(killed, 29535), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.01)
+    import psutil
+
+    for process in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+        process.kill()  # torchrun's workers do not share its process group
+    worker.wait()
+    saved = sorted(p.name for p in state.parent.iterdir())
+    assert saved == ["optimizer-0-of-2.pt", "optimizer-1-of-2.pt", "state.json", "weights.safetensors"]
+    lone = copy(killed, tmp_path, "lone")
+    result = subprocess.run(torchrun(killed, 29536), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step" in result.stdout
+    want, got = weights(one), weights(killed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-6, rtol=0)
+    # A sharded state is resumed only by as many processes as wrote it.
+    refused = cli("train", "--run", lone, "--iteration", 0, check=False)
+    assert refused.returncode == 2 and "holds the optimizer state of 2 process(es)" in refused.stderr
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
+    plain, recomputed = copy(scored, tmp_path, "plain"), copy(scored, tmp_path, "recomputed", gradient_checkpointing="true")
+    cli("train", "--run", plain, "--iteration", 0)
+    cli("train", "--run", recomputed, "--iteration", 0)
+    want, got = weights(plain), weights(recomputed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+
+    from rgsd_pipeline.trainer import find_state
+
+    examples = [Example(np.arange(3, 19), 8, np.arange(8), np.tile(np.arange(3, 7), (8, 1)),
+                        np.log(np.full((8, 4), 0.2, np.float32)), np.full(8, -2.0, np.float32))] * 4
+    config = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-3)
+    first = Trainer(load_model(model_path(plain)), examples, config, World(), pad_id=0)
+    second = Trainer(load_model(model_path(plain)), examples, config, World(), pad_id=0)
+    second.load(find_state(plain / "iter-000" / "checkpoint"), load_weights=False)
+    moments = [s["exp_avg"] for s in second.optimizer.state.values()]
+    assert moments and all(m.abs().sum() > 0 for m in moments)  # carried over, not fresh
+    assert not first.optimizer.state
+    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), second.model.parameters()))  # weights kept
 
 
 @pytest.mark.slow
