@@ -57,10 +57,9 @@ RGSD report — {run}, iteration {iteration}
 {wrap(after.answers[0])}
 
   artifacts          {layout.prompts_dir(run)}  {layout.iteration_dir(run, iteration)}/{{rollouts,signals,checkpoint,metrics.jsonl}}
-  inspect            {layout.iteration_dir(run, iteration)}/metrics.jsonl, or in Python:
-      import polars as pl, json
-      m = json.load(open("{layout.signals_dir(run, iteration)}/manifest.json"))
-      pl.scan_parquet(["{layout.signals_dir(run, iteration)}/" + s["file"] for s in m["shards"]]).head().collect()
+  inspect            rgsd-pipeline inspect {run} --iteration {iteration} --html tokens.html --plot run.png
+                     or in Python: from rgsd_pipeline import inspect; inspect.tokens("{run}", {iteration}).collect()
+  evaluate           rgsd-pipeline evaluate --run {run} --iteration {iteration} [--judge-url URL --judge-model M]
 """)
 
 

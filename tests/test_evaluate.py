@@ -128,7 +128,7 @@ def by_hand(verdicts):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("mode, prompts, max_tokens", [("per-criterion", 3, 512), ("per-answer", 2, 3000)])
+@pytest.mark.parametrize("mode, prompts, max_tokens", [("per-criterion", 3, 512), ("per-answer", 1, 3000)])
 def test_judge_through_vllm_serve(evaluated_run, vllm_judge, mode, prompts, max_tokens):
     run = evaluated_run
     args = ["evaluate", "--run", run, "--iteration", "base", "--name", f"judged-{mode}", "--max-prompts", prompts,

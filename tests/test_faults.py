@@ -23,7 +23,7 @@ from rgsd_pipeline.signals import storage_schema
 from schemas import PROMPTS, ROLLOUTS
 
 SEED = 20261128
-KILLS_PER_STAGE = 3
+KILLS_PER_STAGE = 2
 STAGES = ("prepare", "rollout", "score", "train")
 
 

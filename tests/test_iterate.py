@@ -100,13 +100,16 @@ def test_vllm_samples_from_a_trained_checkpoint(two_iterations, tmp_path):
 def test_report_prints_before_and_after(two_iterations):
     out = cli("report", "--run", two_iterations, "--iteration", 1, "--heldout", 3).stdout
     assert re.search(r"held-out JSD\s+before \d+\.\d+ -> after \d+\.\d+", out)
-    assert "before:" in out and "after:" in out and "signals/manifest.json" in out
+    assert "before:" in out and "after:" in out and f"rgsd-pipeline inspect {two_iterations} --iteration 1" in out
 
 
-def test_readme_polars_snippet_runs(two_iterations, monkeypatch):
+def test_readme_python_snippets_run(two_iterations, monkeypatch):
     text = (ROOT / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippets) == 2
     monkeypatch.chdir(two_iterations.parent)
     namespace = {}
-    exec(snippet.replace("runs/demo", str(two_iterations)), namespace)  # noqa: S102
+    for snippet in snippets:
+        exec(snippet.replace("runs/demo", str(two_iterations)), namespace)  # noqa: S102
     assert namespace["per_token"].height > 0
+    assert namespace["tokens"].collect().height > 0
