@@ -36,7 +36,7 @@ endif
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
