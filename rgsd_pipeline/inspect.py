@@ -23,17 +23,30 @@ import polars as pl
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
-from rgsd_pipeline.shards import read_stage
+from rgsd_pipeline.shards import StageData, read_stage
 from schemas import LOGPROB_CODE_SCALE, ROLLOUTS
+
+_VERIFIED: dict[tuple[str, int], StageData] = {}
+
+
+def _stage(folder: Path, schema) -> StageData:
+    """read_stage, whose checksum pass over every shard runs once per output as long as its manifest is unchanged;
+    the views below read the same outputs several times."""
+    key = (str(folder), (folder / "manifest.json").stat().st_mtime_ns if (folder / "manifest.json").exists() else 0)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = read_stage(folder, schema)
+    return _VERIFIED[key]
+
+
+def rollouts_stage(run: Path, iteration: int) -> StageData:
+    return _stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
 
 
 def _signals(run: Path, iteration: int) -> pl.LazyFrame:
-    from rgsd_pipeline.models import load_tokenizer, resolve_model
     from rgsd_pipeline.signals import storage_schema
 
-    config = load_run_config(run)
-    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
-    return read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer))).lazy()
+    schema = storage_schema(load_run_config(run).score, vocabulary(run).height)
+    return _stage(layout.signals_dir(run, iteration), schema).lazy()
 
 
 @lru_cache(maxsize=4)
@@ -67,7 +80,7 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
     divergence, mask, teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list).
     """
     run = Path(run)
-    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy().select(
+    rollouts = rollouts_stage(run, iteration).lazy().select(
         "prompt_id", "sample_idx", "response_token_ids", "response_logprobs")
     signals = _signals(run, iteration).filter(pl.col("status") == "ok")
     store_is_code = signals.collect_schema()["topk_logprobs"].inner.inner == pl.UInt8
@@ -100,7 +113,7 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
 def rollouts(run: Path, iteration: int) -> pl.LazyFrame:
     """One row per rollout: text, length, finish reason, scoring status and its mean divergence over the loss mask."""
     run = Path(run)
-    rows = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy().select(
+    rows = rollouts_stage(run, iteration).lazy().select(
         "prompt_id", "sample_idx", "response_text", "finish_reason",
         pl.col("response_token_ids").list.len().alias("length"),
         pl.col("response_logprobs").list.mean().alias("behaviour_logprob_mean"))
@@ -135,7 +148,7 @@ def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
     for policy in sorted(policies):
         row = {"policy": _label(policy), "index": policy}
         if (layout.rollouts_dir(run, policy) / "_SUCCESS").exists():
-            stats = read_stage(layout.rollouts_dir(run, policy), ROLLOUTS).lazy().select(
+            stats = rollouts_stage(run, policy).lazy().select(
                 pl.len().alias("rollouts"), pl.col("response_token_ids").list.len().mean().alias("rollout_length"),
                 (pl.col("finish_reason") == "length").mean().alias("rollout_truncation")).collect().row(0, named=True)
             row.update(stats)

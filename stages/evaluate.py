@@ -36,11 +36,18 @@ from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.judge import MODES, STRUCTURED, Criterion, Item, Judge, JudgeSettings, VerdictCache
 from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
 from rgsd_pipeline.progress import TokenProgress
-from rgsd_pipeline.shards import ArtifactError, ShardPlan, StageOutput, read_stage, write_json_atomic
+from rgsd_pipeline.shards import (
+    ArtifactError,
+    ShardPlan,
+    StageData,
+    StageOutput,
+    read_stage,
+    write_json_atomic,
+)
 from rgsd_pipeline.sources import source_path
 from schemas import EVAL_VERDICTS, PROMPTS, ROLLOUTS
 from stages.prepare import source_fingerprint
-from stages.rollout import sample_rows
+from stages.rollout import sample_shards
 
 BASE = "base"
 
@@ -101,8 +108,8 @@ def eval_prompts(run: Path, config, data_spec: str | None, set_name: str, max_pr
     return read_stage(out_dir, PROMPTS).lazy().collect().to_dicts()
 
 
-def generate_answers(run, config, prompts, folder: Path, policy: Path, iteration: int, samples: int,
-                     engine_kind: str | None) -> pl.DataFrame:
+def generate_answers(config, prompts, folder: Path, policy: Path, iteration: int, samples: int,
+                     engine_kind: str | None) -> StageData:
     """eval/<set>/<policy>/answers/: `samples` answers per prompt, seeded per (prompt, sample) alone."""
     work = [(p, s) for p in prompts for s in range(samples)]
     per_shard = config.data.rows_per_shard
@@ -111,20 +118,15 @@ def generate_answers(run, config, prompts, folder: Path, policy: Path, iteration
                                      "max_model_len": config.model.max_model_len, "samples": samples})}
     out_dir = folder / "answers"
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(max(1, -(-len(work) // per_shard)))) as out:
-        todo = out.todo()
-        if todo:
+        shards = {i: work[i * per_shard:(i + 1) * per_shard] for i in out.todo()}
+        if shards:
             engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model)
-            tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
             click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}")
-            advance = TokenProgress(sum(len(work[i * per_shard:(i + 1) * per_shard]) for i in todo), "answer")
-            for index in todo:
-                rows = sample_rows(engine, tokenizer, config, work[index * per_shard:(index + 1) * per_shard],
-                                   iteration, -1, advance)
-                out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
-            advance.close()
+            tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+            sample_shards(out, shards, engine, tokenizer, config, iteration, -1, "answer")
             engine.close()
         out.finalize()
-    return read_stage(out_dir, ROLLOUTS).lazy().collect()
+    return read_stage(out_dir, ROLLOUTS)
 
 
 def diagnose(config, prompts: list[dict], answers: pl.DataFrame, folder: Path, policy: Path, base: Path,
@@ -167,13 +169,13 @@ def diagnose(config, prompts: list[dict], answers: pl.DataFrame, folder: Path, p
     return result
 
 
-def judge_answers(run: Path, prompts: list[dict], answers: pl.DataFrame, folder: Path, settings: JudgeSettings,
-                  resamples: int) -> dict:
+def judge_answers(run: Path, prompts: list[dict], answers_stage: StageData, answers: pl.DataFrame, folder: Path,
+                  settings: JudgeSettings, resamples: int) -> dict:
     """verdicts-<judge>/ (one row per answer and criterion) and summary-<judge>.json."""
     by_id = {p["prompt_id"]: p for p in prompts}
     answered = answers.filter(~pl.col("finish_reason").str.starts_with("skipped")).to_dicts()
     out_dir = folder / f"verdicts-{settings.slug()}"
-    inputs = {"answers": fingerprint(read_stage(folder / "answers", ROLLOUTS).manifest["shards"]),
+    inputs = {"answers": fingerprint(answers_stage.manifest["shards"]),
               "judge": fingerprint({"model": settings.model, "mode": settings.mode})}
     cache = VerdictCache(layout.judge_cache(run))
     judge = Judge(settings, cache)
@@ -246,10 +248,11 @@ def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | N
     set_name = set_name or set_name_for(data_spec)
     prompts = eval_prompts(run, config, data_spec, set_name, max_prompts)
     folder = layout.eval_dir(run, set_name, label)
-    answers = generate_answers(run, config, prompts, folder, policy, number, samples, engine_kind)
+    answers_stage = generate_answers(config, prompts, folder, policy, number, samples, engine_kind)
+    answers = answers_stage.lazy().collect()
     diagnose(config, prompts, answers, folder, policy, base, with_divergence)
     if settings is not None:
-        judge_answers(run, prompts, answers, folder, settings, resamples)
+        judge_answers(run, prompts, answers_stage, answers, folder, settings, resamples)
     click.echo(comparison_table(run, set_name))
 
 

@@ -17,8 +17,7 @@ import polars as pl
 
 from rgsd_pipeline import inspect as views
 from rgsd_pipeline import layout
-from rgsd_pipeline.shards import ArtifactError, read_stage
-from schemas import ROLLOUTS
+from rgsd_pipeline.shards import ArtifactError
 
 TABLE_COLUMNS = {"policy": "policy", "rollouts": "rollouts", "rollout_length": "length", "rollout_truncation": "trunc",
                  "sampled_divergence": "sampled div", "train_divergence_first": "train div first",
@@ -34,7 +33,7 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
         return f"iteration {iteration}: no scored tokens"
     keys = worst.select("prompt_id", "sample_idx").unique()
     responses = {(r["prompt_id"], r["sample_idx"]): r["response_token_ids"] for r in
-                 read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy()
+                 views.rollouts_stage(run, iteration).lazy()
                  .select("prompt_id", "sample_idx", "response_token_ids")
                  .join(keys.lazy(), on=["prompt_id", "sample_idx"]).collect().iter_rows(named=True)}
     vocab = dict(views.vocabulary(run).iter_rows())

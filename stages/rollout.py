@@ -56,20 +56,13 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
     out_dir = layout.rollouts_dir(run, iteration)
 
     with StageOutput(out_dir, ROLLOUTS, inputs, plan) as out:
-        todo = out.todo()
-        if todo:
+        shards = {i: work[i * per_shard:(i + 1) * per_shard] for i in out.todo()}
+        if shards:
             engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model)
-            total = sum(len(work[i * per_shard:(i + 1) * per_shard]) for i in todo)
-            click.echo(f"rollout iteration {iteration}: {total} samples in {len(todo)} shard(s) with {engine.kind} "
-                       f"from {policy}")
-            advance = TokenProgress(total, "sample")
-
+            click.echo(f"rollout iteration {iteration}: {sum(map(len, shards.values()))} samples in {len(shards)} "
+                       f"shard(s) with {engine.kind} from {policy}")
             # 3. Generate shard by shard; each shard is published whole.
-            for index in todo:
-                items = work[index * per_shard:(index + 1) * per_shard]
-                rows = sample_rows(engine, tokenizer, config, items, iteration, iteration, advance)
-                out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
-            advance.close()
+            sample_shards(out, shards, engine, tokenizer, config, iteration, iteration, "sample")
             engine.close()
         complete = out.finalize()
 
@@ -79,6 +72,16 @@ def rollout(run: Path, iteration: int, engine_kind: str | None, num_shards: int,
         click.echo(f"rollouts complete in {out_dir}")
     else:
         click.echo(f"worker {shard_index}/{num_shards} done; {out_dir} completes when every worker has finished")
+
+
+def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine, tokenizer, config,
+                  iteration: int, seed_iteration: int, unit: str) -> None:
+    """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar."""
+    advance = TokenProgress(sum(map(len, shards.values())), unit)
+    for index, items in shards.items():
+        rows = sample_rows(engine, tokenizer, config, items, iteration, seed_iteration, advance)
+        out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
+    advance.close()
 
 
 def sample_rows(engine, tokenizer, config, items: list[tuple[dict, int]], iteration: int, seed_iteration: int,

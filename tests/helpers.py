@@ -28,3 +28,12 @@ def kill_after_first_shard(args, output_dir: Path, timeout: float = 180) -> int:
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     return len(list(progress.glob("part-*.json")))
+
+
+def copy_prepared(source_run: Path, target_run: Path) -> Path:
+    """A new run folder holding only `source_run`'s frozen config and prompts: ready for iteration 0's rollout."""
+    import shutil
+
+    shutil.copytree(Path(source_run) / "prompts", Path(target_run) / "prompts")
+    shutil.copy(Path(source_run) / "run.yaml", Path(target_run) / "run.yaml")
+    return Path(target_run)
