@@ -37,6 +37,7 @@ def main():
     from rgsd_pipeline.engines import Sampling, make_engine
     from rgsd_pipeline.models import load_tokenizer, resolve_model
     from rgsd_pipeline.render import chat_ids, student_messages
+    from rgsd_pipeline.sampling import sample_seed
     from rgsd_pipeline.shards import read_stage
     from schemas import PROMPTS, ROLLOUTS
     from stages.prepare import prepare
@@ -55,7 +56,7 @@ def main():
         prepare(prepared, None, [], [], None)
         rows = read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()
         prompts = [chat_ids(tokenizer, student_messages(r, config.template)) for r in rows]
-        seeds = [rollout_stage.sample_seed(config.rollout.seed, 0, r["prompt_id"], 0) for r in rows]
+        seeds = [sample_seed(config.rollout.seed, r["prompt_id"], 0, seed_round=0) for r in rows]
         sampling = Sampling(temperature=1.0, max_new_tokens=args.tokens)
         tokens_per_s = {}
         for kind in args.engines:

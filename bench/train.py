@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
 
 MEMORY_CODE = """
 import numpy as np, torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 from transformers import LlamaConfig, LlamaForCausalLM
 from rgsd_pipeline.config import TrainConfig
-from rgsd_pipeline.examples import Example
+from rgsd_pipeline.examples import synthetic_example
 from rgsd_pipeline.trainer import Trainer, World
 torch.manual_seed(0)
 V, T, MODE = {vocab}, {length}, "{mode}"
@@ -33,8 +36,7 @@ ids = rng.integers(0, V, T)
 prompt = 32
 positions = np.arange(T - prompt)
 if MODE == "rgsd":
-    example = Example(ids, prompt, positions, rng.integers(0, V, (len(positions), 20)),
-                      np.log(np.full((len(positions), 20), 0.04, np.float32)), np.full(len(positions), -3.0, np.float32))
+    example = synthetic_example(ids, prompt, rng.integers(0, V, (len(positions), 20)), np.full((len(positions), 20), 0.04))
     trainer = Trainer(model, [example], TrainConfig(batch_size=1, micro_batch_size=1), World(), pad_id=0)
     trainer.step(0)
 elif MODE == "chunked_ce":
@@ -54,6 +56,49 @@ if DEVICE == "cuda":
 """
 
 
+def bytes_per_parameter(model_name: str) -> dict:
+    """Training state per trainable parameter after two optimizer steps: weights + gradients + AdamW moments,
+    counted from the tensors themselves, for a bf16 recipe with fp32 master weights (what `train` does) and for
+    the same recipe trained in bf16 (what it did before master weights)."""
+    import numpy as np
+    import torch
+
+    from rgsd_pipeline.checkpoints import load_student, write_checkpoint
+    from rgsd_pipeline.config import load_config
+    from rgsd_pipeline.examples import synthetic_example
+    from rgsd_pipeline.models import resolve_model
+    from rgsd_pipeline.trainer import Trainer, World, trainable
+
+    path = resolve_model(model_name)
+    rng = np.random.default_rng(0)
+    out = {}
+    for master in ("float32", "bfloat16"):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={model_name}", "model.dtype=bfloat16",
+                                                              f"train.master_dtype={master}", "train.batch_size=2",
+                                                              "train.micro_batch_size=2", "train.learning_rate=1e-6"])
+        model = load_student(path, path, None, config)
+        vocab = model.config.vocab_size
+        examples = [synthetic_example(rng.integers(0, vocab, 64), 32, rng.integers(0, vocab, (32, 4)),
+                                      np.full((32, 4), 0.2)) for _ in range(4)]
+        trainer = Trainer(model, examples, config.train, World(), pad_id=0)
+        for step in range(trainer.total_steps):
+            trainer.step(step)
+        params = list(trainable(model).values())
+        count = sum(p.numel() for p in params)
+        nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+        moments = [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+        out[f"master {master}: weights"] = nbytes(params) / count
+        out[f"master {master}: gradients"] = nbytes([p.grad for p in params]) / count
+        out[f"master {master}: adamw moments"] = nbytes(moments) / count
+        out[f"master {master}: total bytes per parameter"] = sum(out[f"master {master}: {k}"]
+                                                                 for k in ("weights", "gradients", "adamw moments"))
+        if master == "float32":
+            with tempfile.TemporaryDirectory() as tmp:
+                write_checkpoint(model, path, Path(tmp), config, {})
+                out["exported checkpoint file bytes per parameter"] = (Path(tmp) / "model.safetensors").stat().st_size / count
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -71,7 +116,7 @@ def main():
     from common import peak_memory_mb, record, timed
 
     from rgsd_pipeline.config import TrainConfig
-    from rgsd_pipeline.examples import Example
+    from rgsd_pipeline.examples import synthetic_example
     from rgsd_pipeline.models import load_model, resolve_model
     from rgsd_pipeline.trainer import Trainer, World, device
 
@@ -98,9 +143,8 @@ def main():
         for _ in range(args.sequences):
             ids = rng.integers(0, vocab, args.length)
             positions = np.arange(args.length - prompt)
-            examples.append(Example(ids, prompt, positions, rng.integers(0, vocab, (len(positions), 20)),
-                                    np.log(np.full((len(positions), 20), 0.04, np.float32)),
-                                    np.full(len(positions), -3.0, np.float32)))
+            examples.append(synthetic_example(ids, prompt, rng.integers(0, vocab, (len(positions), 20)),
+                                              np.full((len(positions), 20), 0.04)))
         config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=1e-6, clip="none", bf16=args.bf16)
         tokens = sum(len(e.input_ids) for e in examples)
 
@@ -137,6 +181,8 @@ def main():
         record(f"train {name} on {device().type}", {"stage_tokens_per_s": tokens / ours_s, "bare_ce_tokens_per_s": tokens / bare_s,
                                        "stage_over_bare_ce": bare_s / ours_s, "sequences": args.sequences,
                                        "length": args.length})
+
+    record(f"train bytes per parameter ({args.model}, model.dtype bfloat16)", bytes_per_parameter(args.model))
 
     memory = {}
     for vocab_size in args.vocabs:

@@ -35,10 +35,14 @@ def main():
 
 
 @main.command("config-reference")
-def config_reference():
+@click.option("--markdown", is_flag=True, help="The Markdown table of the README.")
+def config_reference(markdown):
     """Print every config key with its default and meaning."""
-    from rgsd_pipeline.config import reference
+    from rgsd_pipeline.config import reference, reference_markdown
 
+    if markdown:
+        click.echo(reference_markdown(), nl=False)
+        return
     for key, default, help_text in reference():
         click.echo(f"{key:32s} {default:24s} {help_text}" if len(default) <= 24 else f"{key:32s} {help_text}\n{'':33s}default: {default}")
 

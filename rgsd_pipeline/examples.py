@@ -19,8 +19,22 @@ class Example:
     prompt_len: int
     positions: np.ndarray  # int64 [N]: response indices j in the loss (loss_mask true)
     topk_ids: np.ndarray  # int64 [N, K]
-    topk_logprobs: np.ndarray  # float32 [N, K]
-    token_logprob: np.ndarray  # float32 [N]
+    topk_logprobs: np.ndarray  # float32 [N, K], decoded from storage
+    tail_logprob: np.ndarray  # float32 [N], the teacher's exact log-mass outside its top-k
+    token_logprob: np.ndarray  # float32 [N], the teacher's log-prob of the sampled token
+    sampling_logprob: np.ndarray  # float32 [N], the behaviour policy's log-prob of the sampled token
+
+
+def synthetic_example(input_ids: np.ndarray, prompt_len: int, topk_ids_N_K: np.ndarray, topk_probs_N_K: np.ndarray,
+                      token_logprob: float = -3.0) -> Example:
+    """An example whose teacher puts `topk_probs` on `topk_ids` at every response position (the rest in the tail),
+    sampled from the model's own distribution: for benchmarks and tests that need no rollout."""
+    n = len(topk_ids_N_K)
+    probs_N_K = np.asarray(topk_probs_N_K, dtype=np.float64)
+    return Example(input_ids=np.asarray(input_ids, dtype=np.int64), prompt_len=prompt_len, positions=np.arange(n),
+                   topk_ids=np.asarray(topk_ids_N_K, dtype=np.int64), topk_logprobs=np.log(probs_N_K).astype(np.float32),
+                   tail_logprob=np.log1p(-probs_N_K.sum(-1)).astype(np.float32),
+                   token_logprob=np.full(n, token_logprob, np.float32), sampling_logprob=np.full(n, -2.0, np.float32))
 
 
 def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
@@ -54,7 +68,9 @@ def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
                 positions=positions,
                 topk_ids=ids[positions].astype(np.int64),
                 topk_logprobs=decode_logprobs(values[positions]),
+                tail_logprob=signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
                 token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
+                sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions],
             ))
     return examples
 
@@ -98,7 +114,9 @@ def collate(examples: list[Example], sequence_ids: list[int], reduction: str, nu
     targets = Targets(
         topk_ids_N_K=torch.from_numpy(np.concatenate([e.topk_ids for e in examples])),
         teacher_topk_N_K=torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
+        teacher_tail_N=torch.from_numpy(np.concatenate([e.tail_logprob for e in examples])),
         teacher_token_N=torch.from_numpy(np.concatenate([e.token_logprob for e in examples])),
+        behaviour_token_N=torch.from_numpy(np.concatenate([e.sampling_logprob for e in examples])),
         token_ids_N=token_ids_N,
         weight_N=weight_N,
     )

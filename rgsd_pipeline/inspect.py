@@ -8,8 +8,10 @@
 
 `divergence` of a token is log π_student(y_t) − log π_teacher(y_t) for the token the student sampled:
 the one-sample estimate of the reverse KL at that position. It is large where the student was sure of a
-token that the rubric-conditioned teacher found unlikely. The student's log-prob is the behaviour
-log-prob recorded at sampling (temperature 1); the teacher's comes from the signals shards.
+token that the rubric-conditioned teacher found unlikely. The student's log-prob is the policy's own
+(temperature 1) recorded at sampling; the teacher's comes from the signals shards. The teacher's top-k
+log-probs are decoded as each shard's `rgsd.encoding` metadata says and rescaled so that, with the stored
+tail mass, they sum to 1 (the distribution training sees).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import polars as pl
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.shards import StageData, read_stage
-from schemas import LOGPROB_CODE_SCALE, ROLLOUTS
+from rgsd_pipeline.signals import read_encoding
+from schemas import ROLLOUTS
 
 _VERIFIED: dict[tuple[str, int], StageData] = {}
 
@@ -42,11 +45,15 @@ def rollouts_stage(run: Path, iteration: int) -> StageData:
     return _stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
 
 
-def _signals(run: Path, iteration: int) -> pl.LazyFrame:
+def signals_stage(run: Path, iteration: int) -> StageData:
     from rgsd_pipeline.signals import storage_schema
 
     schema = storage_schema(load_run_config(run).score, vocabulary(run).height)
-    return _stage(layout.signals_dir(run, iteration), schema).lazy()
+    return _stage(layout.signals_dir(run, iteration), schema)
+
+
+def _signals(run: Path, iteration: int) -> pl.LazyFrame:
+    return signals_stage(run, iteration).lazy()
 
 
 @lru_cache(maxsize=4)
@@ -67,47 +74,53 @@ def vocabulary(run: Path) -> pl.DataFrame:
     return _vocabulary(str(resolve_model(config.model.path)), config.model.trust_remote_code)
 
 
-def _decoded(column: str) -> pl.Expr:
-    """Stored teacher log-probs as float32: uint8 codes are -(code / scale)^2 (schemas.LOGPROB_CODE_SCALE)."""
+def _decoded(column: str, tail: str, encoding: dict) -> pl.Expr:
+    """Stored teacher log-probs as float32, as the shard's encoding says (uint8 codes: -(code / scale)^2), then
+    rescaled so that top-k + tail = 1: topk + log(1 - exp(tail)) - logsumexp(topk)."""
     values = pl.col(column).cast(pl.List(pl.Float32))
-    return values.list.eval(-(pl.element() / LOGPROB_CODE_SCALE) ** 2)
+    scale = encoding["topk_logprobs"]["scale"]
+    if scale is not None:
+        values = values.list.eval(-(pl.element() / scale) ** 2)
+    logsumexp = values.list.eval(pl.element().exp()).list.sum().log()
+    return values + ((-pl.col(tail).exp()).log1p() - logsumexp)
 
 
 def tokens(run: Path, iteration: int) -> pl.LazyFrame:
     """One row per response token of iteration `iteration` that the teacher scored.
 
-    Columns: prompt_id, sample_idx, position, token_id, token, behaviour_logprob, teacher_logprob,
-    divergence, mask, teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list).
+    Columns: prompt_id, sample_idx, position, token_id, token, behaviour_logprob (the policy's own, temperature
+    1), sampling_logprob (the distribution it was drawn from), teacher_logprob, divergence, mask,
+    teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list, decoded and
+    rescaled), teacher_tail_mass.
     """
     run = Path(run)
     rollouts = rollouts_stage(run, iteration).lazy().select(
-        "prompt_id", "sample_idx", "response_token_ids", "response_logprobs")
-    signals = _signals(run, iteration).filter(pl.col("status") == "ok")
-    store_is_code = signals.collect_schema()["topk_logprobs"].inner.inner == pl.UInt8
-    signals = signals.select(
-        "prompt_id", "sample_idx", "token_logprob", "loss_mask",
+        "prompt_id", "sample_idx", "response_token_ids", "response_logprobs", "sampling_logprobs")
+    stage = signals_stage(run, iteration)
+    encoding = read_encoding(stage.files[0])
+    signals = stage.lazy().filter(pl.col("status") == "ok").select(
+        "prompt_id", "sample_idx", "token_logprob", "tail_logprob", "loss_mask",
         pl.col("topk_ids").cast(pl.List(pl.List(pl.Int64))).alias("teacher_topk_ids"),
-        pl.col("topk_logprobs").cast(pl.List(pl.List(pl.UInt8 if store_is_code else pl.Float32)))
-        .alias("teacher_topk_logprobs"))
+        pl.col("topk_logprobs").cast(pl.List(pl.List(pl.Float32))).alias("teacher_topk_logprobs"))
     vocab = vocabulary(run).lazy()
     frame = (
         rollouts.join(signals, on=["prompt_id", "sample_idx"], how="inner")
         .with_columns(position=pl.int_ranges(0, pl.col("response_token_ids").list.len()))
-        .explode(["position", "response_token_ids", "response_logprobs", "token_logprob", "loss_mask",
-                  "teacher_topk_ids", "teacher_topk_logprobs"])
+        .explode(["position", "response_token_ids", "response_logprobs", "sampling_logprobs", "token_logprob",
+                  "tail_logprob", "loss_mask", "teacher_topk_ids", "teacher_topk_logprobs"])
         .rename({"response_token_ids": "token_id", "response_logprobs": "behaviour_logprob",
-                 "token_logprob": "teacher_logprob", "loss_mask": "mask"})
+                 "sampling_logprobs": "sampling_logprob", "token_logprob": "teacher_logprob", "loss_mask": "mask"})
         .with_columns(pl.col("token_id").cast(pl.Int64),
                       divergence=pl.col("behaviour_logprob") - pl.col("teacher_logprob"),
-                      teacher_top1_id=pl.col("teacher_topk_ids").list.first())
+                      teacher_top1_id=pl.col("teacher_topk_ids").list.first(),
+                      teacher_topk_logprobs=_decoded("teacher_topk_logprobs", "tail_logprob", encoding),
+                      teacher_tail_mass=pl.col("tail_logprob").exp())
     )
-    if store_is_code:
-        frame = frame.with_columns(_decoded("teacher_topk_logprobs").alias("teacher_topk_logprobs"))
     frame = (frame.join(vocab, on="token_id", how="left")
              .join(vocab.rename({"token_id": "teacher_top1_id", "token": "teacher_top1"}), on="teacher_top1_id", how="left"))
     return frame.select("prompt_id", "sample_idx", "position", "token_id", "token", "behaviour_logprob",
-                        "teacher_logprob", "divergence", "mask", "teacher_top1_id", "teacher_top1",
-                        "teacher_topk_ids", "teacher_topk_logprobs")
+                        "sampling_logprob", "teacher_logprob", "divergence", "mask", "teacher_top1_id", "teacher_top1",
+                        "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")
 
 
 def rollouts(run: Path, iteration: int) -> pl.LazyFrame:

@@ -29,6 +29,11 @@ def checkpoint_dir(run: Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "checkpoint"
 
 
+def metrics_file(run: Path, iteration: int) -> Path:
+    """One JSON line per optimizer step of the iteration."""
+    return iteration_dir(run, iteration) / "metrics.jsonl"
+
+
 def policy_path(run: Path, iteration: int, base_model: Path) -> Path:
     """The model that samples iteration `iteration`: the base at 0, else the previous iteration's checkpoint."""
     from rgsd_pipeline.shards import ArtifactError

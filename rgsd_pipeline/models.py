@@ -18,6 +18,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.shards import exclusive_lock
 
 BUILDER_VERSION = 1  # bump when a built-in model's recipe changes, so caches are rebuilt
@@ -31,7 +32,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB = 1024
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model name or folder cannot be used; the message says why and what to do."""
 
 
@@ -201,6 +202,24 @@ def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = Fal
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
                                                     trust_remote_code=trust_remote_code,
                                                     use_safetensors=not allow_pickle or None)
+
+
+def eos_token_ids(path: Path, tokenizer) -> set[int]:
+    """Every id that ends a response: the generation config's end-of-sequence ids (what generation stops on, in
+    transformers and vLLM alike) and the tokenizer's own. Rollout stops on these and score masks with them."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_config = Path(path) / "generation_config.json"
+    if generation_config.exists():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids |= set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+    if not ids:
+        raise ModelError(f"{path}: neither the tokenizer nor generation_config.json names an end-of-sequence token")
+    return {int(i) for i in ids}
+
+
+def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
+    """The id that fills padding: the tokenizer's pad token, else an end-of-sequence id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

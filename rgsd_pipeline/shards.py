@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rgsd_pipeline.errors import UserError
 from schemas import MANIFEST_VERSION, SCHEMA_NAME_KEY, SCHEMA_VERSION_KEY, ArtifactSchema
 
 SUCCESS = "_SUCCESS"
@@ -38,11 +39,11 @@ PROGRESS = ".progress"
 SHARD_NAME = re.compile(r"^part-\d{5}\.parquet$")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A stage output is missing, incomplete, corrupt or made from other inputs than asked for."""
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another process is writing the same stage output."""
 
 
@@ -59,17 +60,33 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name, flush it to disk and rename it over `path`."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary name, flush it to disk and rename it over `path`: a reader sees the old file
+    or the whole new one, never a part."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with _cleaned_on_failure(tmp, path):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def is_complete(folder: Path) -> bool:
+    """True once a stage output (or checkpoint) folder has its completion marker."""
+    return (Path(folder) / SUCCESS).exists()
+
+
+def mark_complete(folder: Path) -> None:
+    """Write the completion marker, last, once everything else in `folder` is in place."""
+    write_text_atomic(Path(folder) / SUCCESS, "")
 
 
 @contextmanager
@@ -127,6 +144,12 @@ def exclusive_lock(path: Path, what: str):
         yield
     finally:
         os.close(fd)
+
+
+def split_into_shards(items: list, per_shard: int) -> list[list]:
+    """Consecutive pieces of at most `per_shard` items; one empty piece when there are none, so that every
+    stage output has at least one shard."""
+    return [items[i:i + per_shard] for i in range(0, len(items), per_shard)] or [[]]
 
 
 @dataclass(frozen=True)
@@ -319,8 +342,11 @@ def read_stage(folder: Path, schema: ArtifactSchema, expect_inputs: dict[str, st
                             f"this rgsd-pipeline reads version {MANIFEST_VERSION}")
     found = manifest.get("schema", {})
     if found.get("name") != schema.name or found.get("version") != schema.version:
+        older = found.get("name") == schema.name and isinstance(found.get("version"), int) and found["version"] < schema.version
         raise ArtifactError(f"{folder / MANIFEST}: holds schema {found.get('name')!r} v{found.get('version')}, "
-                            f"expected {schema.name!r} v{schema.version}")
+                            f"expected {schema.name!r} v{schema.version}"
+                            + (f"; it was written by an earlier rgsd-pipeline: delete {folder} and rerun the stage "
+                               "that writes it" if older else ""))
     for shard in manifest["shards"]:
         name = shard["file"]
         if not SHARD_NAME.match(name):

@@ -1,12 +1,16 @@
-"""Teacher signals: storage types, loss masks, and Arrow columns built from engine scores."""
+"""Teacher signals: teacher inputs, storage types, loss masks, and Arrow columns built from engine scores."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from rgsd_pipeline.engines.base import Scores
-from schemas import LOGPROB_CODE_SCALE, ArtifactSchema, signals_schema
+from rgsd_pipeline.render import chat_ids, teacher_messages
+from schemas import ENCODING_KEY, LOGPROB_CODE_SCALE, ArtifactSchema, signals_schema
 
 
 def storage_schema(score_config, vocab_size: int) -> ArtifactSchema:
@@ -28,10 +32,50 @@ def encode_logprobs(logprobs: np.ndarray, value_type: pa.DataType) -> np.ndarray
 
 
 def decode_logprobs(stored: np.ndarray) -> np.ndarray:
-    """float32 log-probs from stored values (uint8 codes or floats)."""
+    """float32 log-probs from stored values (uint8 codes or floats), before the rescaling to the stored tail."""
     if stored.dtype == np.uint8:
         return -np.square(stored.astype(np.float32) / LOGPROB_CODE_SCALE)
     return stored.astype(np.float32)
+
+
+def read_encoding(path) -> dict:
+    """The `rgsd.encoding` key-value metadata of a signals shard: how to decode its columns."""
+    import pyarrow.parquet as pq
+
+    return json.loads((pq.read_schema(path).metadata or {})[ENCODING_KEY])
+
+
+@dataclass
+class TeacherInputs:
+    """The teacher's view of one rollouts shard: a key per row, and the sequences to score for the rows that fit."""
+
+    keys: list[dict] = field(default_factory=list)  # prompt_id, sample_idx, teacher_prompt_len, status per row
+    sequences: list[list[int]] = field(default_factory=list)  # teacher prompt ids + the student's response ids
+    prompt_lens: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # which row of the shard each sequence belongs to
+
+
+def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer, template, max_model_len: int
+                   ) -> TeacherInputs:
+    """Teacher input = the teacher prompt (rubric template, chat template, generation prompt) followed by the
+    student's response ids exactly as sampled, never re-tokenized. Skipped rollouts, and sequences over the
+    context, get a `skipped:` status and no sequence."""
+    out = TeacherInputs()
+    for index, row in enumerate(rollout_rows):
+        teacher_ids = chat_ids(tokenizer, teacher_messages(prompts[row["prompt_id"]], template))
+        key = {"prompt_id": row["prompt_id"], "sample_idx": row["sample_idx"], "teacher_prompt_len": len(teacher_ids),
+               "status": "ok"}
+        length = len(teacher_ids) + len(row["response_token_ids"])
+        if row["finish_reason"].startswith("skipped:"):
+            key["status"] = "skipped:rollout was skipped"
+        elif length > max_model_len:
+            key["status"] = f"skipped:teacher prompt + response is {length} tokens, over model.max_model_len = {max_model_len}"
+        else:
+            out.sequences.append(teacher_ids + row["response_token_ids"])
+            out.prompt_lens.append(len(teacher_ids))
+            out.rows.append(index)
+        out.keys.append(key)
+    return out
 
 
 def token_span_ids(tokenizer, text: str) -> list[int]:
@@ -49,23 +93,31 @@ def _find(haystack: list[int], needle: list[int], start: int) -> int:
     return -1
 
 
+def _find_last(haystack: list[int], needle: list[int]) -> int:
+    for i in range(len(haystack) - len(needle), -1, -1):
+        if haystack[i:i + len(needle)] == needle:
+            return i
+    return -1
+
+
 def loss_mask(response_ids: list[int], eos_ids: set[int], think: tuple[list[int], list[int]] | None,
-              eos_in_loss: bool) -> list[bool]:
+              eos_in_loss: bool, prompt_ids: list[int] = ()) -> list[bool]:
     """Which response tokens are distilled.
 
-    With `think = (open_ids, close_ids)`, tokens from an opening tag through its closing tag are masked;
-    a response that starts inside a reasoning span (the chat template opened it) is masked up to the
-    first closing tag, and an unclosed span is masked to the end.
+    With `think = (open_ids, close_ids)`, tokens from an opening tag through its closing tag are masked. The
+    prompt decides where the response starts: when its last opening tag comes after its last closing tag
+    (a chat template that opens the reasoning span itself), the response starts inside a span and is masked
+    up to its first closing tag. A span never closed (a response cut at max_new_tokens) is masked to the end.
     """
     mask = [True] * len(response_ids)
     if think is not None:
         open_ids, close_ids = think
-        first_close = _find(response_ids, close_ids, 0)
-        first_open = _find(response_ids, open_ids, 0)
+        prompt_ids = list(prompt_ids)
         position = 0
-        if first_close != -1 and (first_open == -1 or first_close < first_open):
-            mask[: first_close + len(close_ids)] = [False] * (first_close + len(close_ids))
-            position = first_close + len(close_ids)
+        if _find_last(prompt_ids, open_ids) > _find_last(prompt_ids, close_ids):
+            end = _find(response_ids, close_ids, 0)
+            position = len(response_ids) if end == -1 else end + len(close_ids)
+            mask[:position] = [False] * position
         while (start := _find(response_ids, open_ids, position)) != -1:
             end = _find(response_ids, close_ids, start + len(open_ids))
             stop = len(response_ids) if end == -1 else end + len(close_ids)
@@ -97,9 +149,11 @@ def signals_table(keys: list[dict], scores: list[Scores | None], masks: list[lis
         arrays = [getattr(s, name) for s in present]
         return np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, width) if width else 0, dtype)
 
+    def per_position(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(values, type_))
+
     ids = stack("topk_ids_T_K", id_type.to_pandas_dtype(), k)
     values = encode_logprobs(stack("topk_logprobs_T_K", np.float32, k), value_type)
-    tokens = stack("token_logprob_T", np.float32, None)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     columns = {
         "prompt_id": pa.array([r["prompt_id"] for r in keys], pa.string()),
@@ -108,8 +162,9 @@ def signals_table(keys: list[dict], scores: list[Scores | None], masks: list[lis
         "status": pa.array([r["status"] for r in keys], pa.string()),
         "topk_ids": nested_list(ids.reshape(-1, k), lengths, id_type),
         "topk_logprobs": nested_list(values.reshape(-1, k), lengths, value_type),
-        "token_logprob": pa.ListArray.from_arrays(offsets, pa.array(tokens, pa.float32())),
-        "loss_mask": pa.ListArray.from_arrays(offsets, pa.array([b for m in masks for b in m], pa.bool_())),
+        "tail_logprob": per_position(stack("tail_logprob_T", np.float32, None), pa.float32()),
+        "token_logprob": per_position(stack("token_logprob_T", np.float32, None), pa.float32()),
+        "loss_mask": per_position(np.array([b for m in masks for b in m], dtype=bool), pa.bool_()),
     }
     return pa.table(columns)
 
@@ -122,8 +177,8 @@ def topk_bytes(files) -> int:
     for file in files:
         metadata = pq.read_metadata(file)
         for group in range(metadata.num_row_groups):
-            for column in range(metadata.num_columns):
-                chunk = metadata.row_group(group).column(column)
+            for index in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(index)
                 if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
                     total += chunk.total_compressed_size
     return total

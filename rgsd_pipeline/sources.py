@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from rgsd_pipeline.errors import UserError
+
 BUILTIN_DATA = {"medsci": "medsci.jsonl"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A data source cannot be read at all; the message names it and says why."""
 
 
@@ -43,6 +45,17 @@ def source_path(spec: str) -> Path:
     if not path.exists():
         raise SourceError(f"data source {spec}: {path} does not exist")
     return path
+
+
+def source_fingerprint(spec: str) -> str:
+    """sha256 of a data file (or of every file of a datasets folder)."""
+    from rgsd_pipeline.config import fingerprint
+    from rgsd_pipeline.shards import sha256_file
+
+    path = source_path(spec)
+    if path.is_dir():
+        return fingerprint({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+    return sha256_file(path)
 
 
 def read_source(spec: str) -> Iterator[RawRow]:

@@ -1,5 +1,15 @@
 """The training loop: optimizer steps over global batches, exact resume, and data-parallel processes.
 
+Precision: the trainable weights and the AdamW state are kept in train.master_dtype (fp32 by default)
+whatever dtype the engines run in (model.dtype, bf16 in the paper-scale recipes); compute may run under
+bf16 autocast (train.bf16). At the recipes' learning rate of 1e-6 an update is far below bf16's spacing
+near typical weights (about 1.6e-4 at 0.02), so bf16 weights updated in place would barely move. The
+checkpoint the next rollout loads is exported in model.dtype; the next iteration continues from the fp32
+weights kept in the trainer state.
+
+Schedule: warmup and decay follow the run's global step (every iteration's steps counted), so an
+iteration of one optimizer step does not restart warmup; AdamW moments carry across iterations by default.
+
 Every process knows the whole data order (a seeded permutation per epoch), so the global batch of
 step s is the same everywhere; process r takes its sequences r, r + W, ... Loss denominators are the
 global batch's, and gradients are summed across processes, so W processes make exactly the update
@@ -31,14 +41,18 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from rgsd_pipeline.config import TrainConfig
 from rgsd_pipeline.distill import STAT_NAMES, LossSpec, distill_loss
 from rgsd_pipeline.examples import Example, collate
+from rgsd_pipeline.shards import ArtifactError
 
 STATE_DIR = "trainer_state"
 
 
 @dataclass
 class World:
+    """This process's place among the training processes: rank 0 of 1 without torchrun."""
+
     rank: int = 0
     size: int = 1
 
@@ -65,27 +79,29 @@ def init_world() -> World:
     return World()
 
 
-def learning_rate(step: int, total_steps: int, config) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr_ratio of the peak."""
+def learning_rate(global_step: int, horizon: int, config: TrainConfig) -> float:
+    """Linear warmup over the run's first steps, then constant or cosine decay to min_lr_ratio of the peak at
+    `horizon` (and flat after it)."""
     peak = config.learning_rate
-    if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
+    if global_step < config.warmup_steps:
+        return peak * (global_step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return peak
-    progress = (step - config.warmup_steps) / max(total_steps - config.warmup_steps, 1)
+    progress = min((global_step - config.warmup_steps) / max(horizon - config.warmup_steps, 1), 1.0)
     return peak * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batch_order(num_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """The global batches of every step: a seeded permutation per epoch, cut into batch_size pieces."""
+def batch_order(num_examples: int, batch_size: int, epochs: int, seed: int, iteration: int = 0) -> list[list[int]]:
+    """The global batches of every step: a seeded permutation per (iteration, epoch), cut into batch_size pieces."""
     batches = []
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(num_examples).tolist()
+        order = np.random.default_rng([seed, iteration, epoch]).permutation(num_examples).tolist()
         batches += [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
     return batches
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates, by name (a tied weight once)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -99,6 +115,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's whole state dict on the CPU (a collective under FSDP2)."""
     return {name: _full(value) for name, value in model.state_dict().items()}
+
+
+def cast_floating(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The state dict with every floating-point tensor in `dtype` (the engines' dtype, for export)."""
+    target = getattr(torch, dtype)
+    return {name: t.to(target) if t.is_floating_point() else t for name, t in weights.items()}
 
 
 def _optimizer_file(world: World, sharded: bool) -> str:
@@ -129,7 +151,8 @@ def _sharded_like(optimizer, saved: dict) -> dict:
     return saved
 
 
-def save_state(folder: Path, model, optimizer, step: int, world: World = World(), sharded: bool = False) -> None:
+def save_state(folder: Path, model, optimizer, step: int, world: World = World(), sharded: bool = False,
+               global_step: int | None = None) -> None:
     """Write trainer state to a temporary folder and swap it in, so a kill never leaves half a state.
 
     Every process calls it: under FSDP2 each writes its optimizer shard, and gathering the weights is a
@@ -150,7 +173,8 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
     if not world.main:
         return
     save_file(weights, tmp / "weights.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "processes": world.size if sharded else 1}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "global_step": step if global_step is None else global_step,
+                                                "processes": world.size if sharded else 1}))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -160,14 +184,12 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
 
 
 def load_state(folder: Path, model, optimizer, load_weights: bool = True, world: World = World(),
-               sharded: bool = False) -> int:
-    """Restore trainer state saved by save_state; returns the step to continue from."""
+               sharded: bool = False, load_optimizer: bool = True) -> int:
+    """Restore trainer state saved by save_state (the weights in the model's own dtype); returns its step."""
     if not folder.exists() and folder.with_name(f".{folder.name}.old").exists():
         folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
     saved_processes = json.loads((folder / "state.json").read_text()).get("processes", 1)
     if saved_processes != (world.size if sharded else 1):
-        from rgsd_pipeline.shards import ArtifactError
-
         raise ArtifactError(f"{folder} holds the optimizer state of {saved_processes} process(es) "
                             f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with "
                             + (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
@@ -183,12 +205,12 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
                     param.copy_(distribute_tensor(weights[name].to(param.dtype), param.device_mesh, param.placements))
                 else:
                     param.copy_(weights[name])
+    if not load_optimizer:
+        return json.loads((folder / "state.json").read_text())["step"]
     path = folder / _optimizer_file(world, sharded)
     try:
         bundle = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:
-        from rgsd_pipeline.shards import ArtifactError
-
         raise ArtifactError(f"{path} holds more than tensors and plain containers; it is not unpickled "
                             f"(weights_only=True). Delete {folder} to train this iteration from its start") from err
     optimizer.load_state_dict(_sharded_like(optimizer, bundle["optimizer"]) if sharded else bundle["optimizer"])
@@ -197,10 +219,17 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
 
 
 def find_state(checkpoint: Path) -> Path | None:
+    """The trainer state saved beside a checkpoint (or the one a kill left between two renames), if any."""
     for candidate in (checkpoint / STATE_DIR, checkpoint / f".{STATE_DIR}.old"):
         if (candidate / "state.json").exists():
             return candidate
     return None
+
+
+def state_global_step(state: Path) -> int:
+    """The run's global step at which a trainer state was saved."""
+    saved = json.loads((state / "state.json").read_text())
+    return saved.get("global_step", saved["step"])
 
 
 class DistillForward(torch.nn.Module):
@@ -223,38 +252,49 @@ class DistillForward(torch.nn.Module):
         return distill_loss(hidden_N_H, lm_head, micro.targets, self.spec, self.chunk_positions)
 
 
-def shard(forward: DistillForward, device_type: str, world: World) -> None:
-    """FSDP2: each decoder layer its own unit, the rest of the model the root unit."""
+def shard(forward: DistillForward, device_type: str, world: World, bf16: bool) -> None:
+    """FSDP2: each decoder layer its own unit, the rest of the model the root unit. With bf16, parameters are
+    gathered in bf16 for compute while the sharded master weights, gradients and their reduction stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     decoder, _ = forward._parts
     for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(forward, mesh=mesh, reshard_after_forward=False)  # the chunked LM head is recomputed in backward
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    # The chunked LM head is recomputed in backward, so the root unit keeps its parameters gathered.
+    fully_shard(forward, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
 
 
 class Trainer:
-    def __init__(self, model, examples: list[Example], config, world: World, pad_id: int):
+    """Optimizer steps of one iteration over its examples: the model, the loss, AdamW and the step schedule.
+
+    `first_global_step` is the run's step count before this iteration and `horizon` the length of the
+    learning-rate schedule in global steps (see learning_rate).
+    """
+
+    def __init__(self, model, examples: list[Example], config: TrainConfig, world: World, pad_id: int,
+                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0):
         self.device = device()
         self.model = model.to(self.device)
         self.examples, self.config, self.world, self.pad_id = examples, config, world, pad_id
-        self.spec = LossSpec(kind=config.loss, beta=config.beta, clip=config.clip, tau=config.tau,
-                             temperature=config.distill_temperature, ce_weight=config.ce_weight)
-        self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed)
+        self.first_global_step = first_global_step
+        self.spec = LossSpec.of(config)
+        self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed, iteration)
+        self.horizon = horizon or first_global_step + len(self.batches)
         self.forward = DistillForward(self.model, self.spec, config.chunk_positions)
         self.sharded = config.parallel == "fsdp" and world.size > 1
         if self.sharded:
-            shard(self.forward, self.device.type, world)
+            shard(self.forward, self.device.type, world, config.bf16)
         self.optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
 
     def save(self, folder: Path, step: int) -> None:
-        save_state(folder, self.model, self.optimizer, step, self.world, self.sharded)
+        save_state(folder, self.model, self.optimizer, step, self.world, self.sharded, self.first_global_step + step)
 
-    def load(self, folder: Path, load_weights: bool = True) -> int:
-        return load_state(folder, self.model, self.optimizer, load_weights, self.world, self.sharded)
+    def load(self, folder: Path, load_weights: bool = True, load_optimizer: bool = True) -> int:
+        return load_state(folder, self.model, self.optimizer, load_weights, self.world, self.sharded, load_optimizer)
 
     @property
     def total_steps(self) -> int:
@@ -264,14 +304,15 @@ class Trainer:
         """One optimizer step on global batch `step`; returns its metrics (identical on every process)."""
         config, world = self.config, self.world
         started = time.perf_counter()
+        global_step = self.first_global_step + step
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, self.total_steps, config)
+            group["lr"] = learning_rate(global_step, self.horizon, config)
         batch = self.batches[step]
         num_tokens = sum(len(self.examples[i].positions) for i in batch)
         mine = batch[world.rank::world.size]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
-        totals = torch.zeros(1 + len(STAT_NAMES), device=self.device)  # loss, then the distill stats
+        totals = torch.zeros(1 + len(STAT_NAMES), device=self.device)  # the loss, then the distill stats
         for lo in range(0, len(mine), config.micro_batch_size):
             indices = mine[lo:lo + config.micro_batch_size]
             micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
@@ -294,9 +335,11 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         elapsed = time.perf_counter() - started
-        loss, divergence, clipped, teacher_tail, student_tail = totals.tolist()
+        loss, *sums = totals.tolist()
+        per_token = {name: value / max(num_tokens, 1) for name, value in zip(STAT_NAMES, sums)}
         processed = sum(len(self.examples[i].input_ids) for i in batch)
-        return {"step": step + 1, "loss": loss, "divergence": divergence / num_tokens, "clip_fraction": clipped / num_tokens,
-                "teacher_tail_mass": teacher_tail / num_tokens, "student_tail_mass": student_tail / num_tokens,
+        return {"step": step + 1, "global_step": global_step + 1, "loss": loss, "divergence": per_token["divergence"],
+                "clip_fraction": per_token["clipped"], "teacher_tail_mass": per_token["teacher_tail"],
+                "student_tail_mass": per_token["student_tail"], "importance_weight": per_token["importance_weight"],
                 "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], "sequences": len(batch),
                 "loss_tokens": num_tokens, "tokens_per_s": processed / elapsed}

@@ -1,38 +1,48 @@
 """Versioned Arrow schemas of every artifact rgsd-pipeline writes.
 
-This module is the single source of truth for column names and types: shard writers validate
-against it, readers check the name and version recorded in each shard and manifest, and the README's
-column reference is generated from it.
+This module is the single source of truth for column names, types and meanings: shard writers
+validate against it, readers check the name and version recorded in each shard and manifest, and the
+column reference in docs/architecture.md is generated from it (`column_reference()`, checked by a
+test). Every column carries its description as Arrow field metadata, so it travels inside the files.
 
-A schema's version is bumped whenever a column is added, removed or changes type. Readers refuse a
-shard whose version differs from the one this code knows, naming the shard and both versions.
+A schema's version is bumped whenever a column is added, removed or changes type or meaning. Readers
+refuse a shard whose version differs from the one this code knows, naming the shard and both versions.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 SCHEMA_NAME_KEY = b"rgsd.schema"
 SCHEMA_VERSION_KEY = b"rgsd.schema_version"
+ENCODING_KEY = b"rgsd.encoding"
+DESCRIPTION_KEY = b"description"
 
 
 @dataclass(frozen=True)
 class ArtifactSchema:
-    """An Arrow schema plus the name and version stamped into every shard written with it."""
+    """An Arrow schema plus the name, version and any other key-values stamped into every shard written with it."""
 
     name: str
     version: int
     arrow: pa.Schema
-    doc: str
+    doc: str  # what one row is
     parquet_options: tuple = ()  # extra pyarrow.parquet.write_table keyword arguments, as (key, value) pairs
+    metadata: tuple = ()  # extra (key, value) pairs of Parquet key-value metadata
 
     def stamped(self) -> pa.Schema:
-        """The Arrow schema with the name and version in its metadata, as written to Parquet."""
+        """The Arrow schema with the name, version and extra metadata, as written to Parquet."""
         return self.arrow.with_metadata(
-            {SCHEMA_NAME_KEY: self.name.encode(), SCHEMA_VERSION_KEY: str(self.version).encode()}
+            {SCHEMA_NAME_KEY: self.name.encode(), SCHEMA_VERSION_KEY: str(self.version).encode(), **dict(self.metadata)}
         )
+
+
+def column(name: str, type_: pa.DataType, description: str, nullable: bool = False) -> pa.Field:
+    """A field carrying its description as metadata."""
+    return pa.field(name, type_, nullable=nullable, metadata={DESCRIPTION_KEY: description.encode()})
 
 
 MESSAGE = pa.struct([pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)])
@@ -46,18 +56,20 @@ CRITERION = pa.struct(
 
 PROMPTS = ArtifactSchema(
     name="prompts",
-    version=1,
+    version=2,
     doc="One row per canonical prompt: the student sees `messages`, the teacher also sees `rubric`.",
     arrow=pa.schema(
         [
-            pa.field("prompt_id", pa.string(), nullable=False),  # stable content hash, see ingest.prompt_id
-            pa.field("messages", pa.list_(MESSAGE), nullable=False),  # chat turns; the last is the user's
-            pa.field("rubric", pa.list_(CRITERION), nullable=False),  # negative points mark pitfalls
-            pa.field("source", pa.string(), nullable=False),  # "<file>:<row>" it was read from
-            pa.field("domain", pa.string(), nullable=True),  # e.g. "medical", "science"
-            pa.field("reference_answer", pa.string(), nullable=True),
-            pa.field("split", pa.string(), nullable=False),  # "train" or "heldout"
-            pa.field("prompt_tokens", pa.int32(), nullable=False),  # student prompt length after chat template
+            column("prompt_id", pa.string(), "Stable content hash of messages and rubric (16 hex digits)"),
+            column("messages", pa.list_(MESSAGE), "Chat turns; the last is the user's"),
+            column("rubric", pa.list_(CRITERION), "Criteria with points; negative points mark pitfalls"),
+            column("source", pa.string(), "`<file>:<row>` the row was read from"),
+            column("source_id", pa.string(), "The data set's own id (RubricHub extra_info.id, HealthBench "
+                                             "prompt_id, RaR id), when it has one", nullable=True),
+            column("domain", pa.string(), "e.g. medical, science", nullable=True),
+            column("reference_answer", pa.string(), "An expert answer, for the reference-answer teacher", nullable=True),
+            column("split", pa.string(), "train or heldout"),
+            column("prompt_tokens", pa.int32(), "Student prompt length after the chat template"),
         ]
     ),
 )
@@ -65,32 +77,36 @@ PROMPTS = ArtifactSchema(
 QUARANTINE = ArtifactSchema(
     name="quarantine",
     version=1,
-    doc="Rows rejected by `prepare`, with where they came from and why.",
+    doc="One row per input row that `prepare` rejected, with where it came from and why.",
     arrow=pa.schema(
         [
-            pa.field("file", pa.string(), nullable=False),
-            pa.field("row", pa.int64(), nullable=False),  # 1-based line (JSONL) or row (Parquet, datasets)
-            pa.field("field", pa.string(), nullable=False),
-            pa.field("reason", pa.string(), nullable=False),
-            pa.field("raw", pa.string(), nullable=True),  # the row as text, cut to 2,000 characters
+            column("file", pa.string(), "The data file"),
+            column("row", pa.int64(), "1-based line (JSONL) or row (JSON array, Parquet, datasets); 0 = the file"),
+            column("field", pa.string(), "Where in the row the problem is, e.g. Rubrics[2].points"),
+            column("reason", pa.string(), "What is wrong"),
+            column("raw", pa.string(), "The row as text, cut to 2,000 characters", nullable=True),
         ]
     ),
 )
 
 ROLLOUTS = ArtifactSchema(
     name="rollouts",
-    version=1,
-    doc="One row per (prompt_id, sample_idx): the student's on-policy sample and its behaviour log-probs.",
+    version=2,
+    doc="One row per (prompt_id, sample_idx): the student's on-policy sample and its log-probs.",
     arrow=pa.schema(
         [
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("sample_idx", pa.int32(), nullable=False),
-            pa.field("iteration", pa.int32(), nullable=False),
-            pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("response_logprobs", pa.list_(pa.float32()), nullable=False),  # behaviour policy
-            pa.field("response_text", pa.string(), nullable=False),
-            pa.field("finish_reason", pa.string(), nullable=False),  # "stop", "length" or "skipped:<why>"
+            column("prompt_id", pa.string(), "The prompt sampled"),
+            column("sample_idx", pa.int32(), "Which of the prompt's samples"),
+            column("iteration", pa.int32(), "Iteration that sampled it (-1: an evaluation answer)"),
+            column("prompt_token_ids", pa.list_(pa.int32()), "Student prompt after the chat template"),
+            column("response_token_ids", pa.list_(pa.int32()), "The sampled response, end-of-sequence included"),
+            column("response_logprobs", pa.list_(pa.float32()),
+                   "Log-prob of each sampled token under the policy's own distribution (temperature 1)"),
+            column("sampling_logprobs", pa.list_(pa.float32()),
+                   "Log-prob of each sampled token under the distribution it was drawn from (temperature, top-k, "
+                   "top-p, repetition penalty applied): the behaviour policy"),
+            column("response_text", pa.string(), "The response decoded, special tokens removed"),
+            column("finish_reason", pa.string(), "stop, length, or skipped:<why>"),
         ]
     ),
 )
@@ -99,38 +115,63 @@ ROLLOUTS = ArtifactSchema(
 LOGPROB_CODE_SCALE = 255 / 4.0
 """uint8 log-prob codes: code = round(sqrt(-logprob) * LOGPROB_CODE_SCALE), logprob = -(code / LOGPROB_CODE_SCALE)**2.
 Steps are fine where probability mass is (0.0002 nats near 0, 0.03 at -1) and coarse far in the tail
-(0.12 at -16, the floor); about 1e-4 nats of JSD against fp16 on SmolLM2 signals."""
+(0.12 at -16, the floor); about 1e-4 nats of JSD against fp16 on SmolLM2 signals. Decoded values are then
+rescaled so that top-k + the stored tail mass = 1 (losses.teacher_buckets)."""
+
+
+def signal_encoding(k: int, value_type: pa.DataType, id_type: pa.DataType) -> dict:
+    """How a signals shard's columns are encoded: written into its Parquet key-value metadata (`rgsd.encoding`),
+    so Polars, DuckDB or pyarrow alone can decode a shard."""
+    codes = value_type == pa.uint8()
+    return {
+        "k": k,
+        "topk_ids": {"type": str(id_type), "meaning": "the teacher's k most likely next-token ids, best first"},
+        "topk_logprobs": {
+            "type": str(value_type),
+            "encoding": "uint8 sqrt code" if codes else "log-prob",
+            "decode": f"logprob = -(code / {LOGPROB_CODE_SCALE}) ** 2" if codes else "logprob = value",
+            "scale": LOGPROB_CODE_SCALE if codes else None,
+            "then": "rescale so that sum(exp(topk)) = 1 - exp(tail_logprob): "
+                    "topk + log1p(-exp(tail_logprob)) - logsumexp(topk)",
+        },
+        "tail_logprob": "log of the teacher's probability mass outside its top-k, fp32, measured at score time",
+        "token_logprob": "the teacher's log-prob of the token the student sampled",
+        "loss_mask": "false for tokens left out of the loss (reasoning spans, a final EOS when eos_in_loss=false)",
+    }
 
 
 def signals_schema(k: int, value_type: pa.DataType = pa.uint8(), id_type: pa.DataType = pa.uint16()) -> ArtifactSchema:
     """The teacher-signals schema for top-`k` entries stored with the given id and value types.
 
-    Per response position t: `topk_ids[t]` / `topk_logprobs[t]` are the teacher's k most likely next
-    tokens, best first; `token_logprob[t]` is the teacher's log-prob of the token the student sampled
-    (which may lie outside the top-k); `loss_mask[t]` is false for tokens left out of the loss.
-    With uint8 values, `topk_logprobs` holds codes (see LOGPROB_CODE_SCALE); float types hold log-probs.
     Ids are written without dictionary encoding and with byte-stream-split, which compresses them best.
     """
+    lists = "; empty when status is not ok"
     return ArtifactSchema(
         name="signals",
-        version=1,
+        version=2,
         doc="Row-aligned 1:1 with rollouts: the teacher's top-k log-probs at every response position.",
         arrow=pa.schema(
             [
-                pa.field("prompt_id", pa.string(), nullable=False),
-                pa.field("sample_idx", pa.int32(), nullable=False),
-                pa.field("teacher_prompt_len", pa.int32(), nullable=False),
-                pa.field("status", pa.string(), nullable=False),  # "ok" or "skipped:<why>" (then lists are empty)
-                pa.field("topk_ids", pa.list_(pa.list_(id_type, k)), nullable=False),
-                pa.field("topk_logprobs", pa.list_(pa.list_(value_type, k)), nullable=False),
-                pa.field("token_logprob", pa.list_(pa.float32()), nullable=False),
-                pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
+                column("prompt_id", pa.string(), "Key, as in rollouts"),
+                column("sample_idx", pa.int32(), "Key, as in rollouts"),
+                column("teacher_prompt_len", pa.int32(), "Tokens of the teacher prompt (rubric included)"),
+                column("status", pa.string(), "ok, or skipped:<why>"),
+                column("topk_ids", pa.list_(pa.list_(id_type, k)),
+                       "Per response position, the teacher's top-k token ids, best first" + lists),
+                column("topk_logprobs", pa.list_(pa.list_(value_type, k)),
+                       "Per position, their log-probs (uint8 codes by default: see the rgsd.encoding metadata)" + lists),
+                column("tail_logprob", pa.list_(pa.float32()),
+                       "Per position, log of the teacher's mass outside its top-k (fp32, exact)" + lists),
+                column("token_logprob", pa.list_(pa.float32()),
+                       "Per position, the teacher's log-prob of the token the student sampled" + lists),
+                column("loss_mask", pa.list_(pa.bool_()), "Per position, whether the token is distilled" + lists),
             ]
         ),
         parquet_options=(
             ("use_dictionary", ["prompt_id", "status", "topk_logprobs.list.element.list.element"]),
             ("use_byte_stream_split", ["topk_ids.list.element.list.element"]),
         ),
+        metadata=((ENCODING_KEY, json.dumps(signal_encoding(k, value_type, id_type)).encode()),),
     )
 
 
@@ -140,29 +181,33 @@ EVAL_VERDICTS = ArtifactSchema(
     doc="One row per (prompt, sample, criterion): the judge's verdict at evaluation time.",
     arrow=pa.schema(
         [
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("sample_idx", pa.int32(), nullable=False),
-            pa.field("iteration", pa.int32(), nullable=False),
-            pa.field("criterion_idx", pa.int32(), nullable=False),
-            pa.field("criterion", pa.string(), nullable=False),
-            pa.field("points", pa.float32(), nullable=False),
-            pa.field("met", pa.bool_(), nullable=True),  # null when the verdict could not be parsed
-            pa.field("explanation", pa.string(), nullable=True),
-            pa.field("judge_model", pa.string(), nullable=False),
+            column("prompt_id", pa.string(), "Key, as in the answers"),
+            column("sample_idx", pa.int32(), "Key, as in the answers"),
+            column("iteration", pa.int32(), "The answers' iteration field"),
+            column("criterion_idx", pa.int32(), "Position of the criterion in the rubric"),
+            column("criterion", pa.string(), "The criterion text"),
+            column("points", pa.float32(), "Its points; negative for a pitfall"),
+            column("met", pa.bool_(), "The verdict; null when it could not be obtained or parsed", nullable=True),
+            column("explanation", pa.string(), "The judge's reason", nullable=True),
+            column("judge_model", pa.string(), "The judge (a model name, or `rules`)"),
         ]
     ),
 )
 
 MANIFEST_VERSION = 1
-MANIFEST_SHARD = pa.struct(
-    [
-        pa.field("index", pa.int32(), nullable=False),
-        pa.field("file", pa.string(), nullable=False),  # relative to the stage folder, no "/" or ".."
-        pa.field("rows", pa.int64(), nullable=False),
-        pa.field("sha256", pa.string(), nullable=False),
-    ]
-)
-"""The shape of each entry in `manifest.json`'s `shards` list (manifest.json itself is JSON:
-`{"manifest_version", "schema": {"name", "version"}, "shards": [...], "rows", "inputs": {name: fingerprint}}`)."""
+"""manifest.json: `{"manifest_version", "schema": {"name", "version"}, "shards": [{"index", "file", "rows",
+"sha256"}...], "rows", "inputs": {name: fingerprint}}`; a shard's `file` is a plain part-NNNNN.parquet name."""
 
-ALL = {s.name: s for s in (PROMPTS, QUARANTINE, ROLLOUTS, EVAL_VERDICTS)}
+ARTIFACTS = (PROMPTS, QUARANTINE, ROLLOUTS, signals_schema(20), EVAL_VERDICTS)
+
+
+def column_reference() -> str:
+    """A Markdown table per artifact, with every column's type and description (docs/architecture.md)."""
+    parts = []
+    for schema in ARTIFACTS:
+        parts.append(f"**{schema.name}** (v{schema.version}): {schema.doc}\n\n| column | type | meaning |\n| --- | --- | --- |")
+        for field in schema.arrow:
+            description = (field.metadata or {}).get(DESCRIPTION_KEY, b"").decode()
+            nullable = " (nullable)" if field.nullable else ""
+            parts[-1] += f"\n| `{field.name}` | `{field.type}`{nullable} | {description} |"
+    return "\n\n".join(parts) + "\n"

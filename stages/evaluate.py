@@ -30,12 +30,13 @@ import pyarrow as pa
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
 from rgsd_pipeline.diagnostics import divergence, repetition_rate, rubric_leakage
-from rgsd_pipeline.engines import KINDS, make_engine
+from rgsd_pipeline.engines import KINDS, Sampling, make_engine
 from rgsd_pipeline.grading import summarize
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.judge import MODES, STRUCTURED, Criterion, Item, Judge, JudgeSettings, VerdictCache
 from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
 from rgsd_pipeline.progress import TokenProgress
+from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,
     ShardPlan,
@@ -44,10 +45,8 @@ from rgsd_pipeline.shards import (
     read_stage,
     write_json_atomic,
 )
-from rgsd_pipeline.sources import source_path
+from rgsd_pipeline.sources import source_fingerprint, source_path
 from schemas import EVAL_VERDICTS, PROMPTS, ROLLOUTS
-from stages.prepare import source_fingerprint
-from stages.rollout import sample_shards
 
 BASE = "base"
 
@@ -120,10 +119,11 @@ def generate_answers(config, prompts, folder: Path, policy: Path, iteration: int
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(max(1, -(-len(work) // per_shard)))) as out:
         shards = {i: work[i * per_shard:(i + 1) * per_shard] for i in out.todo()}
         if shards:
-            engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model)
+            engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model,
+                                 sampling=Sampling.of(config.rollout))
             click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}")
             tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
-            sample_shards(out, shards, engine, tokenizer, config, iteration, -1, "answer")
+            sample_shards(out, shards, engine, tokenizer, config, iteration, seed_round=EVAL_SEED_ROUND, unit="answer")
             engine.close()
         out.finalize()
     return read_stage(out_dir, ROLLOUTS)

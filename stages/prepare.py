@@ -23,23 +23,9 @@ from rgsd_pipeline.config import fingerprint, freeze_or_check, load_config, load
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model, tokenizer_fingerprint
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
-from rgsd_pipeline.shards import (
-    ShardPlan,
-    StageOutput,
-    read_stage,
-    sha256_file,
-    validate_table,
-)
-from rgsd_pipeline.sources import source_path
+from rgsd_pipeline.shards import ShardPlan, StageOutput, read_stage, validate_table
+from rgsd_pipeline.sources import source_fingerprint
 from schemas import PROMPTS, QUARANTINE
-
-
-def source_fingerprint(spec: str) -> str:
-    """sha256 of a data file (or of every file of a datasets folder)."""
-    path = source_path(spec)
-    if path.is_dir():
-        return fingerprint({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
-    return sha256_file(path)
 
 
 def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs: list[str], fmt: str | None) -> None:

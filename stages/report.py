@@ -20,9 +20,9 @@ from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.diagnostics import heldout_divergence
 from rgsd_pipeline.engines.hf_engine import HfEngine
 from rgsd_pipeline.models import resolve_model
+from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_seed
 from rgsd_pipeline.shards import ArtifactError, read_stage
 from schemas import PROMPTS, ROLLOUTS
-from stages.rollout import sample_seed
 
 
 def report(run: Path, iteration: int, heldout: int) -> None:
@@ -38,7 +38,7 @@ def report(run: Path, iteration: int, heldout: int) -> None:
 
     teacher, trained = HfEngine(base, config.engine, config.model), HfEngine(checkpoint, config.engine, config.model)
     teacher.batch_size = trained.batch_size = len(held)  # one batch: decoding is step-bound on a CPU
-    seeds = [sample_seed(config.rollout.seed, -1, p["prompt_id"], 0) for p in held]
+    seeds = [sample_seed(config.rollout.seed, p["prompt_id"], 0, seed_round=EVAL_SEED_ROUND) for p in held]
     before = heldout_divergence(teacher, teacher, held, config, seeds, config.score.top_k, config.train.beta)
     after = heldout_divergence(trained, teacher, held, config, seeds, config.score.top_k, config.train.beta)
 

@@ -20,11 +20,23 @@ from rgsd_pipeline import layout
 from rgsd_pipeline.cli_options import engine_stage_options
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
 from rgsd_pipeline.engines import make_engine
-from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model, tokenizer_fingerprint
+from rgsd_pipeline.models import (
+    eos_token_ids,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+    tokenizer_fingerprint,
+)
 from rgsd_pipeline.progress import TokenProgress
-from rgsd_pipeline.render import chat_ids, teacher_messages
 from rgsd_pipeline.shards import ArtifactError, ShardPlan, StageOutput, read_stage
-from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, token_span_ids, topk_bytes
+from rgsd_pipeline.signals import (
+    loss_mask,
+    signals_table,
+    storage_schema,
+    teacher_inputs,
+    token_span_ids,
+    topk_bytes,
+)
 from schemas import PROMPTS, ROLLOUTS
 
 
@@ -43,7 +55,7 @@ def score(run: Path, iteration: int, engine_kind: str | None, num_shards: int, s
     k = config.score.top_k
     think = ((token_span_ids(tokenizer, config.score.think_open), token_span_ids(tokenizer, config.score.think_close))
              if config.score.think_mask else None)
-    eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(tokenizer, "eos_token_id", None)))
+    eos_ids = eos_token_ids(teacher, tokenizer)
     inputs = {"rollouts": fingerprint(rollouts.manifest["shards"]), "teacher": model_fingerprint(teacher),
               "config": fingerprint({"score": to_dict(config.score), "template": to_dict(config.template),
                                      "max_model_len": config.model.max_model_len})}
@@ -61,33 +73,19 @@ def score(run: Path, iteration: int, engine_kind: str | None, num_shards: int, s
                        f"teacher {teacher}, top-{k}")
             advance = TokenProgress(total, "seq")
 
-            # 3. Teacher input = teacher prompt ids + the student's response ids as sampled.
+            # 3. Per shard: teacher inputs, the teacher's top-k over the student's tokens, loss masks.
             for index in todo:
-                shard = rollouts.read_shard(index).to_pylist()
-                keys, sequences, prompt_lens, to_score = [], [], [], []
-                for row in shard:
-                    teacher_ids = chat_ids(tokenizer, teacher_messages(prompts[row["prompt_id"]], config.template))
-                    key = {"prompt_id": row["prompt_id"], "sample_idx": row["sample_idx"],
-                           "teacher_prompt_len": len(teacher_ids), "status": "ok"}
-                    length = len(teacher_ids) + len(row["response_token_ids"])
-                    if row["finish_reason"].startswith("skipped:"):
-                        key["status"] = "skipped:rollout was skipped"
-                    elif length > config.model.max_model_len:
-                        key["status"] = (f"skipped:teacher prompt + response is {length} tokens, over "
-                                         f"model.max_model_len = {config.model.max_model_len}")
-                    else:
-                        to_score.append(len(keys))
-                        sequences.append(teacher_ids + row["response_token_ids"])
-                        prompt_lens.append(len(teacher_ids))
-                    keys.append(key)
-                scored = engine.score(sequences, prompt_lens, k, advance)
-                scores = [None] * len(keys)
-                for position, result in zip(to_score, scored):
-                    scores[position] = result
-                masks = [loss_mask(row["response_token_ids"], eos_ids, think, config.score.eos_in_loss)
-                         if scores[i] is not None else [] for i, row in enumerate(shard)]
-                out.write_shard(index, signals_table(keys, scores, masks, schema, k))
-                advance(len(keys) - len(to_score), 0)
+                rows = rollouts.read_shard(index).to_pylist()
+                teacher_in = teacher_inputs(rows, prompts, tokenizer, config.template, config.model.max_model_len)
+                scores = [None] * len(rows)
+                for row, result in zip(teacher_in.rows, engine.score(teacher_in.sequences, teacher_in.prompt_lens, k,
+                                                                     advance)):
+                    scores[row] = result
+                masks = [loss_mask(row["response_token_ids"], eos_ids, think, config.score.eos_in_loss,
+                                   row["prompt_token_ids"]) if scores[i] is not None else []
+                         for i, row in enumerate(rows)]
+                out.write_shard(index, signals_table(teacher_in.keys, scores, masks, schema, k))
+                advance(len(rows) - len(teacher_in.rows), 0)
             advance.close()
             engine.close()
         complete = out.finalize()
@@ -98,10 +96,6 @@ def score(run: Path, iteration: int, engine_kind: str | None, num_shards: int, s
         click.echo(f"signals complete in {out_dir}")
     else:
         click.echo(f"worker {shard_index}/{num_shards} done; {out_dir} completes when every worker has finished")
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def summary(stage, k: int) -> str:

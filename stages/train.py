@@ -3,33 +3,44 @@
     rgsd-pipeline train --run runs/t --iteration 0
     torchrun --nproc-per-node 4 -m rgsd_pipeline train --run-dir runs/t --iteration 0     # data parallel
 
-Trains policy_I (the base model at iteration 0, else iter-(I-1)/checkpoint) on iter-I/signals with the
-clipped generalized JSD (or another loss of train.loss) over the teacher's top-k plus a tail bucket,
-and writes iter-I/checkpoint/: a plain HF folder (config, safetensors, tokenizer, chat template,
-generation config) that transformers and vLLM load directly, with trainer_state/ beside it and
-_SUCCESS last. Metrics go to iter-I/metrics.jsonl, one line per optimizer step. Killed, it resumes
-from the last saved trainer state and ends with the same weights as an uninterrupted run.
+Trains policy_I on iter-I/signals with the clipped generalized JSD (or another loss of train.loss) over
+the teacher's top-k plus a tail bucket. Training runs in train.master_dtype (fp32) and continues the
+previous iteration's weights, AdamW moments and global step from its trainer state (see
+rgsd_pipeline/checkpoints.py). Writes iter-I/checkpoint/: a plain HF folder in model.dtype (config,
+safetensors, tokenizer, chat template, generation config) that transformers and vLLM load directly,
+with trainer_state/ beside it and _SUCCESS last. Metrics go to iter-I/metrics.jsonl, one line per
+optimizer step. Killed, it resumes from the last saved trainer state and ends with the same weights as
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import click
+import polars as pl
 import torch
 from tqdm import tqdm
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import ConfigError, fingerprint, load_run_config
+from rgsd_pipeline.checkpoints import (
+    load_student,
+    previous_global_step,
+    previous_state,
+    prune_states,
+    warn_without_state,
+    write_checkpoint,
+)
+from rgsd_pipeline.config import RunConfig, fingerprint, load_run_config
 from rgsd_pipeline.examples import load_examples
-from rgsd_pipeline.models import TOKENIZER_FILES, load_model, load_tokenizer, resolve_model
-from rgsd_pipeline.shards import read_stage, write_json_atomic
+from rgsd_pipeline.models import eos_token_ids, load_tokenizer, pad_token_id, resolve_model
+from rgsd_pipeline.sampling import optimizer_steps_per_epoch
+from rgsd_pipeline.shards import is_complete, read_stage, write_text_atomic
 from rgsd_pipeline.signals import storage_schema
 from rgsd_pipeline.trainer import STATE_DIR, Trainer, find_state, full_state_dict, init_world
-from schemas import ROLLOUTS
+from schemas import PROMPTS, ROLLOUTS
 
 
 def train(run: Path, iteration: int) -> None:
@@ -37,7 +48,7 @@ def train(run: Path, iteration: int) -> None:
     config = load_run_config(run)
     out = layout.checkpoint_dir(run, iteration)
     world = init_world()
-    if (out / "_SUCCESS").exists():
+    if is_complete(out):
         if world.main:
             click.echo(f"checkpoint already complete in {out}")
         return
@@ -51,29 +62,25 @@ def train(run: Path, iteration: int) -> None:
     if not examples:
         raise click.ClickException(f"no trainable tokens in {signals.folder}: every rollout was skipped or masked")
 
-    # 2. The model (all weights, or LoRA adapters), the optimizer, and any state to resume from.
+    # 2. The student in master precision, continuing the previous iteration's trainer state.
     torch.manual_seed(config.train.seed)
-    model = load_model(policy, config.model.dtype, config.model.trust_remote_code, config.model.allow_pickle_weights)
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.train.lora:
-        if config.train.parallel == "fsdp":
-            raise ConfigError("train.parallel=fsdp with train.lora=true is not supported; LoRA adapters are small, "
-                              "train them with train.parallel=ddp")
-        model = with_lora(model, config.train)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(model, examples, config.train, world, pad_id)
+    previous = previous_state(policy, iteration)
+    model = load_student(base, policy, previous, config)
+    trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
+                      iteration, previous_global_step(policy, previous), schedule_horizon(run, config))
     start = 0
-    state = find_state(out)
-    if state is not None:
+    if (state := find_state(out)) is not None:
         start = trainer.load(state)
-    elif config.train.carry_optimizer and iteration > 0 and find_state(policy) is not None:
-        trainer.load(find_state(policy), load_weights=False)
-    metrics_path = layout.iteration_dir(run, iteration) / "metrics.jsonl"
+    elif previous is not None:
+        trainer.load(previous, load_optimizer=config.train.carry_optimizer)
+    elif iteration > 0 and world.main:
+        warn_without_state(policy, config)
+    metrics_path = layout.metrics_file(run, iteration)
     if world.main:
         keep_metrics(metrics_path, start)
         click.echo(f"train iteration {iteration}: {len(examples)} sequences, {trainer.total_steps} steps of "
-                   f"{config.train.batch_size}, {world.size} process(es), from {policy}"
+                   f"{config.train.batch_size} from global step {trainer.first_global_step}, {world.size} "
+                   f"process(es), {config.train.master_dtype} weights, from {policy}"
                    + (f", resuming at step {start}" if start else ""))
 
     # 3. Optimizer steps; metrics every step, trainer state every save_every steps.
@@ -90,28 +97,27 @@ def train(run: Path, iteration: int) -> None:
             trainer.save(out / STATE_DIR, step + 1)  # every process joins: FSDP2 gathers the weights
     bar.close()
 
-    # 4. The checkpoint the next rollout loads: a plain HF folder, then _SUCCESS.
+    # 4. The checkpoint the next rollout loads: a plain HF folder in model.dtype, then _SUCCESS.
     weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
     if world.main:
-        write_checkpoint(model, policy, out, config.train, {"policy": str(policy),
-                                                            "signals": fingerprint(signals.manifest["shards"])},
-                         weights)
+        provenance = {"policy": str(policy), "signals": fingerprint(signals.manifest["shards"]),
+                      "global_step": trainer.first_global_step + trainer.total_steps}
+        write_checkpoint(model, policy, out, config, provenance, weights)
+        prune_states(run, iteration, config.train.keep_states)
         click.echo(summary(metrics_path, out))
     if world.size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
-def with_lora(model, train_config):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise click.ClickException("train.lora needs peft: pip install 'rgsd-pipeline[lora]'") from None
-    targets = train_config.lora_target_modules
-    lora = LoraConfig(r=train_config.lora_rank, lora_alpha=train_config.lora_alpha,
-                      lora_dropout=train_config.lora_dropout,
-                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
-    return get_peft_model(model, lora)
+def schedule_horizon(run: Path, config: RunConfig) -> int:
+    """Global steps the cosine schedule spans: train.total_steps, else one pass over the training prompts."""
+    if config.train.schedule == "constant":
+        return 0
+    if config.train.total_steps:
+        return config.train.total_steps
+    prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().filter(pl.col("split") == "train")
+    return optimizer_steps_per_epoch(prompts.select(pl.len()).collect().item(), config.rollout, config.train)
 
 
 def keep_metrics(path: Path, steps: int) -> None:
@@ -119,25 +125,14 @@ def keep_metrics(path: Path, steps: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= steps]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
-def write_checkpoint(model, policy: Path, out: Path, train_config, provenance: dict, weights: dict | None = None) -> None:
-    if train_config.lora and not train_config.save_adapters:
-        model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
-    for name in TOKENIZER_FILES:
-        if (policy / name).exists():
-            shutil.copy2(policy / name, out / name)
-    write_json_atomic(out / "rgsd.json", {**provenance, "lora_adapters": bool(train_config.lora and train_config.save_adapters)})
-    (out / "_SUCCESS").write_text("")
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def summary(metrics_path: Path, out: Path) -> str:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     first, last = rows[0], rows[-1]
-    return (f"{len(rows)} steps; divergence {first['divergence']:.4f} -> {last['divergence']:.4f}, "
-            f"clip fraction {last['clip_fraction']:.2f}; checkpoint in {out}")
+    return (f"{len(rows)} steps (global step {last['global_step']}); divergence {first['divergence']:.4f} -> "
+            f"{last['divergence']:.4f}, clip fraction {last['clip_fraction']:.2f}; checkpoint in {out}")
 
 
 @click.command("train")

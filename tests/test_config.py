@@ -3,7 +3,14 @@
 import pytest
 import yaml
 
-from rgsd_pipeline.config import ConfigError, freeze_or_check, load_config, load_run_config, reference
+from rgsd_pipeline.config import (
+    ConfigError,
+    freeze_or_check,
+    load_config,
+    load_run_config,
+    reference,
+    reference_markdown,
+)
 
 ROOT = __import__("pathlib").Path(__file__).parent.parent
 
@@ -23,10 +30,15 @@ def test_recipes_load_and_overrides_apply():
     ("model.dtype=float8", "model.dtype: 'float8' is not one of float32, bfloat16, float16"),
     ("model.trust_remote_code=1", "model.trust_remote_code: expected bool, got int"),
     ("nonsense", "not of the form section.key=value"),
+    ("train.beta=1.5", "train.beta: 1.5 is above the maximum 1.0"),
+    ("train.clip=vocab", "train.clip: 'vocab' is not one of entry, soft, token, none"),
+    ("train.loss=sampled_reverse_kl train.distill_temperature=2",
+     "train.distill_temperature=2.0 with train.loss=sampled_reverse_kl"),
+    ("train.lora=true train.parallel=fsdp", "train.parallel=fsdp with train.lora=true is not supported"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        load_config(ROOT / "configs" / "tiny.yaml", [override])
+        load_config(ROOT / "configs" / "tiny.yaml", override.split())
 
 
 def test_bad_files(tmp_path):
@@ -58,11 +70,12 @@ def test_every_field_is_documented():
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_recipe_loads(recipe):
-    load_config(recipe)
+def test_every_recipe_loads_and_clips_per_entry(recipe):
+    config = load_config(recipe)
+    assert config.train.clip == "entry" and config.train.master_dtype == "float32"
 
 
-def test_readme_documents_every_key():
+def test_readme_config_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
-    missing = [key for key, _, _ in reference() if f"`{key}`" not in readme]
-    assert not missing, f"README config reference lacks {missing}; regenerate it from `rgsd-pipeline config-reference`"
+    assert reference_markdown() in readme, "regenerate the README table: rgsd-pipeline config-reference --markdown"
+    assert all(f"`{key}`" in readme for key, _, _ in reference())

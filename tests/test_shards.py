@@ -164,3 +164,34 @@ def test_signals_schema_has_fixed_size_topk_lists():
     schema = signals_schema(k=4, value_type=pa.float16(), id_type=pa.uint16())
     assert schema.arrow.field("topk_ids").type == pa.list_(pa.list_(pa.uint16(), 4))
     assert schema.arrow.field("topk_logprobs").type == pa.list_(pa.list_(pa.float16(), 4))
+
+
+def test_an_output_of_an_older_schema_version_is_refused_with_what_to_do(tmp_path):
+    import dataclasses
+
+    folder = tmp_path / "prompts"
+    older = dataclasses.replace(PROMPTS, version=PROMPTS.version - 1)
+    with StageOutput(folder, older, {"config": "abc"}, ShardPlan(1)) as out:
+        out.write_shard(0, pa.Table.from_pylist(prompt_rows(0, 2), schema=PROMPTS.arrow))
+        out.finalize()
+    with pytest.raises(ArtifactError, match=rf"holds schema 'prompts' v{PROMPTS.version - 1}, expected 'prompts' "
+                                            rf"v{PROMPTS.version}; it was written by an earlier rgsd-pipeline: delete"):
+        read_stage(folder, PROMPTS)
+
+
+def test_shards_describe_their_columns_and_signals_their_encoding(tmp_path):
+    import pyarrow.parquet as pq
+
+    from rgsd_pipeline.signals import read_encoding
+    from schemas import DESCRIPTION_KEY
+
+    write_all(tmp_path / "prompts", shards=1)
+    schema = pq.read_schema(tmp_path / "prompts" / shard_file(0))
+    assert b"content hash" in schema.field("prompt_id").metadata[DESCRIPTION_KEY]
+    signals = signals_schema(k=4)
+    with StageOutput(tmp_path / "signals", signals, {"x": "y"}, ShardPlan(1)) as out:
+        out.write_shard(0, pa.Table.from_pylist([], schema=signals.arrow))
+        out.finalize()
+    encoding = read_encoding(tmp_path / "signals" / shard_file(0))
+    assert encoding["k"] == 4 and encoding["topk_ids"]["type"] == "uint16"
+    assert encoding["topk_logprobs"]["decode"] == "logprob = -(code / 63.75) ** 2"

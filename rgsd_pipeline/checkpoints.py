@@ -1,0 +1,122 @@
+"""What an iteration's training starts from, and the checkpoint it leaves for the next rollout.
+
+Iteration I trains policy_I: the base model at I = 0, else what iteration I-1 left. Two copies of
+policy_I exist after iteration I-1:
+
+- iter-(I-1)/checkpoint/: a plain HF folder in model.dtype (bf16 in the paper-scale recipes), which the
+  rollout engines load;
+- iter-(I-1)/checkpoint/trainer_state/: the trainable weights in train.master_dtype (fp32), the AdamW
+  moments and the run's global step.
+
+Training continues from the second, so no precision is lost between iterations; the exported folder is
+only read when the trainer state is missing (then with a warning). With LoRA the student is the base
+model plus adapters that persist across iterations: the trainer state holds the adapters, and the
+exported folder the base with the adapters merged in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from rgsd_pipeline.config import RunConfig, TrainConfig
+from rgsd_pipeline.models import TOKENIZER_FILES, load_model
+from rgsd_pipeline.shards import mark_complete, write_json_atomic
+from rgsd_pipeline.trainer import cast_floating, find_state, full_state_dict, state_global_step
+
+PROVENANCE_FILE = "rgsd.json"
+
+
+def with_lora(model, train_config: TrainConfig):
+    """The model wrapped with fresh LoRA adapters (peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise click.ClickException("train.lora needs peft: pip install 'rgsd-pipeline[lora]'") from None
+    targets = train_config.lora_target_modules
+    lora = LoraConfig(r=train_config.lora_rank, lora_alpha=train_config.lora_alpha,
+                      lora_dropout=train_config.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    return get_peft_model(model, lora)
+
+
+def previous_state(policy: Path, iteration: int) -> Path | None:
+    """The trainer state iteration `iteration` continues from (None at iteration 0, or when it was deleted)."""
+    return find_state(policy) if iteration > 0 else None
+
+
+def load_student(base: Path, policy: Path, previous: Path | None, config: RunConfig):
+    """The model iteration I trains, in train.master_dtype, before any trainer state is loaded into it.
+
+    Full fine-tuning starts from policy_I's exported weights (upcast); the trainer state's master weights
+    replace them when loaded. LoRA with a previous state starts from the base model, to which that state's
+    adapters belong; without one, from policy_I (the base, or an exported merge) with fresh adapters.
+    """
+    start = base if config.train.lora and previous is not None else policy
+    model = load_model(start, config.train.master_dtype, config.model.trust_remote_code, config.model.allow_pickle_weights)
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.train.lora:
+        model = with_lora(model, config.train)
+    return model
+
+
+def previous_global_step(policy: Path, previous: Path | None) -> int:
+    """The run's optimizer steps before this iteration: from the previous trainer state, else the checkpoint's
+    provenance, else 0 (the base model)."""
+    if previous is not None:
+        return state_global_step(previous)
+    provenance = policy / PROVENANCE_FILE
+    return json.loads(provenance.read_text()).get("global_step", 0) if provenance.exists() else 0
+
+
+def warn_without_state(policy: Path, config: RunConfig) -> None:
+    click.secho(f"warning: {policy} has no trainer state; this iteration continues from its exported "
+                f"{config.model.dtype} weights with fresh AdamW moments", fg="yellow", err=True)
+
+
+def prune_states(run: Path, iteration: int, keep: int) -> list[Path]:
+    """Delete the trainer states of iterations before the last `keep` (0 keeps all); returns what was deleted.
+
+    At one optimizer step per iteration a 7B model leaves ~84 GB of fp32 weights and AdamW moments per
+    iteration; only the latest is needed to continue. A deleted state makes retraining that iteration's
+    successor start from the exported weights (with a warning)."""
+    from rgsd_pipeline import layout
+
+    if keep == 0:
+        return []
+    deleted = []
+    for older in range(iteration - keep + 1):
+        state = find_state(layout.checkpoint_dir(run, older))
+        if state is not None:
+            shutil.rmtree(state)
+            deleted.append(state)
+    return deleted
+
+
+def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,
+                     weights: dict | None = None) -> None:
+    """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, then _SUCCESS.
+
+    `weights` is the gathered state dict under FSDP2; otherwise it is read from the model. LoRA adapters are
+    merged (unless train.save_adapters, which writes the adapters alone)."""
+    if config.train.lora and not config.train.save_adapters:
+        model = model.merge_and_unload()
+    merged = not (config.train.lora and config.train.save_adapters)
+    if merged:
+        weights = cast_floating(weights if weights is not None else full_state_dict(model), config.model.dtype)
+        for tied in getattr(model, "all_tied_weights_keys", {}):  # e.g. lm_head.weight, tied to the embeddings
+            weights.pop(tied, None)
+    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
+    if merged:  # save_pretrained writes the dtype of the model in memory (fp32); say what the file holds
+        model_config = json.loads((out / "config.json").read_text())
+        write_json_atomic(out / "config.json", {**model_config, "dtype": config.model.dtype})
+    for name in TOKENIZER_FILES:
+        if (policy / name).exists():
+            shutil.copy2(policy / name, out / name)
+    write_json_atomic(out / PROVENANCE_FILE, {**provenance, "dtype": config.model.dtype,
+                                              "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
+    mark_complete(out)
