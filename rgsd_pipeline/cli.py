@@ -1,37 +1,101 @@
-"""The `rgsd-pipeline` command: a click group over the stage modules in stages/."""
+"""The `rgsd-pipeline` command: a click group over the stage modules in stages/.
+
+A stage module is imported only when its command runs (torch, transformers and vLLM take seconds to
+import); `rgsd-pipeline --help` lists the commands with the first line of each command's docstring, read
+from the module's source. Third-party warnings, log lines and progress bars are silenced unless
+`-v/--verbose` is given; the setting travels to child processes through the environment.
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import click
 
 from rgsd_pipeline import __version__
+from rgsd_pipeline.errors import UserError
 
-# Errors a user can fix from the message alone: printed without a traceback, exit status 2.
-USER_ERRORS = ("ConfigError", "SourceError", "ArtifactError", "ModelError", "LockedError", "JudgeError")
+# Command name -> the module whose `command` it is, in the order `--help` lists them.
+STAGES = {name: f"stages.{name}" for name in
+          ("prepare", "rollout", "score", "train", "iterate", "report", "evaluate", "inspect")}
+VERBOSE_ENV = "RGSD_VERBOSE"
+
+
+def quiet_third_party() -> None:
+    """Silence other libraries' warnings, INFO logs and progress bars, here and in child processes."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # children, vLLM's engine core among them
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore")
+    # torch resets its own top logger when imported; the module that warns about a missing Triton it leaves alone.
+    for name in ("torch._library.triton", "vllm", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _short_help(module: str) -> str:
+    """The first line of `command`'s docstring in a stage module, read from its source without importing it."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "command":
+            return (ast.get_docstring(node) or "").split("\n")[0]
+    return ""
 
 
 class Group(click.Group):
+    """The command group: stages imported on use; a UserError printed as one line with exit status 2."""
+
+    def list_commands(self, ctx):
+        return [*super().list_commands(ctx), *STAGES]
+
+    def get_command(self, ctx, name):
+        if name in STAGES:
+            return importlib.import_module(STAGES[name]).command
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, self.commands[name].get_short_help_str()) for name in super().list_commands(ctx)]
+        rows += [(name, _short_help(module)) for name, module in STAGES.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except Exception as err:
-            if type(err).__name__ in USER_ERRORS and not os.environ.get("RGSD_TRACEBACK"):
-                click.secho(f"error: {err}", fg="red", err=True)
-                sys.exit(2)
-            raise
+        except UserError as err:
+            if os.environ.get("RGSD_TRACEBACK"):
+                raise
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rgsd-pipeline")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Show other libraries' warnings, logs and progress bars.")
+def main(verbose):
     """Rubric-Guided Self-Distillation: prepare -> (rollout -> score -> train) per iteration.
 
     Every stage reads and writes Parquet shards under a run folder (--run), resumes after an
     interruption, and refuses inputs that differ from the ones it started with.
     """
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if not os.environ.get(VERBOSE_ENV):
+        quiet_third_party()
+
+
+if not os.environ.get(VERBOSE_ENV):
+    # vLLM's engine process (started with spawn) imports this module again before torch: quiet it there too.
+    quiet_third_party()
 
 
 @main.command("config-reference")
@@ -45,13 +109,3 @@ def config_reference(markdown):
         return
     for key, default, help_text in reference():
         click.echo(f"{key:32s} {default:24s} {help_text}" if len(default) <= 24 else f"{key:32s} {help_text}\n{'':33s}default: {default}")
-
-
-def _register():
-    from stages import evaluate, inspect, iterate, prepare, report, rollout, score, train
-
-    for stage in (prepare, rollout, score, train, iterate, report, evaluate, inspect):
-        main.add_command(stage.command)
-
-
-_register()

@@ -1,7 +1,8 @@
-"""Command-line options shared by the engine stages (rollout, score)."""
+"""Command-line options declared once: the engine stages' (rollout, score) and the judge's (evaluate)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -21,3 +22,44 @@ def engine_stage_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def judge_options(command):
+    """The LLM judge's --judge-* options, their defaults taken from judge.JudgeSettings; the command receives them
+    as `judge_*` keyword arguments for judge_settings()."""
+    from rgsd_pipeline.judge import MODES, STRUCTURED, JudgeSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(JudgeSettings)}
+    options = [
+        click.option("--judge-url", help="OpenAI-compatible base URL of the judge, e.g. http://127.0.0.1:8000/v1."),
+        click.option("--judge-model", help="Model name the judge serves."),
+        click.option("--judge-mode", default=default["mode"], type=click.Choice(MODES), show_default=True,
+                     help="One call per answer with all criteria (as the paper), or one per criterion (HealthBench)."),
+        click.option("--judge-concurrency", default=default["concurrency"], type=click.IntRange(min=1),
+                     show_default=True, help="Judge calls in flight at once."),
+        click.option("--judge-timeout", default=default["timeout_s"], type=click.FloatRange(min=1), show_default=True,
+                     help="Seconds per judge call."),
+        click.option("--judge-retries", default=default["max_retries"], type=click.IntRange(min=0), show_default=True,
+                     help="Retries (with backoff) of a failed call."),
+        click.option("--judge-structured", default=default["structured"], type=click.Choice(STRUCTURED),
+                     show_default=True, help="Send a JSON schema as response_format (auto: unless the server refuses it)."),
+        click.option("--judge-max-tokens", default=default["max_tokens"], type=click.IntRange(min=16), show_default=True,
+                     help="Token limit of a judge reply."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def judge_settings(judge_url, judge_model, judge_mode, judge_concurrency, judge_timeout, judge_retries,
+                   judge_structured, judge_max_tokens):
+    """JudgeSettings from the --judge-* options, or None when no judge was given."""
+    from rgsd_pipeline.judge import JudgeSettings
+
+    if bool(judge_url) != bool(judge_model):
+        raise click.UsageError("--judge-url and --judge-model go together")
+    if not judge_url:
+        return None
+    return JudgeSettings(url=judge_url, model=judge_model, mode=judge_mode, concurrency=judge_concurrency,
+                         timeout_s=judge_timeout, max_retries=judge_retries, structured=judge_structured,
+                         max_tokens=judge_max_tokens)

@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 
 from rgsd_pipeline.errors import UserError
-from rgsd_pipeline.shards import describe_difference
+from rgsd_pipeline.shards import describe_difference, write_text_atomic
 
 RUN_CONFIG_FILE = "run.yaml"
 
@@ -202,6 +202,7 @@ class RunConfig:
 
 
 def to_dict(config) -> dict:
+    """A config (or one of its sections) as nested plain dicts."""
     return dataclasses.asdict(config)
 
 
@@ -353,9 +354,7 @@ def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
             )
         return config
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = frozen_path.with_name(".run.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False, width=120))
-    tmp.replace(frozen_path)
+    write_text_atomic(frozen_path, yaml.safe_dump(resolved, sort_keys=False, width=120))
     return config
 
 

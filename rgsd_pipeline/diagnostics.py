@@ -9,16 +9,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import click
 import numpy as np
+import polars as pl
 import torch
 
+from rgsd_pipeline.config import RunConfig, fingerprint
 from rgsd_pipeline.engines import Sampling
 from rgsd_pipeline.engines.hf_engine import HfEngine
 from rgsd_pipeline.losses import divergence_terms, teacher_buckets, with_tail
 from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
+from rgsd_pipeline.shards import write_json_atomic
 
 RUBRIC_WORDS = re.compile(r"\b(rubric|rubrics|criteria|criterion)\b", re.I)
 
@@ -31,8 +37,8 @@ class HeldoutReport:
     answers: list[str]  # the policy's responses, in prompt order
 
 
-def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], responses: list[list[int]], config,
-               top_k: int = 20, beta: float = 0.5) -> np.ndarray:
+def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], responses: list[list[int]],
+               config: RunConfig, top_k: int = 20, beta: float = 0.5) -> np.ndarray:
     """Per-token JSD(β) of teacher vs policy at every position of every response, concatenated."""
     tokenizer = policy.tokenizer
     student_ids = [chat_ids(tokenizer, student_messages(p, config.template)) for p in prompts]
@@ -47,7 +53,7 @@ def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], respons
     return np.concatenate(per_token) if per_token else np.zeros(0)
 
 
-def heldout_divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], config, seeds: list[int],
+def heldout_divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], config: RunConfig, seeds: list[int],
                        top_k: int = 20, beta: float = 0.5) -> HeldoutReport:
     """Sample the policy on `prompts`, score the samples with the teacher, and average the per-token divergence."""
     tokenizer = policy.tokenizer
@@ -75,3 +81,40 @@ def rubric_leakage(answer: str, prompt_text: str, criteria: list[str], n: int = 
     rubric_grams = set().union(*(_word_grams(c, n) for c in criteria)) if criteria else set()
     leaked = sorted(" ".join(g) for g in (rubric_grams - _word_grams(prompt_text, n)) & _word_grams(answer, n))
     return {"leaked_ngrams": leaked, "rubric_words": sorted({m.lower() for m in RUBRIC_WORDS.findall(answer)})}
+
+
+def write_diagnostics(path: Path, config: RunConfig, prompts: list[dict], answers: pl.DataFrame, policy: Path,
+                      base: Path, with_divergence: bool) -> dict:
+    """diagnostics.json of a policy's answers: length, truncation, repetition, rubric leakage and (optionally) the
+    teacher-policy JSD on them. Kept as it is while the answers and settings are the same."""
+    answered = answers.filter(~pl.col("finish_reason").str.starts_with("skipped"))
+    key = fingerprint({"answers": fingerprint(answered.select("prompt_id", "sample_idx", "response_token_ids").rows()),
+                       "divergence": with_divergence, "beta": config.train.beta, "top_k": config.score.top_k})
+    if path.exists() and json.loads(path.read_text()).get("inputs") == key:
+        return json.loads(path.read_text())
+    by_id = {p["prompt_id"]: p for p in prompts}
+    rows = answered.to_dicts()
+    leaks = [rubric_leakage(r["response_text"], " ".join(m["content"] for m in by_id[r["prompt_id"]]["messages"]),
+                            [c["criterion"] for c in by_id[r["prompt_id"]]["rubric"]]) for r in rows]
+    mean = lambda values: float(np.mean(values)) if rows else None  # noqa: E731
+    result = {
+        "inputs": key, "answers": len(rows), "skipped": answers.height - answered.height,
+        "mean_length": mean([len(r["response_token_ids"]) for r in rows]),
+        "truncation_rate": mean([r["finish_reason"] == "length" for r in rows]),
+        "repetition_rate": mean([repetition_rate(r["response_token_ids"]) for r in rows]),
+        "leakage_rate": mean([bool(x["leaked_ngrams"]) for x in leaks]),
+        "rubric_word_rate": mean([bool(x["rubric_words"]) for x in leaks]),
+        "leak_examples": [{"prompt_id": r["prompt_id"], **x} for r, x in zip(rows, leaks)
+                          if x["leaked_ngrams"] or x["rubric_words"]][:5],
+        "divergence": None, "divergence_tokens": 0,
+    }
+    if with_divergence and rows:
+        click.echo("evaluate: teacher–policy divergence on the answers (HF engine)")
+        teacher = HfEngine(base, config.engine, config.model)
+        student = teacher if policy == base else HfEngine(policy, config.engine, config.model)
+        per_token = divergence(student, teacher, [by_id[r["prompt_id"]] for r in rows],
+                               [r["response_token_ids"] for r in rows], config, config.score.top_k, config.train.beta)
+        result["divergence"] = float(per_token.mean()) if len(per_token) else None
+        result["divergence_tokens"] = int(len(per_token))
+    write_json_atomic(path, result)
+    return result

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rgsd_pipeline.config import TrainConfig
 from rgsd_pipeline.losses import (
     distill_per_token,
     importance_weights,
@@ -33,7 +34,7 @@ class LossSpec:
     importance_cap: float = 2.0  # sampled_reverse_kl: truncation of the importance weight (0: no correction)
 
     @classmethod
-    def of(cls, train_config) -> LossSpec:
+    def of(cls, train_config: TrainConfig) -> LossSpec:
         """The loss settings of a config's `train` section."""
         t = train_config
         return cls(kind=t.loss, beta=t.beta, clip=t.clip, tau=t.tau, temperature=t.distill_temperature,

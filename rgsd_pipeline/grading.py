@@ -1,4 +1,4 @@
-"""Rubric scores from judge verdicts (HealthBench convention) with bootstrap intervals.
+"""Grading a policy's answers with a judge, and rubric scores from the verdicts (HealthBench convention).
 
 Score of one answer = points of the criteria it meets (negative criteria subtract) / the positive
 points available. Criteria whose verdict could not be parsed are left out of both sums and counted;
@@ -9,8 +9,20 @@ prompts.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import click
 import numpy as np
 import polars as pl
+import pyarrow as pa
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.config import fingerprint
+from rgsd_pipeline.judge import Criterion, Item
+from rgsd_pipeline.progress import TokenProgress
+from rgsd_pipeline.shards import ShardPlan, StageData, StageOutput, read_stage, write_json_atomic
+from schemas import EVAL_VERDICTS
 
 
 def answer_scores(verdicts: pl.DataFrame) -> pl.DataFrame:
@@ -61,3 +73,48 @@ def summarize(verdicts: pl.DataFrame, domains: dict[str, str], resamples: int = 
         scores = prompts.filter(pl.col("domain") == domain)["score"].fill_null(np.nan).to_numpy()
         out["domains"][domain] = interval(scores, resamples, seed)
     return out
+
+
+def make_grader(judge, run: Path):
+    """The grader for judge settings (an LLM judge, its verdicts cached in the run's judge cache)."""
+    from rgsd_pipeline.judge import Judge, VerdictCache
+
+    return Judge(judge, VerdictCache(layout.judge_cache(run)))
+
+
+def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], answers: StageData, grader,
+                  resamples: int) -> dict:
+    """verdicts-<judge>/ (one row per answer and criterion) and summary-<judge>.json for one evaluated policy.
+
+    `grader` is a judge.Judge or a rule_judge.RuleJudge: anything with name, identity(), describe(), grade(),
+    stats and close(). Skipped answers are not graded."""
+    by_id = {p["prompt_id"]: p for p in prompts}
+    answered = answers.lazy().filter(~pl.col("finish_reason").str.starts_with("skipped")).collect().to_dicts()
+    out_dir = layout.verdicts_dir(run, set_name, label, grader.name)
+    inputs = {"answers": fingerprint(answers.manifest["shards"]), "judge": fingerprint(grader.identity())}
+    with StageOutput(out_dir, EVAL_VERDICTS, inputs, ShardPlan(1)) as out:
+        if out.todo():
+            items = [Item(prompt_id=r["prompt_id"], messages=tuple(by_id[r["prompt_id"]]["messages"]),
+                          answer=r["response_text"],
+                          criteria=tuple(Criterion(c["criterion"], float(c["points"]), tuple(c["tags"]))
+                                         for c in by_id[r["prompt_id"]]["rubric"])) for r in answered]
+            click.echo(f"evaluate: grading {len(items)} answers, {sum(len(i.criteria) for i in items)} criteria, "
+                       f"with {grader.describe()}")
+            advance = TokenProgress(len(items), "answer")
+            graded = grader.grade(items, on_progress=lambda n: advance(n, 0))
+            advance.close()
+            rows = [{"prompt_id": r["prompt_id"], "sample_idx": r["sample_idx"], "iteration": r["iteration"],
+                     "criterion_idx": i, "criterion": c.text, "points": c.points, "met": v.met,
+                     "explanation": v.explanation, "judge_model": grader.identity()["judge_model"]}
+                    for r, item, verdicts in zip(answered, items, graded)
+                    for i, (c, v) in enumerate(zip(item.criteria, verdicts))]
+            out.write_shard(0, pa.Table.from_pylist(rows, schema=EVAL_VERDICTS.arrow))
+            click.echo(grader.stats.line())
+        out.finalize()
+    grader.close()
+    verdicts = read_stage(out_dir, EVAL_VERDICTS).lazy().collect()
+    summary = {**grader.identity(), "judge": grader.describe(),
+               **summarize(verdicts, {p["prompt_id"]: p["domain"] or "-" for p in prompts}, resamples),
+               "calls": dataclasses.asdict(grader.stats)}
+    write_json_atomic(layout.summary_file(run, set_name, label, grader.name), summary)
+    return summary

@@ -17,7 +17,6 @@ tail mass, they sum to 1 (the distribution training sees).
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import polars as pl
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
-from rgsd_pipeline.shards import StageData, read_stage
+from rgsd_pipeline.shards import StageData, is_complete, manifest_mtime, read_stage
 from rgsd_pipeline.signals import read_encoding
 from schemas import ROLLOUTS
 
@@ -35,7 +34,7 @@ _VERIFIED: dict[tuple[str, int], StageData] = {}
 def _stage(folder: Path, schema) -> StageData:
     """read_stage, whose checksum pass over every shard runs once per output as long as its manifest is unchanged;
     the views below read the same outputs several times."""
-    key = (str(folder), (folder / "manifest.json").stat().st_mtime_ns if (folder / "manifest.json").exists() else 0)
+    key = (str(folder), manifest_mtime(folder))
     if key not in _VERIFIED:
         _VERIFIED[key] = read_stage(folder, schema)
     return _VERIFIED[key]
@@ -139,53 +138,66 @@ def rollouts(run: Path, iteration: int) -> pl.LazyFrame:
             .with_columns(pl.col("masked_tokens").fill_null(0)))
 
 
-def _label(policy: int) -> str:
-    """Policy p is the base model for p = 0 and iter-(p-1)/checkpoint after."""
-    return "base" if policy == 0 else f"iter-{policy - 1:03d}"
-
-
-def _iteration_numbers(run: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in Path(run).glob("iter-*") if re.fullmatch(r"iter-\d{3,}", p.name))
-
-
 def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
     """One row per policy (base, iter-000, ...): its training rollouts (sampled in the iteration it starts),
-    the training metrics of that iteration, and its evaluation on `eval_set` (diagnostics and judge scores)."""
+    the training metrics of that iteration, and its evaluation on `eval_set` (diagnostics and judge scores:
+    `score[judge]` with its 95% interval `score_low[judge]` / `score_high[judge]`, per domain
+    `score[judge:domain]`, and `unparsed[judge]`)."""
     run = Path(run)
-    eval_root = layout.eval_set_dir(run, eval_set)
-    policies = set(_iteration_numbers(run))  # policy I samples iteration I's rollouts
-    policies |= {i + 1 for i in policies if (layout.checkpoint_dir(run, i) / "_SUCCESS").exists()}
-    policies |= {0 if p.name == "base" else int(p.name[5:]) + 1 for p in eval_root.glob("*")
-                 if re.fullmatch(r"base|iter-\d{3,}", p.name)}
+    policies = set(layout.iterations(run))  # policy I samples iteration I's rollouts
+    policies |= {i + 1 for i in policies if is_complete(layout.checkpoint_dir(run, i))}
+    policies |= {layout.policy_index(label) for label in layout.eval_labels(run, eval_set)}
     rows = []
     for policy in sorted(policies):
-        row = {"policy": _label(policy), "index": policy}
-        if (layout.rollouts_dir(run, policy) / "_SUCCESS").exists():
-            stats = rollouts_stage(run, policy).lazy().select(
+        label = layout.policy_label(policy)
+        row = {"policy": label, "index": policy}
+        if is_complete(layout.rollouts_dir(run, policy)):
+            row.update(rollouts_stage(run, policy).lazy().select(
                 pl.len().alias("rollouts"), pl.col("response_token_ids").list.len().mean().alias("rollout_length"),
-                (pl.col("finish_reason") == "length").mean().alias("rollout_truncation")).collect().row(0, named=True)
-            row.update(stats)
-            if (layout.signals_dir(run, policy) / "_SUCCESS").exists():
-                token_stats = tokens(run, policy).filter(pl.col("mask")).select(
+                (pl.col("finish_reason") == "length").mean().alias("rollout_truncation")).collect().row(0, named=True))
+            if is_complete(layout.signals_dir(run, policy)):
+                row.update(tokens(run, policy).filter(pl.col("mask")).select(
                     pl.col("divergence").mean().alias("sampled_divergence"),
-                    pl.col("teacher_logprob").mean().alias("teacher_logprob")).collect().row(0, named=True)
-                row.update(token_stats)
-        metrics_path = layout.iteration_dir(run, policy) / "metrics.jsonl"
+                    pl.col("teacher_logprob").mean().alias("teacher_logprob")).collect().row(0, named=True))
+        metrics_path = layout.metrics_file(run, policy)
         if metrics_path.exists():
             steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             if steps:
                 row.update(train_steps=len(steps), train_divergence_first=steps[0]["divergence"],
                            train_divergence_last=steps[-1]["divergence"])
-        folder = eval_root / _label(policy)
-        if (folder / "diagnostics.json").exists():
-            d = json.loads((folder / "diagnostics.json").read_text())
+        diagnostics = layout.diagnostics_file(run, eval_set, label)
+        if diagnostics.exists():
+            d = json.loads(diagnostics.read_text())
             row.update(heldout_divergence=d.get("divergence"), eval_length=d.get("mean_length"),
                        eval_truncation=d.get("truncation_rate"), eval_repetition=d.get("repetition_rate"),
                        eval_leakage=d.get("leakage_rate"))
-        for summary in sorted(folder.glob("summary-*.json")):
-            s = json.loads(summary.read_text())
-            slug = summary.name[len("summary-"):-len(".json")]
-            row.update({f"score[{slug}]": s["overall"]["mean"], f"score_low[{slug}]": s["overall"]["low"],
-                        f"score_high[{slug}]": s["overall"]["high"]})
+        for judge, path in layout.summary_judges(layout.eval_dir(run, eval_set, label)).items():
+            s = json.loads(path.read_text())
+            row.update({f"score[{judge}]": s["overall"]["mean"], f"score_low[{judge}]": s["overall"]["low"],
+                        f"score_high[{judge}]": s["overall"]["high"], f"unparsed[{judge}]": s["unparseable"],
+                        **{f"score[{judge}:{domain}]": v["mean"] for domain, v in s["domains"].items()}})
         rows.append(row)
     return pl.DataFrame(rows) if rows else pl.DataFrame({"policy": [], "index": []})
+
+
+TABLE_COLUMNS = {"policy": "policy", "rollouts": "rollouts", "rollout_length": "length", "rollout_truncation": "trunc",
+                 "sampled_divergence": "sampled div", "train_divergence_first": "train div first",
+                 "train_divergence_last": "train div last", "heldout_divergence": "held-out JSD",
+                 "eval_length": "eval length", "eval_truncation": "eval trunc", "eval_repetition": "eval repeat",
+                 "eval_leakage": "eval leak"}
+
+
+def format_policies(frame: pl.DataFrame, evaluated_only: bool = False) -> str:
+    """The per-policy frame as a printable table; judge scores as `score [low, high]` per judge."""
+    if evaluated_only and "eval_length" in frame.columns:
+        frame = frame.filter(pl.col("eval_length").is_not_null())
+    judges = [c[len("score["):-1] for c in frame.columns if c.startswith("score[") and ":" not in c]
+    for judge in judges:
+        frame = frame.with_columns(pl.format("{} [{}, {}]", *(pl.col(f"{k}[{judge}]").round(3) for k in
+                                                             ("score", "score_low", "score_high")))
+                                   .alias(f"judge {judge}"))
+    names = {c: TABLE_COLUMNS[c] for c in TABLE_COLUMNS if c in frame.columns}
+    names.update({f"judge {judge}": f"rubric score, {judge} [95% interval]" for judge in judges})
+    with pl.Config(tbl_rows=100, tbl_cols=len(names), tbl_width_chars=200, float_precision=4,
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        return str(frame.select(list(names)).rename(names))

@@ -1,6 +1,6 @@
 """Grading answers against rubric criteria with an LLM judge over the OpenAI-compatible chat API.
 
-The judge appears only at evaluation time (DESIGN.md §7). Two ways to ask:
+The judge appears only at evaluation time (docs/architecture.md, "Evaluation"). Two ways to ask:
 
 - `per-criterion` (HealthBench style): one call per (answer, criterion), verdict `{"explanation", "met"}`;
 - `per-answer` (as the RGSD paper grades): one call per answer, `{"verdicts": [{"explanation", "met"}, ...]}`
@@ -25,13 +25,15 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rgsd_pipeline.errors import UserError
+
 PROMPT_VERSION = 1  # bump when the grader instructions change: cached verdicts then no longer apply
 MODES = ("per-criterion", "per-answer")
 STRUCTURED = ("auto", "json_schema", "none")
 EXPLANATION_CHARS = 300
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge cannot be used at all (unreachable server, unknown model): a user-fixable error."""
 
 
@@ -39,6 +41,7 @@ class JudgeError(RuntimeError):
 class Criterion:
     text: str
     points: float
+    tags: tuple[str, ...] = ()  # e.g. the machine-checkable predicate a rule judge reads (never shown to models)
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,12 @@ class VerdictCache:
 
 
 class Judge:
+    """An LLM judge over the OpenAI-compatible chat API; a grader for grading.grade_answers.
+
+    Graders share this interface: `name` (folder-safe, names verdicts-<name>/ and summary-<name>.json),
+    `identity()` (what the verdicts depend on), `describe()`, `grade(items, on_progress)`, `stats`, `close()`.
+    """
+
     def __init__(self, settings: JudgeSettings, cache: VerdictCache):
         from openai import AsyncOpenAI
 
@@ -228,6 +237,19 @@ class Judge:
         self.structured = settings.structured != "none"
         self.client = AsyncOpenAI(base_url=settings.url, api_key=os.environ.get(settings.api_key_env, "EMPTY"),
                                   timeout=settings.timeout_s, max_retries=settings.max_retries)
+
+    @property
+    def name(self) -> str:
+        return self.settings.slug()
+
+    def identity(self) -> dict:
+        return {"judge_model": self.settings.model, "judge_mode": self.settings.mode}
+
+    def describe(self) -> str:
+        return f"{self.settings.model} at {self.settings.url} ({self.settings.mode})"
+
+    def close(self) -> None:
+        self.cache.close()
 
     async def check(self) -> None:
         """Fail early, naming the URL, when the server cannot be reached or does not serve the model."""

@@ -1,8 +1,24 @@
-"""Where every artifact of a run lives (DESIGN.md §3)."""
+"""Where every artifact of a run lives, and how policies are numbered (docs/architecture.md, "Run folder").
+
+    runs/<name>/run.yaml, prompts/, chain.json
+    runs/<name>/iter-NNN/{rollouts, signals, checkpoint, metrics.jsonl}
+    runs/<name>/eval/<set>/{prompts, quarantine.jsonl, <policy>/{answers, diagnostics.json, verdicts-<judge>,
+                                                                  summary-<judge>.json}}
+    runs/<name>/eval/judge-cache.sqlite
+
+Policy p is the model that samples iteration p: the base model for p = 0, else iteration p-1's checkpoint.
+Its label is "base" or "iter-NNN" with NNN = p - 1 (the iteration that trained it).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from rgsd_pipeline.shards import ArtifactError, is_complete
+
+BASE_LABEL = "base"
+_ITERATION_FOLDER = re.compile(r"iter-(\d{3,})")
 
 
 def prompts_dir(run: Path) -> Path:
@@ -13,8 +29,18 @@ def quarantine_file(run: Path) -> Path:
     return prompts_dir(run) / "quarantine.jsonl"
 
 
+def chain_file(run: Path) -> Path:
+    """The fingerprint chain policy -> rollouts -> signals -> checkpoint of every iteration."""
+    return Path(run) / "chain.json"
+
+
 def iteration_dir(run: Path, iteration: int) -> Path:
     return Path(run) / f"iter-{iteration:03d}"
+
+
+def iterations(run: Path) -> list[int]:
+    """The numbers of the iteration folders present, in order."""
+    return sorted(int(m.group(1)) for p in Path(run).glob("iter-*") if (m := _ITERATION_FOLDER.fullmatch(p.name)))
 
 
 def rollouts_dir(run: Path, iteration: int) -> Path:
@@ -34,16 +60,28 @@ def metrics_file(run: Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "metrics.jsonl"
 
 
-def policy_path(run: Path, iteration: int, base_model: Path) -> Path:
-    """The model that samples iteration `iteration`: the base at 0, else the previous iteration's checkpoint."""
-    from rgsd_pipeline.shards import ArtifactError
+def policy_label(policy: int) -> str:
+    """"base" for policy 0, else "iter-NNN" for the checkpoint of iteration policy - 1."""
+    return BASE_LABEL if policy == 0 else iteration_dir(Path(), policy - 1).name
 
-    if iteration == 0:
+
+def policy_index(label: str) -> int | None:
+    """The policy number of a label ("base" -> 0, "iter-002" -> 3); None when `label` is not one."""
+    if label == BASE_LABEL:
+        return 0
+    match = _ITERATION_FOLDER.fullmatch(label)
+    return int(match.group(1)) + 1 if match else None
+
+
+def policy_path(run: Path, policy: int, base_model: Path) -> Path:
+    """The model of policy `policy` (the one that samples iteration `policy`): the base at 0, else the previous
+    iteration's checkpoint, which must be complete."""
+    if policy == 0:
         return base_model
-    checkpoint = checkpoint_dir(run, iteration - 1)
-    if not (checkpoint / "_SUCCESS").exists():
-        raise ArtifactError(f"iteration {iteration} samples from {checkpoint}, which is missing or incomplete; "
-                            f"run `rgsd-pipeline train --run {run} --iteration {iteration - 1}` first")
+    checkpoint = checkpoint_dir(run, policy - 1)
+    if not is_complete(checkpoint):
+        raise ArtifactError(f"iteration {policy} samples from {checkpoint}, which is missing or incomplete; "
+                            f"run `rgsd-pipeline train --run {run} --iteration {policy - 1}` first")
     return checkpoint
 
 
@@ -56,8 +94,44 @@ def eval_set_dir(run: Path, set_name: str) -> Path:
     return eval_root(run) / set_name
 
 
+def eval_prompts_dir(run: Path, set_name: str) -> Path:
+    return eval_set_dir(run, set_name) / "prompts"
+
+
+def eval_quarantine_file(run: Path, set_name: str) -> Path:
+    return eval_set_dir(run, set_name) / "quarantine.jsonl"
+
+
 def eval_dir(run: Path, set_name: str, label: str) -> Path:
     return eval_set_dir(run, set_name) / label
+
+
+def eval_labels(run: Path, set_name: str) -> list[str]:
+    """The policies evaluated on a set, in policy order."""
+    root = eval_set_dir(run, set_name)
+    labels = [p.name for p in root.iterdir() if p.is_dir() and policy_index(p.name) is not None] if root.exists() else []
+    return sorted(labels, key=policy_index)
+
+
+def answers_dir(run: Path, set_name: str, label: str) -> Path:
+    return eval_dir(run, set_name, label) / "answers"
+
+
+def diagnostics_file(run: Path, set_name: str, label: str) -> Path:
+    return eval_dir(run, set_name, label) / "diagnostics.json"
+
+
+def verdicts_dir(run: Path, set_name: str, label: str, judge: str) -> Path:
+    return eval_dir(run, set_name, label) / f"verdicts-{judge}"
+
+
+def summary_file(run: Path, set_name: str, label: str, judge: str) -> Path:
+    return eval_dir(run, set_name, label) / f"summary-{judge}.json"
+
+
+def summary_judges(folder: Path) -> dict[str, Path]:
+    """judge name -> summary file, for every judge that graded the policy evaluated in `folder`."""
+    return {p.name[len("summary-"):-len(".json")]: p for p in sorted(Path(folder).glob("summary-*.json"))}
 
 
 def judge_cache(run: Path) -> Path:

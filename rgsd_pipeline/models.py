@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rgsd_pipeline.errors import UserError
-from rgsd_pipeline.shards import exclusive_lock
+from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
 
 BUILDER_VERSION = 1  # bump when a built-in model's recipe changes, so caches are rebuilt
 CHATML_TEMPLATE = (
@@ -58,16 +58,16 @@ def resolve_model(name: str) -> Path:
 
 def _cached(slug: str, build) -> Path:
     final = cache_dir() / "models" / f"{slug}-v{BUILDER_VERSION}"
-    if (final / "_SUCCESS").exists():
+    if is_complete(final):
         return final
     with exclusive_lock(final.with_name(final.name + ".lock"), f"built-in model {slug}"):
-        if (final / "_SUCCESS").exists():
+        if is_complete(final):
             return final
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         build(tmp)
-        (tmp / "_SUCCESS").write_text("")
+        mark_complete(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     return final

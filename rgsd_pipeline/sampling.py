@@ -18,7 +18,8 @@ import math
 
 import pyarrow as pa
 
-from rgsd_pipeline.engines import Sampling
+from rgsd_pipeline.config import RolloutConfig, RunConfig, TrainConfig
+from rgsd_pipeline.engines import Engine, Sampling
 from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.render import chat_ids, student_messages
 from rgsd_pipeline.shards import StageOutput
@@ -59,7 +60,7 @@ def iterations_per_epoch(num_prompts: int, per_iteration: int) -> int:
     return len(slice_sizes(num_prompts, per_iteration))
 
 
-def optimizer_steps_per_epoch(num_prompts: int, rollout_config, train_config) -> int:
+def optimizer_steps_per_epoch(num_prompts: int, rollout_config: RolloutConfig, train_config: TrainConfig) -> int:
     """Optimizer steps of one pass over the training prompts at this cadence (every rollout trainable)."""
     samples = rollout_config.samples_per_prompt
     return sum(math.ceil(size * samples / train_config.batch_size) * train_config.epochs
@@ -73,7 +74,7 @@ def row_for(prompt: dict, sample_idx: int, iteration: int, prompt_ids: list[int]
             "response_text": "", "finish_reason": ""}
 
 
-def sample_rows(engine, tokenizer, config, items: list[tuple[dict, int]], iteration: int, seed_round: int,
+def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[dict, int]], iteration: int, seed_round: int,
                 advance) -> list[dict]:
     """Rollout rows for (prompt, sample_idx) items: render the student view, skip or truncate prompts over
     the context budget, sample with one seed per (seed round, prompt, sample), decode."""
@@ -102,7 +103,7 @@ def sample_rows(engine, tokenizer, config, items: list[tuple[dict, int]], iterat
     return rows
 
 
-def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine, tokenizer, config,
+def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine: Engine, tokenizer, config: RunConfig,
                   iteration: int, seed_round: int, unit: str) -> None:
     """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar."""
     advance = TokenProgress(sum(map(len, shards.values())), unit)

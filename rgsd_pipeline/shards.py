@@ -79,6 +79,24 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically (see write_text_atomic)."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a complete stage output (no checksum pass: see read_stage for a verified read)."""
+    if not is_complete(folder):
+        raise ArtifactError(f"{folder} is not complete (no {SUCCESS}); run or resume the stage that writes it")
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def manifest_mtime(folder: Path) -> int:
+    """When a stage output's manifest was last written (0 when it has none): a cheap change marker."""
+    path = Path(folder) / MANIFEST
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
 def is_complete(folder: Path) -> bool:
     """True once a stage output (or checkpoint) folder has its completion marker."""
     return (Path(folder) / SUCCESS).exists()
@@ -269,8 +287,7 @@ class StageOutput:
             for leftover in self.folder.glob(".part-*.tmp-*"):  # from writers killed mid-shard
                 leftover.unlink(missing_ok=True)
             write_json_atomic(self.folder / MANIFEST, manifest)
-            (self.folder / SUCCESS).write_text("")
-            _fsync_dir(self.folder)
+            mark_complete(self.folder)
             return True
 
 

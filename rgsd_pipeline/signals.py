@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from rgsd_pipeline.config import ScoreConfig, TemplateConfig
 from rgsd_pipeline.engines.base import Scores
 from rgsd_pipeline.render import chat_ids, teacher_messages
 from schemas import ENCODING_KEY, LOGPROB_CODE_SCALE, ArtifactSchema, signals_schema
 
 
-def storage_schema(score_config, vocab_size: int) -> ArtifactSchema:
+def storage_schema(score_config: ScoreConfig, vocab_size: int) -> ArtifactSchema:
     """The signals schema for this run: uint16 ids when the vocabulary fits in 16 bits (halves the id bytes)."""
     id_dtype = score_config.id_dtype
     if id_dtype == "auto":
@@ -55,7 +56,7 @@ class TeacherInputs:
     rows: list[int] = field(default_factory=list)  # which row of the shard each sequence belongs to
 
 
-def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer, template, max_model_len: int
+def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer, template: TemplateConfig, max_model_len: int
                    ) -> TeacherInputs:
     """Teacher input = the teacher prompt (rubric template, chat template, generation prompt) followed by the
     student's response ids exactly as sampled, never re-tokenized. Skipped rollouts, and sequences over the

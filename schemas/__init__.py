@@ -201,6 +201,17 @@ MANIFEST_VERSION = 1
 ARTIFACTS = (PROMPTS, QUARANTINE, ROLLOUTS, signals_schema(20), EVAL_VERDICTS)
 
 
+def type_name(type_: pa.DataType) -> str:
+    """A short spelling of an Arrow type: list<struct<role, content>>, list<list<uint16, 20>>."""
+    if pa.types.is_fixed_size_list(type_):
+        return f"list<{type_name(type_.value_type)}, {type_.list_size}>"
+    if pa.types.is_list(type_):
+        return f"list<{type_name(type_.value_type)}>"
+    if pa.types.is_struct(type_):
+        return "struct<" + ", ".join(type_.field(i).name for i in range(type_.num_fields)) + ">"
+    return str(type_)
+
+
 def column_reference() -> str:
     """A Markdown table per artifact, with every column's type and description (docs/architecture.md)."""
     parts = []
@@ -209,5 +220,5 @@ def column_reference() -> str:
         for field in schema.arrow:
             description = (field.metadata or {}).get(DESCRIPTION_KEY, b"").decode()
             nullable = " (nullable)" if field.nullable else ""
-            parts[-1] += f"\n| `{field.name}` | `{field.type}`{nullable} | {description} |"
+            parts[-1] += f"\n| `{field.name}` | `{type_name(field.type)}`{nullable} | {description} |"
     return "\n\n".join(parts) + "\n"

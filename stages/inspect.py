@@ -17,12 +17,7 @@ import polars as pl
 
 from rgsd_pipeline import inspect as views
 from rgsd_pipeline import layout
-from rgsd_pipeline.shards import ArtifactError
-
-TABLE_COLUMNS = {"policy": "policy", "rollouts": "rollouts", "rollout_length": "length", "rollout_truncation": "trunc",
-                 "sampled_divergence": "sampled div", "train_divergence_first": "train div first",
-                 "train_divergence_last": "train div last", "heldout_divergence": "held-out JSD",
-                 "eval_length": "eval length"}
+from rgsd_pipeline.shards import ArtifactError, is_complete, write_text_atomic
 
 
 def disagreements(run: Path, iteration: int, top: int, context: int, alternatives: int = 3) -> str:
@@ -51,14 +46,6 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
     return "\n".join(lines)
 
 
-def policy_table(frame: pl.DataFrame) -> str:
-    names = {c: TABLE_COLUMNS[c] for c in TABLE_COLUMNS if c in frame.columns}
-    names.update({c: "score " + c[len("score["):-1] for c in frame.columns if c.startswith("score[")})
-    with pl.Config(tbl_rows=100, tbl_cols=len(names), tbl_width_chars=200, float_precision=4,
-                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
-        return str(frame.select(list(names)).rename(names))
-
-
 def write_html(run: Path, iteration: int, out: Path, rollouts: int) -> None:
     from rgsd_pipeline.token_page import render
 
@@ -70,9 +57,7 @@ def write_html(run: Path, iteration: int, out: Path, rollouts: int) -> None:
     page = render(f"{run} · iteration {iteration} · {chosen.height} rollouts, highest mean divergence first",
                   tokens, chosen, vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, page)
 
 
 @click.command("inspect")
@@ -89,13 +74,13 @@ def command(run, iteration, top, context, html_out, html_rollouts, plot_out, eva
     if not run.exists():
         raise ArtifactError(f"{run} does not exist")
     if iteration is None:
-        scored = [i for i in views._iteration_numbers(run) if (layout.signals_dir(run, i) / "_SUCCESS").exists()]
+        scored = [i for i in layout.iterations(run) if is_complete(layout.signals_dir(run, i))]
         iteration = scored[-1] if scored else None
     if iteration is not None and top:
         click.echo(disagreements(run, iteration, top, context))
     frame = views.iterations(run, eval_set)
     click.echo(f"\nper policy (policy I samples iteration I; iter-I is the checkpoint trained in iteration I):\n"
-               f"{policy_table(frame)}")
+               f"{views.format_policies(frame)}")
     if html_out:
         if iteration is None:
             raise ArtifactError(f"{run} has no scored iteration to draw")

@@ -11,7 +11,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import click
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.models import model_fingerprint, resolve_model
-from rgsd_pipeline.shards import ArtifactError, write_json_atomic
+from rgsd_pipeline.shards import ArtifactError, is_complete, read_manifest, write_json_atomic
 
 
 def run_stage(*args) -> None:
@@ -37,8 +36,8 @@ def check_chain(run: Path, iteration: int) -> dict:
     """The fingerprints linking iteration I to its policy; ArtifactError when a link is broken."""
     config = load_run_config(run)
     policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
-    rollouts = json.loads((layout.rollouts_dir(run, iteration) / "manifest.json").read_text())
-    signals = json.loads((layout.signals_dir(run, iteration) / "manifest.json").read_text())
+    rollouts = read_manifest(layout.rollouts_dir(run, iteration))
+    signals = read_manifest(layout.signals_dir(run, iteration))
     policy_fingerprint = model_fingerprint(policy)
     if rollouts["inputs"]["policy"] != policy_fingerprint:
         raise ArtifactError(f"{layout.rollouts_dir(run, iteration)} was sampled from another model than {policy}; "
@@ -56,7 +55,7 @@ def check_chain(run: Path, iteration: int) -> dict:
 @click.argument("overrides", nargs=-1)
 def command(config_path, run, iterations, engine_kind, overrides):
     """Run prepare and N RGSD iterations, resuming whatever is already complete."""
-    if not (layout.prompts_dir(run) / "_SUCCESS").exists() or config_path:
+    if not is_complete(layout.prompts_dir(run)) or config_path:
         run_stage("prepare", *(["--config", config_path] if config_path else []), "--run", run, *overrides)
     engine = ["--engine", engine_kind] if engine_kind else []
     chain = []
@@ -64,10 +63,10 @@ def command(config_path, run, iterations, engine_kind, overrides):
         for stage, output in (("rollout", layout.rollouts_dir(run, iteration)),
                               ("score", layout.signals_dir(run, iteration)),
                               ("train", layout.checkpoint_dir(run, iteration))):
-            if (output / "_SUCCESS").exists():
+            if is_complete(output):
                 click.echo(f"{stage} iteration {iteration}: complete")
                 continue
             run_stage(stage, "--run", run, "--iteration", iteration, *(engine if stage != "train" else []))
         chain.append(check_chain(run, iteration))
-        write_json_atomic(Path(run) / "chain.json", chain)
+        write_json_atomic(layout.chain_file(run), chain)
     click.echo(f"{iterations} iteration(s) complete; the latest policy is {layout.checkpoint_dir(run, iterations - 1)}")

@@ -19,18 +19,33 @@ import click
 import pyarrow as pa
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import fingerprint, freeze_or_check, load_config, load_run_config, to_dict
+from rgsd_pipeline.config import (
+    RUN_CONFIG_FILE,
+    fingerprint,
+    freeze_or_check,
+    load_config,
+    load_run_config,
+    to_dict,
+)
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model, tokenizer_fingerprint
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
-from rgsd_pipeline.shards import ShardPlan, StageOutput, read_stage, validate_table
+from rgsd_pipeline.shards import (
+    ShardPlan,
+    StageOutput,
+    is_complete,
+    read_stage,
+    split_into_shards,
+    validate_table,
+    write_jsonl_atomic,
+)
 from rgsd_pipeline.sources import source_fingerprint
 from schemas import PROMPTS, QUARANTINE
 
 
 def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs: list[str], fmt: str | None) -> None:
     # 1. Resolve and freeze the config (the first command on a run writes run.yaml).
-    frozen = (run / "run.yaml").exists()
+    frozen = (run / RUN_CONFIG_FILE).exists()
     if config_path is None and frozen and not overrides and not data_specs:
         config = load_run_config(run)
     else:
@@ -51,7 +66,7 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
         "tokenizer": tokenizer_fingerprint(model_path),
         **{f"source:{spec}": source_fingerprint(spec) for spec in config.data.sources},
     }
-    if (out_dir / "_SUCCESS").exists():
+    if is_complete(out_dir):
         read_stage(out_dir, PROMPTS, expect_inputs=inputs)
         click.echo(f"prompts already complete in {out_dir}")
         return
@@ -64,26 +79,16 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
                                    + (f"; see {layout.quarantine_file(run)}" if result.quarantine else ""))
 
     # 3. Write prompt shards, the quarantine, the manifest and _SUCCESS.
-    rows_per_shard = config.data.rows_per_shard
-    total = -(-len(result.prompts) // rows_per_shard)
-    with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(total)) as out:
+    pieces = split_into_shards(result.prompts, config.data.rows_per_shard)
+    with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(len(pieces))) as out:
         quarantine = validate_table(pa.Table.from_pylist(result.quarantine, schema=QUARANTINE.arrow), QUARANTINE,
                                     str(layout.quarantine_file(run)))
-        _write_jsonl(layout.quarantine_file(run), quarantine.to_pylist())
+        write_jsonl_atomic(layout.quarantine_file(run), quarantine.to_pylist())
         for index in out.todo():
-            rows = result.prompts[index * rows_per_shard:(index + 1) * rows_per_shard]
-            out.write_shard(index, pa.Table.from_pylist(rows, schema=PROMPTS.arrow))
+            out.write_shard(index, pa.Table.from_pylist(pieces[index], schema=PROMPTS.arrow))
         out.finalize()
-    click.echo(f"wrote {len(result.prompts)} prompts in {total} shard(s) to {out_dir}"
+    click.echo(f"wrote {len(result.prompts)} prompts in {len(pieces)} shard(s) to {out_dir}"
                + (f"; {len(result.quarantine)} rejected rows in {layout.quarantine_file(run)}" if result.quarantine else ""))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def show(run: Path, count: int) -> None:

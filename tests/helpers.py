@@ -30,10 +30,26 @@ def kill_after_first_shard(args, output_dir: Path, timeout: float = 180) -> int:
     return len(list(progress.glob("part-*.json")))
 
 
-def copy_prepared(source_run: Path, target_run: Path) -> Path:
-    """A new run folder holding only `source_run`'s frozen config and prompts: ready for iteration 0's rollout."""
+def copy_run(source_run: Path, target_run: Path, keep: tuple[str, ...] | None = None, without: tuple[str, ...] = (),
+             **settings) -> Path:
+    """A copy of a run folder: everything, or only the top-level entries in `keep`, leaving out any entry named in
+    `without` (at any depth). `settings` change the frozen config: `train__parallel="fsdp"` sets train.parallel."""
     import shutil
 
-    shutil.copytree(Path(source_run) / "prompts", Path(target_run) / "prompts")
-    shutil.copy(Path(source_run) / "run.yaml", Path(target_run) / "run.yaml")
-    return Path(target_run)
+    import yaml
+
+    source_run, target_run = Path(source_run), Path(target_run)
+    entries = ["run.yaml", *keep] if keep is not None else [p.name for p in source_run.iterdir()]
+    for name in entries:
+        if (source_run / name).is_dir():
+            shutil.copytree(source_run / name, target_run / name, ignore=shutil.ignore_patterns(*without))
+        else:
+            target_run.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source_run / name, target_run / name)
+    if settings:
+        config = yaml.safe_load((target_run / "run.yaml").read_text())
+        for key, value in settings.items():
+            section, field = key.split("__")
+            config[section][field] = value
+        (target_run / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=120))
+    return target_run

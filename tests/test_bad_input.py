@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from helpers import ROOT, cli, copy_prepared
+from helpers import ROOT, cli, copy_run
 
 from rgsd_pipeline.shards import ArtifactError
 from rgsd_pipeline.trainer import load_state, save_state
@@ -92,7 +92,7 @@ def test_trainer_state_is_never_unpickled_beyond_tensors(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_manifest_names_that_escape_the_run_are_refused_by_a_stage(evaluated_run, tmp_path):
-    run = copy_prepared(evaluated_run, tmp_path / "run")
+    run = copy_run(evaluated_run, tmp_path / "run", keep=("prompts",))
     shutil.copytree(evaluated_run / "iter-000" / "rollouts", run / "iter-000" / "rollouts")
     manifest_path = run / "iter-000" / "rollouts" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

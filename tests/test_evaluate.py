@@ -28,7 +28,8 @@ def test_evaluate_without_judge_compares_policies(evaluated_run):
     cli("evaluate", "--run", run, "--iteration", "base")
     out = cli("evaluate", "--run", run, "--iteration", 0).stdout
     table = out[out.index("eval set heldout"):]
-    assert re.search(r"^\s+base\s+\d\.\d{4}", table, re.M) and re.search(r"^\s+iter-000\s+\d\.\d{4}", table, re.M)
+    for label in ("base", "iter-000"):  # each evaluated policy's row shows its held-out JSD
+        assert re.search(rf"^│ {label}\s+┆.*┆ \d\.\d{{4}}\s+┆ \d+\.\d+\s+┆", table, re.M), table
     for label in ("base", "iter-000"):
         folder = run / "eval" / "heldout" / label
         answers = read_stage(folder / "answers", ROLLOUTS).lazy().collect()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from helpers import CLI, ROOT, cli, copy_prepared
+from helpers import CLI, ROOT, cli, copy_run
 from safetensors.numpy import load_file
 
 from rgsd_pipeline.shards import exclusive_lock, read_stage
@@ -133,7 +133,7 @@ def limited_file_size(limit_bytes):
 @pytest.mark.slow
 def test_a_file_size_limit_fails_cleanly_and_resume_completes(reference, tmp_path):
     reference_run, _ = reference
-    run = copy_prepared(reference_run, tmp_path / "run")
+    run = copy_run(reference_run, tmp_path / "run", keep=("prompts",))
     result = subprocess.run([*CLI, "rollout", "--run", str(run), "--iteration", "0"], cwd=ROOT, capture_output=True,
                             text=True, preexec_fn=limited_file_size(2048), env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -150,7 +150,7 @@ def test_a_file_size_limit_fails_cleanly_and_resume_completes(reference, tmp_pat
 @pytest.mark.slow
 def test_a_second_writer_is_refused_by_the_lock(reference, tmp_path):
     reference_run, _ = reference
-    run = copy_prepared(reference_run, tmp_path / "run")
+    run = copy_run(reference_run, tmp_path / "run", keep=("prompts",))
     progress = run / "iter-000" / "rollouts" / ".progress"
     progress.mkdir(parents=True)
     with exclusive_lock(progress / "lock-0-of-1", "held by the test"):

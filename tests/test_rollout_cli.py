@@ -1,10 +1,9 @@
 """`rgsd-pipeline rollout` end to end: resume after kill -9, sharded workers, too-long prompts, vLLM."""
 
-import shutil
 
 import polars as pl
 import pytest
-from helpers import cli, kill_after_first_shard
+from helpers import cli, copy_run, kill_after_first_shard
 
 from rgsd_pipeline.shards import read_stage
 from schemas import ROLLOUTS
@@ -18,19 +17,13 @@ def prepared(tmp_path_factory):
     return run
 
 
-def fresh(prepared, tmp_path, name="run"):
-    target = tmp_path / name
-    shutil.copytree(prepared, target)
-    return target
-
-
 def rollouts(run) -> pl.DataFrame:
     return read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect()
 
 
 @pytest.mark.slow
 def test_kill_during_rollout_then_resume_equals_uninterrupted(prepared, tmp_path):
-    reference, killed = fresh(prepared, tmp_path, "reference"), fresh(prepared, tmp_path, "killed")
+    reference, killed = copy_run(prepared, tmp_path / "reference"), copy_run(prepared, tmp_path / "killed")
     out = cli("rollout", "--run", reference, "--iteration", 0).stdout
     assert "107 prompts, 107 samples" in out
 
@@ -48,7 +41,7 @@ def test_kill_during_rollout_then_resume_equals_uninterrupted(prepared, tmp_path
 
 @pytest.mark.slow
 def test_sharded_workers_equal_one_worker(prepared, tmp_path):
-    one, split = fresh(prepared, tmp_path, "one"), fresh(prepared, tmp_path, "split")
+    one, split = copy_run(prepared, tmp_path / "one"), copy_run(prepared, tmp_path / "split")
     cli("rollout", "--run", one, "--iteration", 0)
     first = cli("rollout", "--run", split, "--iteration", 0, "--num-shards", 2, "--shard-index", 1).stdout
     assert "completes when every worker has finished" in first
@@ -76,7 +69,7 @@ def test_too_long_prompts_are_skipped_with_reason_or_truncated(tmp_path):
 
 
 def test_iteration_1_needs_the_previous_checkpoint(prepared, tmp_path):
-    result = cli("rollout", "--run", fresh(prepared, tmp_path), "--iteration", 1, check=False)
+    result = cli("rollout", "--run", copy_run(prepared, tmp_path / "run"), "--iteration", 1, check=False)
     assert result.returncode == 2 and "iter-000/checkpoint, which is missing or incomplete" in result.stderr
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import cli, kill_after_first_shard
+from helpers import cli, copy_run, kill_after_first_shard
 
 from rgsd_pipeline.config import ScoreConfig, TemplateConfig, load_run_config
 from rgsd_pipeline.models import load_model, load_tokenizer, resolve_model
@@ -27,11 +27,6 @@ def rolled(tmp_path_factory):
     return run
 
 
-def copy(run, tmp_path, name="run"):
-    shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("signals"))
-    return tmp_path / name
-
-
 def signals(run, config=None):
     config = config or load_run_config(run)
     schema = storage_schema(config.score, len(load_tokenizer(resolve_model(config.model.path))))
@@ -39,7 +34,7 @@ def signals(run, config=None):
 
 
 def test_signals_equal_a_brute_force_teacher_forward_pass(rolled, tmp_path):
-    run = copy(rolled, tmp_path)
+    run = copy_run(rolled, tmp_path / "run", without=("signals",))
     out = cli("score", "--run", run, "--iteration", 0).stdout
     assert "24 rollouts (0 skipped)" in out and "bytes per (token, k) entry" in out
     config = load_run_config(run)
@@ -96,13 +91,13 @@ def test_default_storage_is_compact_and_decodes_close_to_float32(rolled, tmp_pat
 
 
 def copy_scored(rolled, tmp_path):
-    run = copy(rolled, tmp_path, "exact")
+    run = copy_run(rolled, tmp_path / "exact", without=("signals",))
     cli("score", "--run", run, "--iteration", 0)
     return run
 
 
 def test_kill_during_score_then_resume_equals_uninterrupted(rolled, tmp_path):
-    reference, killed = copy(rolled, tmp_path, "reference"), copy(rolled, tmp_path, "killed")
+    reference, killed = copy_run(rolled, tmp_path / "reference", without=("signals",)), copy_run(rolled, tmp_path / "killed", without=("signals",))
     cli("score", "--run", reference, "--iteration", 0)
     done = kill_after_first_shard(["score", "--run", killed, "--iteration", 0], killed / "iter-000" / "signals")
     assert done < 3
@@ -111,7 +106,7 @@ def test_kill_during_score_then_resume_equals_uninterrupted(rolled, tmp_path):
 
 
 def test_too_long_teacher_input_is_skipped_with_reason(rolled, tmp_path):
-    run = copy(rolled, tmp_path)
+    run = copy_run(rolled, tmp_path / "run", without=("signals",))
     (run / "run.yaml").write_text((run / "run.yaml").read_text().replace("max_model_len: 1024", "max_model_len: 300"))
     cli("score", "--run", run, "--iteration", 0)
     stored = signals(run).lazy().collect()
@@ -122,7 +117,7 @@ def test_too_long_teacher_input_is_skipped_with_reason(rolled, tmp_path):
 
 
 def test_student_and_teacher_must_share_a_tokenizer(rolled, tmp_path):
-    run = copy(rolled, tmp_path)
+    run = copy_run(rolled, tmp_path / "run", without=("signals",))
     fake = tmp_path / "policy"
     shutil.copytree(resolve_model("builtin:tiny"), fake)
     (fake / "chat_template.jinja").write_text("{{ messages }}")
@@ -189,7 +184,7 @@ def test_think_tags_resolve_to_tokens(tiny_tokenizer):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_and_hf_signals_agree(rolled, tmp_path):
-    hf, vllm = copy(rolled, tmp_path, "hf"), copy(rolled, tmp_path, "vllm")
+    hf, vllm = copy_run(rolled, tmp_path / "hf", without=("signals",)), copy_run(rolled, tmp_path / "vllm", without=("signals",))
     cli("score", "--run", hf, "--iteration", 0)
     assert "with vllm" in cli("score", "--run", vllm, "--iteration", 0, "--engine", "vllm").stdout
     a, b = signals(hf).lazy().collect(), signals(vllm).lazy().collect()

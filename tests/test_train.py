@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, cli
+from helpers import ROOT, cli, copy_run
 from safetensors.torch import load_file
 
 from rgsd_pipeline.checkpoints import load_student
@@ -31,16 +30,6 @@ def scored(tmp_path_factory):
     cli("rollout", "--run", run, "--iteration", 0)
     cli("score", "--run", run, "--iteration", 0)
     return run
-
-
-def copy(run, tmp_path, name="run", **overrides):
-    target = tmp_path / name
-    shutil.copytree(run, target)
-    text = (target / "run.yaml").read_text()
-    for key, value in overrides.items():
-        text = text.replace(f"  {key}: ", f"  {key}: {value} #", 1)
-    (target / "run.yaml").write_text(text)
-    return target
 
 
 def weights(run):
@@ -126,7 +115,7 @@ def test_training_on_fixed_signals_halves_the_divergence(tiny_path):
 
 @pytest.mark.slow
 def test_train_writes_a_checkpoint_that_transformers_loads(scored, tmp_path):
-    run = copy(scored, tmp_path)
+    run = copy_run(scored, tmp_path / "run")
     out = cli("train", "--run", run, "--iteration", 0).stdout
     assert "6 steps" in out and "checkpoint in" in out
     checkpoint = run / "iter-000" / "checkpoint"
@@ -150,7 +139,7 @@ def model_path(run):
 
 @pytest.mark.slow
 def test_kill_during_training_then_resume_equals_uninterrupted(scored, tmp_path):
-    reference, killed = copy(scored, tmp_path, "reference"), copy(scored, tmp_path, "killed")
+    reference, killed = copy_run(scored, tmp_path / "reference"), copy_run(scored, tmp_path / "killed")
     cli("train", "--run", reference, "--iteration", 0)
     state = killed / "iter-000" / "checkpoint" / "trainer_state" / "state.json"
     worker = subprocess.Popen([*__import__("helpers").CLI, "train", "--run", str(killed), "--iteration", "0"], cwd=ROOT,
@@ -180,7 +169,7 @@ def torchrun(run, port):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel, port", [("ddp", 29533), ("fsdp", 29534)])
 def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path, parallel, port):
-    one, two = copy(scored, tmp_path, "one"), copy(scored, tmp_path, "two", parallel=parallel)
+    one, two = copy_run(scored, tmp_path / "one"), copy_run(scored, tmp_path / "two", train__parallel=parallel)
     cli("train", "--run", one, "--iteration", 0)
     result = subprocess.run(torchrun(two, port), cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -194,7 +183,7 @@ def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path, pa
 
 @pytest.mark.slow
 def test_fsdp_kill_then_resume_with_sharded_optimizer_equals_one_process(scored, tmp_path):
-    one, killed = copy(scored, tmp_path, "one"), copy(scored, tmp_path, "killed", parallel="fsdp")
+    one, killed = copy_run(scored, tmp_path / "one"), copy_run(scored, tmp_path / "killed", train__parallel="fsdp")
     cli("train", "--run", one, "--iteration", 0)
     state = killed / "iter-000" / "checkpoint" / "trainer_state" / "state.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -210,7 +199,7 @@ def test_fsdp_kill_then_resume_with_sharded_optimizer_equals_one_process(scored,
     worker.wait()
     saved = sorted(p.name for p in state.parent.iterdir())
     assert saved == ["optimizer-0-of-2.pt", "optimizer-1-of-2.pt", "state.json", "weights.safetensors"]
-    lone = copy(killed, tmp_path, "lone")
+    lone = copy_run(killed, tmp_path / "lone")
     result = subprocess.run(torchrun(killed, 29536), cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming at step" in result.stdout
@@ -224,7 +213,7 @@ def test_fsdp_kill_then_resume_with_sharded_optimizer_equals_one_process(scored,
 
 @pytest.mark.slow
 def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
-    plain, recomputed = copy(scored, tmp_path, "plain"), copy(scored, tmp_path, "recomputed", gradient_checkpointing="true")
+    plain, recomputed = copy_run(scored, tmp_path / "plain"), copy_run(scored, tmp_path / "recomputed", train__gradient_checkpointing=True)
     cli("train", "--run", plain, "--iteration", 0)
     cli("train", "--run", recomputed, "--iteration", 0)
     want, got = weights(plain), weights(recomputed)
@@ -246,7 +235,7 @@ def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
 
 @pytest.mark.slow
 def test_lora_writes_a_merged_checkpoint(scored, tmp_path):
-    run = copy(scored, tmp_path, lora="true", lora_rank=4)
+    run = copy_run(scored, tmp_path / "run", train__lora=True, train__lora_rank=4)
     cli("train", "--run", run, "--iteration", 0)
     checkpoint = run / "iter-000" / "checkpoint"
     merged = weights(run)

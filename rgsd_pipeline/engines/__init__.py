@@ -1,4 +1,4 @@
-"""Generation and scoring engines behind one small interface (DESIGN.md §4).
+"""Generation and scoring engines behind one small interface (docs/architecture.md, "Engines").
 
     engine.generate(prompts_token_ids, seeds, sampling) -> [Generation]    sampled ids, log-probs, finish
     engine.score(sequences, prompt_lens, k)             -> [Scores]        teacher top-k per response position
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rgsd_pipeline.config import ConfigError
+from rgsd_pipeline.config import ConfigError, EngineConfig, ModelConfig
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores  # noqa: F401
 
 KINDS = ("auto", "vllm", "hf")
@@ -31,7 +31,7 @@ def resolve_kind(kind: str) -> str:
     return kind
 
 
-def make_engine(kind: str, model_path: Path, engine_config, model_config, max_logprobs: int = 0,
+def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
                 sampling: Sampling | None = None) -> Engine:
     """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for, and
     `sampling` the settings generate() will be asked to sample with (vLLM fixes its log-prob mode at start)."""

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from rgsd_pipeline.config import RolloutConfig
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -17,7 +19,7 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     @classmethod
-    def of(cls, rollout_config) -> Sampling:
+    def of(cls, rollout_config: RolloutConfig) -> Sampling:
         """The sampling settings of a config's `rollout` section."""
         r = rollout_config
         return cls(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rgsd_pipeline.config import EngineConfig, ModelConfig
 from rgsd_pipeline.engines.base import Generation, Sampling, Scores
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id
 
@@ -57,7 +58,7 @@ def process_logits(logits_B_V: torch.Tensor, history_B_T: torch.Tensor, sampling
 class HfEngine:
     kind = "hf"
 
-    def __init__(self, model_path: Path, engine_config, model_config):
+    def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig):
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_path, model_config.dtype, model_config.trust_remote_code,

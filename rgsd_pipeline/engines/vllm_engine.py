@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from rgsd_pipeline.config import EngineConfig, ModelConfig
 from rgsd_pipeline.engines.base import Generation, Sampling, Scores
 
 
 class VllmEngine:
     kind = "vllm"
 
-    def __init__(self, model_path: Path, engine_config, model_config, max_logprobs: int = 0,
+    def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
                  sampling: Sampling | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
@@ -44,7 +45,7 @@ class VllmEngine:
                        trust_remote_code=model_config.trust_remote_code, seed=0,
                        tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
                        gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
-                       enforce_eager=engine_config.vllm_enforce_eager,
+                       enforce_eager=engine_config.vllm_enforce_eager, use_tqdm_on_load=False,
                        logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs")
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,

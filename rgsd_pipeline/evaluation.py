@@ -1,0 +1,121 @@
+"""Evaluation sets and the answers a policy gives to them (the judge appears only after this, in grading.py).
+
+An evaluation set is the run's held-out split or the valid rows of a data file, written once to
+eval/<set>/prompts/. A policy's answers are rollouts-schema shards in eval/<set>/<policy>/answers/, each
+(prompt, sample) drawn with the same seed for every policy (sampling.EVAL_SEED_ROUND), so policies are
+compared on paired samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import click
+import polars as pl
+import pyarrow as pa
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.config import RunConfig, fingerprint, to_dict
+from rgsd_pipeline.engines import Sampling, make_engine
+from rgsd_pipeline.ingest import ingest
+from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
+from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
+from rgsd_pipeline.shards import (
+    ArtifactError,
+    ShardPlan,
+    StageData,
+    StageOutput,
+    read_stage,
+    split_into_shards,
+    write_jsonl_atomic,
+)
+from rgsd_pipeline.sources import source_fingerprint, source_path
+from schemas import PROMPTS, ROLLOUTS
+
+HELDOUT = "heldout"
+
+
+def set_name_for(data_spec: str | None) -> str:
+    """The folder name of an evaluation set: "heldout", or a name taken from the data spec."""
+    if data_spec is None:
+        return HELDOUT
+    name = data_spec.split(":", 1)[1] if data_spec.startswith("builtin:") else Path(data_spec).name.split(".")[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
+
+
+def evaluated_policy(run: Path, iteration: str, base: Path) -> tuple[str, Path]:
+    """(label, model folder) of the policy `--iteration` names: "base", or I for iteration I's checkpoint."""
+    policy = 0 if iteration == layout.BASE_LABEL else int(iteration) + 1
+    return layout.policy_label(policy), layout.policy_path(run, policy, base)
+
+
+def eval_prompts(run: Path, config: RunConfig, data_spec: str | None, set_name: str, max_prompts: int) -> list[dict]:
+    """The prompts of an evaluation set, written once to eval/<set>/prompts/ and read from there after."""
+    out_dir = layout.eval_prompts_dir(run, set_name)
+    if data_spec is None:
+        run_prompts = read_stage(layout.prompts_dir(run), PROMPTS)
+        inputs = {"prompts": fingerprint(run_prompts.manifest["shards"]), "max_prompts": str(max_prompts)}
+    else:
+        inputs = {f"source:{data_spec}": source_fingerprint(data_spec), "max_prompts": str(max_prompts),
+                  "template": fingerprint(to_dict(config.template))}
+    with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(1)) as out:
+        if out.todo():
+            rows = _heldout_rows(run, run_prompts, max_prompts) if data_spec is None else \
+                _data_rows(run, config, data_spec, set_name, max_prompts)
+            out.write_shard(0, pa.Table.from_pylist(rows, schema=PROMPTS.arrow))
+        out.finalize()
+    return read_stage(out_dir, PROMPTS).lazy().collect().to_dicts()
+
+
+def _heldout_rows(run: Path, run_prompts: StageData, max_prompts: int) -> list[dict]:
+    rows = run_prompts.lazy().filter(pl.col("split") == "heldout").collect().to_dicts()
+    rows = rows[:max_prompts] if max_prompts else rows
+    if not rows:
+        raise ArtifactError(f"{layout.prompts_dir(run)} has no held-out prompts; set data.heldout_fraction > 0 at "
+                            "prepare, or pass --data")
+    return rows
+
+
+def _data_rows(run: Path, config: RunConfig, data_spec: str, set_name: str, max_prompts: int) -> list[dict]:
+    """Every valid row of a data file, read as `prepare` reads it; bad rows go to eval/<set>/quarantine.jsonl."""
+    source_path(data_spec)  # a missing file is named before anything else happens
+    data = dataclasses.replace(config.data, sources=[data_spec], heldout_fraction=0.0, max_prompts=max_prompts)
+    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    result = ingest(data, config.template, tokenizer)
+    click.echo(result.summary())
+    if result.quarantine:
+        write_jsonl_atomic(layout.eval_quarantine_file(run, set_name), result.quarantine)
+        click.echo(f"rejected rows of {data_spec}: {layout.eval_quarantine_file(run, set_name)}")
+    if not result.prompts:
+        raise ArtifactError(f"no valid prompts in {data_spec}")
+    trained = read_stage(layout.prompts_dir(run), PROMPTS).lazy().filter(pl.col("split") == "train")
+    overlap = {r["prompt_id"] for r in result.prompts} & set(trained.select("prompt_id").collect()["prompt_id"])
+    if overlap:
+        click.secho(f"warning: {len(overlap)} of the {len(result.prompts)} prompts of {data_spec} are training "
+                    "prompts of this run", fg="yellow", err=True)
+    return result.prompts
+
+
+def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name: str, label: str, policy: Path,
+                     samples: int, engine_kind: str | None) -> StageData:
+    """eval/<set>/<policy>/answers/: `samples` answers per prompt, seeded per (prompt, sample) alone."""
+    work = [(p, s) for p in prompts for s in range(samples)]
+    pieces = split_into_shards(work, config.data.rows_per_shard)
+    inputs = {"prompts": fingerprint([p["prompt_id"] for p in prompts]), "policy": model_fingerprint(policy),
+              "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
+                                     "max_model_len": config.model.max_model_len, "samples": samples})}
+    out_dir = layout.answers_dir(run, set_name, label)
+    with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
+        shards = {i: pieces[i] for i in out.todo()}
+        if shards:
+            engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model,
+                                 sampling=Sampling.of(config.rollout))
+            click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}")
+            tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+            sample_shards(out, shards, engine, tokenizer, config, EVAL_SEED_ROUND, seed_round=EVAL_SEED_ROUND,
+                          unit="answer")
+            engine.close()
+        out.finalize()
+    return read_stage(out_dir, ROLLOUTS)

@@ -1,0 +1,28 @@
+"""The design page stays true to the code: its generated column reference, and every file it names exists."""
+
+import re
+
+from helpers import ROOT
+
+from schemas import column_reference
+
+
+def test_the_column_reference_is_the_generated_one():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    section = page.split("<!-- columns:begin -->\n", 1)[1].split("<!-- columns:end -->", 1)[0]
+    assert section == column_reference(), "regenerate docs/architecture.md's columns from schemas.column_reference()"
+
+
+def test_every_module_the_design_page_names_exists():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"`((?:rgsd_pipeline|stages|schemas|tests|configs|bench)/[\w/.]+\.(?:py|yaml))`", page))
+    modules = set(re.findall(r"`(\w+\.py)`", page))  # bare names are modules of the library
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    missing += [m for m in modules if not list((ROOT / "rgsd_pipeline").rglob(m))]
+    assert paths and modules and not missing, missing
+
+
+def test_code_points_to_the_design_page_not_an_outside_one():
+    sources = [p for folder in ("rgsd_pipeline", "stages", "schemas", "configs") for p in (ROOT / folder).rglob("*")
+               if p.suffix in (".py", ".yaml")] + [ROOT / "Makefile"]
+    assert not [p for p in sources if "DESIGN.md" in p.read_text()]
