@@ -48,7 +48,8 @@ def main():
         tokenizer = load_tokenizer(path)
         overrides = [f"model.path={model}", f"data.max_prompts={args.prompts}", "data.heldout_fraction=0",
                      f"data.rows_per_shard={args.prompts}", f"rollout.max_new_tokens={args.tokens}",
-                     "rollout.temperature=1.0", f"engine.hf_batch_size={args.prompts}", "engine.vllm_enforce_eager=true"]
+                     "rollout.temperature=1.0", f"engine.hf_batch_size={args.prompts}",
+                     "engine.vllm_enforce_eager=true"]
         config = load_config(None, overrides)
         # The same prompts and per-sample seeds the stage will use, so both sample identical tokens.
         prepared = Path(tempfile.mkdtemp(prefix="bench-prompts-"))

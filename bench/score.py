@@ -66,8 +66,9 @@ def main():
         results = {}
         path = resolve_model(model)
         tokenizer = load_tokenizer(path)
-        config = load_config(None, [f"model.path={model}", f"data.max_prompts={args.prompts}", "data.heldout_fraction=0",
-                                    f"data.rows_per_shard={args.prompts}", f"rollout.max_new_tokens={args.tokens}",
+        config = load_config(None, [f"model.path={model}", f"data.max_prompts={args.prompts}",
+                                    "data.heldout_fraction=0", f"data.rows_per_shard={args.prompts}",
+                                    f"rollout.max_new_tokens={args.tokens}",
                                     f"engine.hf_batch_size={args.prompts}", "engine.vllm_enforce_eager=true",
                                     "engine.kind=hf"])
         prepared = Path(tempfile.mkdtemp(prefix="bench-score-"))
@@ -92,7 +93,8 @@ def main():
                     with torch.inference_mode():
                         for batch in length_buckets([len(s) for s in sequences], config.engine.hf_batch_size):
                             ids, mask = left_pad([sequences[i] for i in batch], engine.pad_id)
-                            engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+                            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                            engine.model(input_ids=ids, attention_mask=mask, position_ids=positions)
                 _, forward_s = timed(forward_only)
                 results["bare_forward_tokens_per_s"] = response_tokens / forward_s
             run = Path(tempfile.mkdtemp(prefix="bench-score-run-"))

@@ -12,7 +12,8 @@ from common import RESULTS
 # (section prefix, key, what it measures, goal text, goal test)
 ROWS = [
     ("rollout", "hf_stage_over_bare", "rollout stage / bare HF generate (tokens/s)", ">= 0.95", lambda v: v >= 0.95),
-    ("rollout", "vllm_stage_over_bare", "rollout stage / bare vLLM generate (tokens/s)", ">= 0.95", lambda v: v >= 0.95),
+    ("rollout", "vllm_stage_over_bare", "rollout stage / bare vLLM generate (tokens/s)", ">= 0.95",
+     lambda v: v >= 0.95),
     ("rollout", "vllm_over_hf", "vLLM / HF generation (tokens/s)", "> 1", lambda v: v > 1),
     ("score", "stage_over_bare_forward", "score stage / bare forward pass (tokens/s)", ">= 0.95", lambda v: v >= 0.95),
     ("score", "vllm_over_hf", "vLLM / HF scoring (tokens/s)", "-", None),
@@ -36,7 +37,8 @@ def main():
             if section.startswith(prefix) and key in values and not (prefix == "train" and "memory" in section):
                 value = values[key]
                 met = "-" if test is None else ("yes" if test(value) else "NO")
-                lines.append(f"{what:52s} {section[len(prefix):].strip(' /,') or '-':42s} {value:8.3f}  {goal:8s} {met}")
+                where = section[len(prefix):].strip(" /,") or "-"
+                lines.append(f"{what:52s} {where:42s} {value:8.3f}  {goal:8s} {met}")
     for section, values in results.items():
         if section.startswith("train peak memory"):
             ratios = {k: v for k, v in values.items() if k.endswith("_ratio")}

@@ -30,13 +30,15 @@ from rgsd_pipeline.trainer import Trainer, World
 torch.manual_seed(0)
 V, T, MODE = {vocab}, {length}, "{mode}"
 model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)).to(DEVICE)
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                     max_position_embeddings=8192)).to(DEVICE)
 rng = np.random.default_rng(0)
 ids = rng.integers(0, V, T)
 prompt = 32
 positions = np.arange(T - prompt)
 if MODE == "rgsd":
-    example = synthetic_example(ids, prompt, rng.integers(0, V, (len(positions), 20)), np.full((len(positions), 20), 0.04))
+    example = synthetic_example(ids, prompt, rng.integers(0, V, (len(positions), 20)),
+                                np.full((len(positions), 20), 0.04))
     trainer = Trainer(model, [example], TrainConfig(batch_size=1, micro_batch_size=1), World(), pad_id=0)
     trainer.step(0)
 elif MODE == "chunked_ce":
@@ -86,7 +88,8 @@ def bytes_per_parameter(model_name: str) -> dict:
         params = list(trainable(model).values())
         count = sum(p.numel() for p in params)
         nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
-        moments = [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+        moments = [v for state in trainer.optimizer.state.values() for v in state.values()
+                   if torch.is_tensor(v) and v.dim()]
         out[f"master {master}: weights"] = nbytes(params) / count
         out[f"master {master}: gradients"] = nbytes([p.grad for p in params]) / count
         out[f"master {master}: adamw moments"] = nbytes(moments) / count
@@ -95,7 +98,8 @@ def bytes_per_parameter(model_name: str) -> dict:
         if master == "float32":
             with tempfile.TemporaryDirectory() as tmp:
                 write_checkpoint(model, path, Path(tmp), config, {})
-                out["exported checkpoint file bytes per parameter"] = (Path(tmp) / "model.safetensors").stat().st_size / count
+                size = (Path(tmp) / "model.safetensors").stat().st_size
+                out["exported checkpoint file bytes per parameter"] = size / count
     return out
 
 
@@ -130,7 +134,8 @@ def main():
             from transformers import LlamaConfig, LlamaForCausalLM
 
             hidden, layers, vocab = map(int, args.shape.split(","))
-            shape = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+            shape = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4,
+                                num_hidden_layers=layers,
                                 num_attention_heads=hidden // 64, num_key_value_heads=2, head_dim=64)
             new_model = lambda: LlamaForCausalLM(shape)  # noqa: E731
             name = f"random Llama hidden {hidden}, {layers} layers, vocab {vocab}"
@@ -166,7 +171,8 @@ def main():
             for batch in batches:
                 optimizer.zero_grad()
                 for lo in range(0, len(batch), config.micro_batch_size):
-                    ids = torch.tensor(np.stack([examples[i].input_ids for i in batch[lo:lo + config.micro_batch_size]]),
+                    micro = batch[lo:lo + config.micro_batch_size]
+                    ids = torch.tensor(np.stack([examples[i].input_ids for i in micro]),
                                        device=device())
                     labels = ids.clone()
                     labels[:, :prompt] = -100
@@ -178,7 +184,8 @@ def main():
 
         bare_steps(batches[:1])  # warm-up
         _, bare_s = timed(lambda: bare_steps(batches))
-        record(f"train {name} on {device().type}", {"stage_tokens_per_s": tokens / ours_s, "bare_ce_tokens_per_s": tokens / bare_s,
+        record(f"train {name} on {device().type}", {"stage_tokens_per_s": tokens / ours_s,
+                                                    "bare_ce_tokens_per_s": tokens / bare_s,
                                        "stage_over_bare_ce": bare_s / ours_s, "sequences": args.sequences,
                                        "length": args.length})
 

@@ -38,9 +38,10 @@ def main():
     config = load_run_config(args.run)
     prompts = read_stage(layout.prompts_dir(args.run), PROMPTS).lazy().filter(pl.col("split") == "train").collect()
     rows = prompts.to_dicts()
-    dataset = Dataset.from_list([{"prompt": r["messages"], "privileged_context": format_criteria(r["rubric"], config.template)}
-                                 for r in rows])
-    template = config.template.rubric_template.replace("{question}", "{prompt}").replace("{criteria}", "{privileged_context}")
+    dataset = Dataset.from_list([{"prompt": r["messages"],
+                                  "privileged_context": format_criteria(r["rubric"], config.template)} for r in rows])
+    template = (config.template.rubric_template.replace("{question}", "{prompt}")
+                .replace("{criteria}", "{privileged_context}"))
     path = str(resolve_model(config.model.path))
     train = config.train
     steps = len(rows) // train.batch_size
@@ -48,7 +49,8 @@ def main():
         output_dir=args.out, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=config.seed,
         per_device_train_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.batch_size // train.micro_batch_size,
-        max_steps=steps, learning_rate=train.learning_rate, warmup_steps=train.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        max_steps=steps, learning_rate=train.learning_rate, warmup_steps=train.warmup_steps,
+        lr_scheduler_type="constant_with_warmup",
         max_grad_norm=train.max_grad_norm, num_generations=1, max_completion_length=config.rollout.max_new_tokens,
         temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
         max_prompt_length=config.data.max_prompt_tokens, teacher_model_kind="base", teacher_prompt_template=template,

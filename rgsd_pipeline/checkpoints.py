@@ -56,7 +56,8 @@ def load_student(base: Path, policy: Path, previous: Path | None, config: RunCon
     adapters belong; without one, from policy_I (the base, or an exported merge) with fresh adapters.
     """
     start = base if config.train.lora and previous is not None else policy
-    model = load_model(start, config.train.master_dtype, config.model.trust_remote_code, config.model.allow_pickle_weights)
+    model = load_model(start, config.train.master_dtype, config.model.trust_remote_code,
+                       config.model.allow_pickle_weights)
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.train.lora:

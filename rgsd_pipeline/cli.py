@@ -108,4 +108,7 @@ def config_reference(markdown):
         click.echo(reference_markdown(), nl=False)
         return
     for key, default, help_text in reference():
-        click.echo(f"{key:32s} {default:24s} {help_text}" if len(default) <= 24 else f"{key:32s} {help_text}\n{'':33s}default: {default}")
+        if len(default) <= 24:
+            click.echo(f"{key:32s} {default:24s} {help_text}")
+        else:
+            click.echo(f"{key:32s} {help_text}\n{'':33s}default: {default}")

@@ -16,8 +16,10 @@ def engine_stage_options(command):
         click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder."),
         click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration to work on."),
         click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Override the config's engine."),
-        click.option("--num-shards", default=1, type=click.IntRange(min=1), help="Independent workers splitting the stage."),
-        click.option("--shard-index", default=0, type=click.IntRange(min=0), help="This worker's index in [0, num-shards)."),
+        click.option("--num-shards", default=1, type=click.IntRange(min=1),
+                     help="Independent workers splitting the stage."),
+        click.option("--shard-index", default=0, type=click.IntRange(min=0),
+                     help="This worker's index in [0, num-shards)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -42,9 +44,10 @@ def judge_options(command):
         click.option("--judge-retries", default=default["max_retries"], type=click.IntRange(min=0), show_default=True,
                      help="Retries (with backoff) of a failed call."),
         click.option("--judge-structured", default=default["structured"], type=click.Choice(STRUCTURED),
-                     show_default=True, help="Send a JSON schema as response_format (auto: unless the server refuses it)."),
-        click.option("--judge-max-tokens", default=default["max_tokens"], type=click.IntRange(min=16), show_default=True,
-                     help="Token limit of a judge reply."),
+                     show_default=True,
+                     help="Send a JSON schema as response_format (auto: unless the server refuses it)."),
+        click.option("--judge-max-tokens", default=default["max_tokens"], type=click.IntRange(min=16),
+                     show_default=True, help="Token limit of a judge reply."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -45,7 +45,8 @@ EngineKind = Literal["auto", "vllm", "hf"]
 
 @dataclass
 class ModelConfig:
-    path: str = opt("builtin:tiny", "Local HF folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
+    path: str = opt("builtin:tiny",
+                    "Local HF folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
     dtype: Dtype = opt("float32", "Weights dtype of the engines (rollout, score) and of every exported checkpoint; "
                                   "training keeps train.master_dtype")
     max_model_len: int = opt(2048, "Context length used by the engines (prompt + response)", minimum=16)
@@ -55,7 +56,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    sources: list = opt(["builtin:medsci"], "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
+    sources: list = opt(["builtin:medsci"],
+                        "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
     format: Literal["auto", "rubrichub", "rar", "healthbench", "generic"] = opt("auto", "Row format of the sources")
     heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0,
                                   maximum=1.0)
@@ -84,14 +86,16 @@ DEFAULT_REFERENCE_TEMPLATE = (
 @dataclass
 class TemplateConfig:
     teacher: Literal["rubric", "reference"] = opt("rubric", "What the teacher sees beside the question")
-    rubric_template: str = opt(DEFAULT_TEACHER_TEMPLATE, "Teacher user message; {question} and {criteria} are filled in")
+    rubric_template: str = opt(DEFAULT_TEACHER_TEMPLATE,
+                               "Teacher user message; {question} and {criteria} are filled in")
     criterion_format: str = opt("{index}. {criterion}", "One criterion line; fields: index, criterion, points")
     show_points: bool = opt(False, "Append '(N points)' to each criterion")
     pitfalls: Literal["inline", "avoid", "drop"] = opt(
         "inline", "Negative-point criteria: listed with the rest, as a separate list to avoid, or dropped")
     pitfalls_header: str = opt(DEFAULT_PITFALLS_HEADER, "Heading of the pitfalls list when pitfalls=avoid")
     reference_template: str = opt(DEFAULT_REFERENCE_TEMPLATE, "Teacher user message when teacher=reference")
-    system_prompt: str = opt("", "System message shown to both student and teacher (empty: the chat template's default)")
+    system_prompt: str = opt("",
+                             "System message shown to both student and teacher (empty: the chat template's default)")
 
 
 @dataclass
@@ -150,7 +154,8 @@ class TrainConfig:
     distill_temperature: float = opt(1.0, "Temperature applied to both distributions' top-k + tail buckets in the loss",
                                      minimum=0.01)
     importance_cap: float = opt(2.0, "sampled_reverse_kl: cap of the importance weight pi_theta / pi_behaviour that "
-                                     "corrects for stale or tempered rollouts (0 turns the correction off)", minimum=0.0)
+                                     "corrects for stale or tempered rollouts (0 turns the correction off)",
+                                minimum=0.0)
     reduction: Literal["token", "sequence"] = opt(
         "token", "Average the loss over tokens of the batch, or per sequence then over sequences")
     ce_weight: float = opt(0.0, "Weight of cross-entropy on the sampled tokens mixed into the loss", minimum=0.0)
@@ -362,7 +367,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
     """The frozen config of an existing run."""
     frozen_path = Path(run_dir) / RUN_CONFIG_FILE
     if not frozen_path.exists():
-        raise ConfigError(f"{frozen_path} does not exist: start the run with `rgsd-pipeline prepare --config CFG --run {run_dir}`")
+        raise ConfigError(f"{frozen_path} does not exist: start the run with "
+                          f"`rgsd-pipeline prepare --config CFG --run {run_dir}`")
     return _build_root(yaml.safe_load(frozen_path.read_text()) or {}, str(frozen_path))
 
 

@@ -32,7 +32,8 @@ def synthetic_example(input_ids: np.ndarray, prompt_len: int, topk_ids_N_K: np.n
     n = len(topk_ids_N_K)
     probs_N_K = np.asarray(topk_probs_N_K, dtype=np.float64)
     return Example(input_ids=np.asarray(input_ids, dtype=np.int64), prompt_len=prompt_len, positions=np.arange(n),
-                   topk_ids=np.asarray(topk_ids_N_K, dtype=np.int64), topk_logprobs=np.log(probs_N_K).astype(np.float32),
+                   topk_ids=np.asarray(topk_ids_N_K, dtype=np.int64),
+                   topk_logprobs=np.log(probs_N_K).astype(np.float32),
                    tail_logprob=np.log1p(-probs_N_K.sum(-1)).astype(np.float32),
                    token_logprob=np.full(n, token_logprob, np.float32), sampling_logprob=np.full(n, -2.0, np.float32))
 
@@ -51,7 +52,8 @@ def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
                                 f"{rollouts.files[index]} has {len(rollout_rows)}")
         for row, rollout in enumerate(rollout_rows):
             signal = {name: signal_table.column(name)[row] for name in signal_table.column_names}
-            if (signal["prompt_id"].as_py(), signal["sample_idx"].as_py()) != (rollout["prompt_id"], rollout["sample_idx"]):
+            key = (signal["prompt_id"].as_py(), signal["sample_idx"].as_py())
+            if key != (rollout["prompt_id"], rollout["sample_idx"]):
                 raise ArtifactError(f"{signals.files[index]} row {row}: keys differ from {rollouts.files[index]}")
             if signal["status"].as_py() != "ok":
                 continue

@@ -42,7 +42,8 @@ class IngestResult:
         lines.append(f"prompts: {len(self.prompts)} ({splits['train']} train, {splits['heldout']} held out); "
                      f"domains: {', '.join(f'{d} {n}' for d, n in sorted(domains.items()))}")
         if self.left_out:
-            lines.append(f"left out: {self.left_out} valid training prompts beyond data.max_prompts (a seeded sample is kept)")
+            lines.append(f"left out: {self.left_out} valid training prompts beyond data.max_prompts "
+                         "(a seeded sample is kept)")
         if self.quarantine:
             lines.append(f"quarantined: {len(self.quarantine)} rows")
         return "\n".join(lines)

@@ -116,7 +116,8 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
                       teacher_tail_mass=pl.col("tail_logprob").exp())
     )
     frame = (frame.join(vocab, on="token_id", how="left")
-             .join(vocab.rename({"token_id": "teacher_top1_id", "token": "teacher_top1"}), on="teacher_top1_id", how="left"))
+             .join(vocab.rename({"token_id": "teacher_top1_id", "token": "teacher_top1"}), on="teacher_top1_id",
+                   how="left"))
     return frame.select("prompt_id", "sample_idx", "position", "token_id", "token", "behaviour_logprob",
                         "sampling_logprob", "teacher_logprob", "divergence", "mask", "teacher_top1_id", "teacher_top1",
                         "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")

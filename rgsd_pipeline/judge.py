@@ -332,6 +332,7 @@ class Judge:
             verdicts = parse_reply(choice.message.content if choice else "", n_criteria)
             if verdicts is not None:
                 return verdicts
-            reason = "unparseable judge reply" + (" (cut at max_tokens)" if choice and choice.finish_reason == "length" else "")
+            cut = choice and choice.finish_reason == "length"
+            reason = "unparseable judge reply" + (" (cut at max_tokens)" if cut else "")
             attempts += 1
         return reason

@@ -109,8 +109,9 @@ def eval_dir(run: Path, set_name: str, label: str) -> Path:
 def eval_labels(run: Path, set_name: str) -> list[str]:
     """The policies evaluated on a set, in policy order."""
     root = eval_set_dir(run, set_name)
-    labels = [p.name for p in root.iterdir() if p.is_dir() and policy_index(p.name) is not None] if root.exists() else []
-    return sorted(labels, key=policy_index)
+    if not root.exists():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and policy_index(p.name) is not None), key=policy_index)
 
 
 def answers_dir(run: Path, set_name: str, label: str) -> Path:

@@ -2,9 +2,9 @@
 
 The student sees the prompt's messages. The teacher sees the same conversation with the last user
 message rewritten by the configured template: the question plus its rubric (the paper's wording by
-default, docs/architecture.md "The teacher's prompt"), or plus a reference answer. Both are tokenized with the model's own chat
-template and a generation prompt, so a response sampled after the student's ids can be appended
-unchanged after the teacher's ids.
+default, docs/architecture.md "The teacher's prompt"), or plus a reference answer. Both are tokenized
+with the model's own chat template and a generation prompt, so a response sampled after the student's
+ids can be appended unchanged after the teacher's ids.
 """
 
 from __future__ import annotations

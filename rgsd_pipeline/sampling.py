@@ -74,8 +74,8 @@ def row_for(prompt: dict, sample_idx: int, iteration: int, prompt_ids: list[int]
             "response_text": "", "finish_reason": ""}
 
 
-def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[dict, int]], iteration: int, seed_round: int,
-                advance) -> list[dict]:
+def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[dict, int]], iteration: int,
+                seed_round: int, advance) -> list[dict]:
     """Rollout rows for (prompt, sample_idx) items: render the student view, skip or truncate prompts over
     the context budget, sample with one seed per (seed round, prompt, sample), decode."""
     sampling = Sampling.of(config.rollout)
@@ -103,8 +103,8 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
     return rows
 
 
-def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine: Engine, tokenizer, config: RunConfig,
-                  iteration: int, seed_round: int, unit: str) -> None:
+def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine: Engine, tokenizer,
+                  config: RunConfig, iteration: int, seed_round: int, unit: str) -> None:
     """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar."""
     advance = TokenProgress(sum(map(len, shards.values())), unit)
     for index, items in shards.items():

@@ -131,12 +131,14 @@ def validate_table(table: pa.Table, schema: ArtifactSchema, where: str) -> pa.Ta
     """Return `table` cast to `schema` or raise ArtifactError naming the column and the first bad row."""
     expected = schema.arrow
     if table.schema.names != expected.names:
-        raise ArtifactError(f"{where}: columns {table.schema.names} do not match the {schema.name} schema {expected.names}")
+        raise ArtifactError(f"{where}: columns {table.schema.names} do not match the {schema.name} schema "
+                            f"{expected.names}")
     for field in expected:
         column = table.column(field.name)
         if not field.nullable and column.null_count:
             row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
-            raise ArtifactError(f"{where}: row {row} field '{field.name}' is null but the {schema.name} schema requires a value")
+            raise ArtifactError(f"{where}: row {row} field '{field.name}' is null but the {schema.name} schema "
+                                "requires a value")
     try:
         return table.cast(schema.stamped())
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
@@ -206,7 +208,8 @@ class StageOutput:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / PROGRESS).mkdir(exist_ok=True)
         lock_name = f"lock-{self.plan.worker_index}-of-{self.plan.num_workers}"
-        self._lock = exclusive_lock(self.folder / PROGRESS / lock_name, f"{self.folder} (worker {self.plan.worker_index})")
+        self._lock = exclusive_lock(self.folder / PROGRESS / lock_name,
+                                    f"{self.folder} (worker {self.plan.worker_index})")
         self._lock.__enter__()
         try:
             self._check_inputs()
@@ -359,7 +362,8 @@ def read_stage(folder: Path, schema: ArtifactSchema, expect_inputs: dict[str, st
                             f"this rgsd-pipeline reads version {MANIFEST_VERSION}")
     found = manifest.get("schema", {})
     if found.get("name") != schema.name or found.get("version") != schema.version:
-        older = found.get("name") == schema.name and isinstance(found.get("version"), int) and found["version"] < schema.version
+        version = found.get("version")
+        older = found.get("name") == schema.name and isinstance(version, int) and version < schema.version
         raise ArtifactError(f"{folder / MANIFEST}: holds schema {found.get('name')!r} v{found.get('version')}, "
                             f"expected {schema.name!r} v{schema.version}"
                             + (f"; it was written by an earlier rgsd-pipeline: delete {folder} and rerun the stage "

@@ -56,8 +56,8 @@ class TeacherInputs:
     rows: list[int] = field(default_factory=list)  # which row of the shard each sequence belongs to
 
 
-def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer, template: TemplateConfig, max_model_len: int
-                   ) -> TeacherInputs:
+def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer, template: TemplateConfig,
+                   max_model_len: int) -> TeacherInputs:
     """Teacher input = the teacher prompt (rubric template, chat template, generation prompt) followed by the
     student's response ids exactly as sampled, never re-tokenized. Skipped rollouts, and sequences over the
     context, get a `skipped:` status and no sequence."""
@@ -70,7 +70,8 @@ def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer
         if row["finish_reason"].startswith("skipped:"):
             key["status"] = "skipped:rollout was skipped"
         elif length > max_model_len:
-            key["status"] = f"skipped:teacher prompt + response is {length} tokens, over model.max_model_len = {max_model_len}"
+            key["status"] = (f"skipped:teacher prompt + response is {length} tokens, over model.max_model_len = "
+                             f"{max_model_len}")
         else:
             out.sequences.append(teacher_ids + row["response_token_ids"])
             out.prompt_lens.append(len(teacher_ids))
@@ -140,7 +141,8 @@ def nested_list(values_N_K: np.ndarray, lengths: list[int], value_type: pa.DataT
 
 def signals_table(keys: list[dict], scores: list[Scores | None], masks: list[list[bool]], schema: ArtifactSchema,
                   k: int) -> pa.Table:
-    """Signals rows: `keys` holds prompt_id, sample_idx, teacher_prompt_len and status per row; a None score is a skip."""
+    """Signals rows: `keys` holds prompt_id, sample_idx, teacher_prompt_len and status per row; a None score is a
+    skip."""
     fields = {f.name: f.type for f in schema.arrow}
     id_type, value_type = fields["topk_ids"].value_type.value_type, fields["topk_logprobs"].value_type.value_type
     lengths = [0 if s is None else len(s.token_logprob_T) for s in scores]

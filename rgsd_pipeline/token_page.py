@@ -49,7 +49,8 @@ def _tip(row: dict, vocab: dict[int, str], alternatives: int) -> str:
 
 def render(title: str, token_rows: pl.DataFrame, rollout_rows: pl.DataFrame, vocab: dict[int, str],
            alternatives: int = 5) -> str:
-    """The page for the given rollouts (`rollout_rows`: prompt_id, sample_idx, divergence_mean, ...) and their tokens."""
+    """The page for the given rollouts (`rollout_rows`: prompt_id, sample_idx, divergence_mean, ...) and their
+    tokens."""
     by_rollout = token_rows.sort("prompt_id", "sample_idx", "position").partition_by(
         "prompt_id", "sample_idx", as_dict=True, maintain_order=True)
     sections = []
@@ -60,8 +61,9 @@ def render(title: str, token_rows: pl.DataFrame, rollout_rows: pl.DataFrame, voc
         spans = []
         for t in rows.iter_rows(named=True):
             css = "t" if t["mask"] else "t masked"
+            text, tip = html.escape(_visible(t["token"] or "")), _tip(t, vocab, alternatives)
             spans.append(f'<span class="{css}" data-pos="{t["position"]}" style="background:{colour(t["divergence"])}">'
-                         f'{html.escape(_visible(t["token"] or ""))}<span class="tip">{_tip(t, vocab, alternatives)}</span></span>')
+                         f'{text}<span class="tip">{tip}</span></span>')
         mean = r.get("divergence_mean")
         sections.append(f'<h2>{html.escape(r["prompt_id"])} · sample {r["sample_idx"]} · {rows.height} tokens · '
                         f'mean divergence {"-" if mean is None else format(mean, "+.3f")} · '

@@ -173,8 +173,9 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
     if not world.main:
         return
     save_file(weights, tmp / "weights.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "global_step": step if global_step is None else global_step,
-                                                "processes": world.size if sharded else 1}))
+    state = {"step": step, "global_step": step if global_step is None else global_step,
+             "processes": world.size if sharded else 1}
+    (tmp / "state.json").write_text(json.dumps(state))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -190,11 +191,11 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
         folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
     saved_processes = json.loads((folder / "state.json").read_text()).get("processes", 1)
     if saved_processes != (world.size if sharded else 1):
+        how = (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
+               else "train.parallel=ddp or one process")
         raise ArtifactError(f"{folder} holds the optimizer state of {saved_processes} process(es) "
-                            f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with "
-                            + (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
-                               else "train.parallel=ddp or one process")
-                            + ", or delete it to restart this iteration")
+                            f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with {how}, "
+                            "or delete it to restart this iteration")
     if load_weights:
         weights = load_file(folder / "weights.safetensors")
         with torch.no_grad():
@@ -259,7 +260,8 @@ def shard(forward: DistillForward, device_type: str, world: World, bf16: bool) -
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (world.size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     decoder, _ = forward._parts
     for layer in decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -330,7 +332,8 @@ class Trainer:
                 for param in params:
                     dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()

@@ -67,7 +67,8 @@ PROMPTS = ArtifactSchema(
             column("source_id", pa.string(), "The data set's own id (RubricHub extra_info.id, HealthBench "
                                              "prompt_id, RaR id), when it has one", nullable=True),
             column("domain", pa.string(), "e.g. medical, science", nullable=True),
-            column("reference_answer", pa.string(), "An expert answer, for the reference-answer teacher", nullable=True),
+            column("reference_answer", pa.string(), "An expert answer, for the reference-answer teacher",
+                   nullable=True),
             column("split", pa.string(), "train or heldout"),
             column("prompt_tokens", pa.int32(), "Student prompt length after the chat template"),
         ]
@@ -159,7 +160,8 @@ def signals_schema(k: int, value_type: pa.DataType = pa.uint8(), id_type: pa.Dat
                 column("topk_ids", pa.list_(pa.list_(id_type, k)),
                        "Per response position, the teacher's top-k token ids, best first" + lists),
                 column("topk_logprobs", pa.list_(pa.list_(value_type, k)),
-                       "Per position, their log-probs (uint8 codes by default: see the rgsd.encoding metadata)" + lists),
+                       "Per position, their log-probs (uint8 codes by default: see the rgsd.encoding metadata)"
+                       + lists),
                 column("tail_logprob", pa.list_(pa.float32()),
                        "Per position, log of the teacher's mass outside its top-k (fp32, exact)" + lists),
                 column("token_logprob", pa.list_(pa.float32()),
@@ -216,7 +218,8 @@ def column_reference() -> str:
     """A Markdown table per artifact, with every column's type and description (docs/architecture.md)."""
     parts = []
     for schema in ARTIFACTS:
-        parts.append(f"**{schema.name}** (v{schema.version}): {schema.doc}\n\n| column | type | meaning |\n| --- | --- | --- |")
+        header = "| column | type | meaning |\n| --- | --- | --- |"
+        parts.append(f"**{schema.name}** (v{schema.version}): {schema.doc}\n\n{header}")
         for field in schema.arrow:
             description = (field.metadata or {}).get(DESCRIPTION_KEY, b"").decode()
             nullable = " (nullable)" if field.nullable else ""

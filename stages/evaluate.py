@@ -67,8 +67,10 @@ def _iteration(value: str) -> str:
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iteration", required=True, callback=lambda ctx, p, v: _iteration(v),
               help="'base', or I to evaluate iter-I/checkpoint.")
-@click.option("--data", "data_spec", help="Evaluation data (any format `prepare` reads); default: the run's held-out split.")
-@click.option("--name", "set_name", help="Name of the evaluation set folder under eval/ (default from --data, or 'heldout').")
+@click.option("--data", "data_spec",
+              help="Evaluation data (any format `prepare` reads); default: the run's held-out split.")
+@click.option("--name", "set_name",
+              help="Name of the evaluation set folder under eval/ (default from --data, or 'heldout').")
 @click.option("--max-prompts", default=0, type=click.IntRange(min=0), help="Evaluate at most N prompts (0: all).")
 @click.option("--samples", default=1, type=click.IntRange(min=1), help="Answers per prompt.")
 @click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Override the config's engine for answers.")
@@ -80,5 +82,5 @@ def command(run, iteration, data_spec, set_name, max_prompts, samples, engine_ki
 
     The judge's API key is read from $RGSD_JUDGE_API_KEY (none needed for a local `vllm serve`).
     """
-    evaluate(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, judge_settings(**judge), divergence,
-             resamples)
+    settings = judge_settings(**judge)
+    evaluate(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, settings, divergence, resamples)

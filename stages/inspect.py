@@ -40,9 +40,11 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
         pos = t["position"]
         picks = ", ".join(f"{vocab.get(i, '?')!r} {math.exp(lp):.0%}"
                           for i, lp in list(zip(t["teacher_topk_ids"], t["teacher_topk_logprobs"]))[:alternatives])
+        before, token, after = ids[max(0, pos - context):pos], [t["token_id"]], ids[pos + 1:pos + 1 + context // 2]
         lines.append(f"  {t['prompt_id'][:10]}/{t['sample_idx']} @{pos:<4d} {t['divergence']:+6.2f}  "
-                     f"…{text(ids[max(0, pos - context):pos])}⟦{text([t['token_id']])}⟧{text(ids[pos + 1:pos + 1 + context // 2])}…")
-        lines.append(f"      student {t['behaviour_logprob']:.2f}, teacher {t['teacher_logprob']:.2f}; teacher prefers {picks}")
+                     f"…{text(before)}⟦{text(token)}⟧{text(after)}…")
+        lines.append(f"      student {t['behaviour_logprob']:.2f}, teacher {t['teacher_logprob']:.2f}; "
+                     f"teacher prefers {picks}")
     return "\n".join(lines)
 
 
@@ -62,12 +64,14 @@ def write_html(run: Path, iteration: int, out: Path, rollouts: int) -> None:
 
 @click.command("inspect")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--iteration", type=click.IntRange(min=0), help="Iteration whose tokens to show (default: the last scored).")
+@click.option("--iteration", type=click.IntRange(min=0),
+              help="Iteration whose tokens to show (default: the last scored).")
 @click.option("--top", default=15, type=click.IntRange(min=0), help="How many disagreeing tokens to print.")
 @click.option("--context", default=12, type=click.IntRange(min=0), help="Tokens of context before each.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the token page here.")
 @click.option("--html-rollouts", default=40, type=click.IntRange(min=1), help="Rollouts on the page.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG across policies.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG across policies.")
 @click.option("--eval-set", default="heldout", help="Evaluation set whose results the table and plot show.")
 def command(run, iteration, top, context, html_out, html_rollouts, plot_out, eval_set):
     """Tokens where teacher and student disagree most, statistics per policy, an HTML page and a plot."""

@@ -19,6 +19,7 @@ import click
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.engines import KINDS
 from rgsd_pipeline.models import model_fingerprint, resolve_model
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_manifest, write_json_atomic
 
@@ -51,7 +52,7 @@ def check_chain(run: Path, iteration: int) -> dict:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe (first start of a run).")
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iterations", required=True, type=click.IntRange(min=1), help="Iterations to complete in total.")
-@click.option("--engine", "engine_kind", type=click.Choice(["auto", "vllm", "hf"]), help="Engine for rollout and score.")
+@click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Engine for rollout and score.")
 @click.argument("overrides", nargs=-1)
 def command(config_path, run, iterations, engine_kind, overrides):
     """Run prepare and N RGSD iterations, resuming whatever is already complete."""

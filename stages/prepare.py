@@ -87,8 +87,8 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
         for index in out.todo():
             out.write_shard(index, pa.Table.from_pylist(pieces[index], schema=PROMPTS.arrow))
         out.finalize()
-    click.echo(f"wrote {len(result.prompts)} prompts in {len(pieces)} shard(s) to {out_dir}"
-               + (f"; {len(result.quarantine)} rejected rows in {layout.quarantine_file(run)}" if result.quarantine else ""))
+    rejected = f"; {len(result.quarantine)} rejected rows in {layout.quarantine_file(run)}" if result.quarantine else ""
+    click.echo(f"wrote {len(result.prompts)} prompts in {len(pieces)} shard(s) to {out_dir}{rejected}")
 
 
 def show(run: Path, count: int) -> None:
@@ -100,8 +100,8 @@ def show(run: Path, count: int) -> None:
         for who, messages in (("student", student_messages(row, config.template)),
                               ("teacher", teacher_messages(row, config.template))):
             n_tokens = len(chat_ids(tokenizer, messages))
-            click.secho(f"──── {who} view of {row['prompt_id']} ({row['domain']}, {row['split']}, {n_tokens} tokens) ────",
-                        bold=True)
+            where = f"{row['domain']}, {row['split']}, {n_tokens} tokens"
+            click.secho(f"──── {who} view of {row['prompt_id']} ({where}) ────", bold=True)
             click.echo(chat_text(tokenizer, messages))
         click.echo()
 

@@ -26,6 +26,7 @@ from schemas import PROMPTS, ROLLOUTS
 
 
 def report(run: Path, iteration: int, heldout: int) -> None:
+    # 1. Inputs: the held-out prompts, the base model (teacher and "before"), iteration I's checkpoint ("after").
     config = load_run_config(run)
     prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect()
     held = prompts.filter(pl.col("split") == "heldout").head(heldout).to_dicts()
@@ -34,20 +35,25 @@ def report(run: Path, iteration: int, heldout: int) -> None:
     base = resolve_model(config.model.path)
     checkpoint = layout.policy_path(run, iteration + 1, base)
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy()
-    stats = rollouts.select(pl.len().alias("n"), pl.col("response_token_ids").list.len().sum().alias("tokens")).collect()
+    samples, tokens = rollouts.select(pl.len(), pl.col("response_token_ids").list.len().sum()).collect().row(0)
+    train_prompts = prompts.filter(pl.col("split") == "train").height
 
+    # 2. Both policies sample the same held-out prompts with the same seeds; the teacher scores both.
     teacher, trained = HfEngine(base, config.engine, config.model), HfEngine(checkpoint, config.engine, config.model)
     teacher.batch_size = trained.batch_size = len(held)  # one batch: decoding is step-bound on a CPU
     seeds = [sample_seed(config.rollout.seed, p["prompt_id"], 0, seed_round=EVAL_SEED_ROUND) for p in held]
     before = heldout_divergence(teacher, teacher, held, config, seeds, config.score.top_k, config.train.beta)
     after = heldout_divergence(trained, teacher, held, config, seeds, config.score.top_k, config.train.beta)
 
+    # 3. The report.
     wrap = lambda text: textwrap.indent(textwrap.fill(text.strip()[:600] or "(empty)", 100), "    ")  # noqa: E731
+    how = f"β={config.train.beta}, {len(held)} prompts, teacher top-{config.score.top_k} + tail"
+    folder = layout.iteration_dir(run, iteration)
     click.echo(f"""
 RGSD report — {run}, iteration {iteration}
-  prompts            {prompts.filter(pl.col('split') == 'train').height} train, {prompts.height - prompts.filter(pl.col('split') == 'train').height} held out
-  rollouts           {stats['n'][0]} samples, {stats['tokens'][0]} response tokens
-  held-out JSD       before {before.divergence:.4f} -> after {after.divergence:.4f} per token (β={config.train.beta}, {len(held)} prompts, teacher top-{config.score.top_k} + tail)
+  prompts            {train_prompts} train, {prompts.height - train_prompts} held out
+  rollouts           {samples} samples, {tokens} response tokens
+  held-out JSD       before {before.divergence:.4f} -> after {after.divergence:.4f} per token ({how})
   mean answer length before {before.mean_length:.1f} -> after {after.mean_length:.1f} tokens
 
   question: {held[0]['messages'][-1]['content']}
@@ -56,10 +62,10 @@ RGSD report — {run}, iteration {iteration}
   after:
 {wrap(after.answers[0])}
 
-  artifacts          {layout.prompts_dir(run)}  {layout.iteration_dir(run, iteration)}/{{rollouts,signals,checkpoint,metrics.jsonl}}
+  artifacts          {layout.prompts_dir(run)}  {folder}/{{rollouts,signals,checkpoint,metrics.jsonl}}
   inspect            rgsd-pipeline inspect {run} --iteration {iteration} --html tokens.html --plot run.png
                      or in Python: from rgsd_pipeline import inspect; inspect.tokens("{run}", {iteration}).collect()
-  evaluate           rgsd-pipeline evaluate --run {run} --iteration {iteration} [--judge-url URL --judge-model M]
+  evaluate           rgsd-pipeline evaluate --run {run} --iteration {iteration} [--judge rules | --judge-url URL ...]
 """)
 
 

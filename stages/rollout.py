@@ -75,8 +75,9 @@ def summary(rollouts: pl.LazyFrame) -> str:
         pl.col("response_token_ids").list.len().mean().alias("mean_len"),
     ).collect().row(0, named=True)
     reasons = Counter(r.split(":")[0] for r in rollouts.select("finish_reason").collect()["finish_reason"])
+    finish = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
     return (f"{stats['prompts']} prompts, {stats['rows']} samples, {stats['tokens']} tokens "
-            f"(mean {stats['mean_len'] or 0:.1f}); finish: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+            f"(mean {stats['mean_len'] or 0:.1f}); finish: {finish}")
 
 
 @click.command("rollout")

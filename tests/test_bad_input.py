@@ -47,13 +47,17 @@ def pickle_only_model(source, target):
 def test_config_and_model_mistakes_exit_2_with_the_reason(case, tmp_path, tiny_path):
     overrides = []
     if case == "unknown key":
-        config, message = write_config(tmp_path, train={"batch_sise": 8}), "unknown key 'train.batch_sise'; did you mean 'batch_size'"
+        config = write_config(tmp_path, train={"batch_sise": 8})
+        message = "unknown key 'train.batch_sise'; did you mean 'batch_size'"
     elif case == "wrong type":
-        config, message = write_config(tmp_path, rollout={"max_new_tokens": "lots"}), "rollout.max_new_tokens: expected int"
+        config = write_config(tmp_path, rollout={"max_new_tokens": "lots"})
+        message = "rollout.max_new_tokens: expected int"
     elif case == "negative size":
-        config, overrides, message = write_config(tmp_path), ["rollout.max_new_tokens=-5"], "rollout.max_new_tokens: -5 is below the minimum 1"
+        config, overrides = write_config(tmp_path), ["rollout.max_new_tokens=-5"]
+        message = "rollout.max_new_tokens: -5 is below the minimum 1"
     elif case == "missing model":
-        config, message = write_config(tmp_path, model={"path": str(tmp_path / "nowhere")}), f"model path {tmp_path / 'nowhere'} is not a local HF model folder"
+        config = write_config(tmp_path, model={"path": str(tmp_path / "nowhere")})
+        message = f"model path {tmp_path / 'nowhere'} is not a local HF model folder"
     elif case == "pickle weights":
         model = pickle_only_model(tiny_path, tmp_path / "pickled")
         config, message = write_config(tmp_path, model={"path": str(model)}), "only pickle weights"

@@ -25,7 +25,8 @@ def test_hf_engine_on_gpu_matches_a_cpu_forward_pass(tiny_path, tiny_tokenizer):
 
     engine = HfEngine(tiny_path, EngineConfig(hf_batch_size=4), ModelConfig(max_model_len=1024))
     assert engine.device.type == "cuda"
-    prompts = [chat_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in ("What is DNA?", "Why do tides happen?")]
+    questions = ("What is DNA?", "Why do tides happen?")
+    prompts = [chat_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in questions]
     generations = engine.generate(prompts, [1, 2], Sampling(max_new_tokens=16))
     cpu_model = load_model(tiny_path)
     for prompt, generation in zip(prompts, generations):

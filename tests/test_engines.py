@@ -73,9 +73,10 @@ def check_sampling_logprobs(engine, tiny_path, tiny_tokenizer, atol):
     batch = prompts(tiny_tokenizer)
     for prompt, generation in zip(batch, engine.generate(batch, [1, 2, 3, 4], TEMPERED)):
         raw, drawn = reference_sampling_logprobs(model, prompt, generation.token_ids, TEMPERED)
-        torch.testing.assert_close(torch.tensor(generation.logprobs, dtype=torch.float64), raw.double(), atol=atol, rtol=0)
-        torch.testing.assert_close(torch.tensor(generation.sampling_logprobs, dtype=torch.float64), drawn.double(), atol=atol,
-                                   rtol=0)
+        close = lambda got, want: torch.testing.assert_close(  # noqa: E731
+            torch.tensor(got, dtype=torch.float64), want.double(), atol=atol, rtol=0)
+        close(generation.logprobs, raw)
+        close(generation.sampling_logprobs, drawn)
         assert (drawn > raw).any()  # a tempered, truncated distribution is sharper than the model's
 
 
@@ -161,7 +162,8 @@ def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
     sequences = [p + r for p, r in zip(batch, responses)]
     lens = [len(p) for p in batch]
     for hf, vl in zip(hf_engine(tiny_path).score(sequences, lens, k=8), vllm_engine.score(sequences, lens, k=8)):
-        torch.testing.assert_close(torch.from_numpy(vl.token_logprob_T), torch.from_numpy(hf.token_logprob_T), atol=2e-3, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(vl.token_logprob_T), torch.from_numpy(hf.token_logprob_T),
+                                   atol=2e-3, rtol=0)
         torch.testing.assert_close(torch.from_numpy(vl.topk_logprobs_T_K), torch.from_numpy(hf.topk_logprobs_T_K),
                                    atol=2e-3, rtol=0)
         torch.testing.assert_close(torch.from_numpy(vl.tail_logprob_T), torch.from_numpy(hf.tail_logprob_T),

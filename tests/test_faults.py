@@ -39,7 +39,9 @@ def config_file(tmp_path_factory):
 
 
 def stage_args(stage, run, config_file):
-    return ["prepare", "--config", config_file, "--run", run] if stage == "prepare" else [stage, "--run", run, "--iteration", 0]
+    if stage == "prepare":
+        return ["prepare", "--config", config_file, "--run", run]
+    return [stage, "--run", run, "--iteration", 0]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def rows(run, stage):
         return read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
     from rgsd_pipeline.config import load_run_config
 
-    return read_stage(run / "iter-000" / "signals", storage_schema(load_run_config(run).score, 1024)).lazy().collect().to_dicts()
+    schema = storage_schema(load_run_config(run).score, 1024)
+    return read_stage(run / "iter-000" / "signals", schema).lazy().collect().to_dicts()
 
 
 def kill_at(args, delay):
@@ -135,7 +138,8 @@ def test_a_file_size_limit_fails_cleanly_and_resume_completes(reference, tmp_pat
     reference_run, _ = reference
     run = copy_run(reference_run, tmp_path / "run", keep=("prompts",))
     result = subprocess.run([*CLI, "rollout", "--run", str(run), "--iteration", "0"], cwd=ROOT, capture_output=True,
-                            text=True, preexec_fn=limited_file_size(2048), env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                            text=True, preexec_fn=limited_file_size(2048),
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "cannot write" in result.stderr and "File too large" in result.stderr
     out = run / "iter-000" / "rollouts"

@@ -18,7 +18,8 @@ def good(i, fmt="rubrichub"):
     if fmt == "healthbench":
         return {"prompt_id": f"hb-{i}", "prompt": [{"role": "user", "content": question}],
                 "rubrics": [{"criterion": f"Explains antigen {i}", "points": 5, "tags": ["axis:accuracy"]}]}
-    return {"prompt": [{"role": "user", "content": question}], "Rubrics": [{"criterion": f"Explains antigen {i}", "points": 5}]}
+    return {"prompt": [{"role": "user", "content": question}],
+            "Rubrics": [{"criterion": f"Explains antigen {i}", "points": 5}]}
 
 
 def run(sources, tokenizer, **data):
@@ -35,7 +36,8 @@ def write_lines(path, lines, end=b"\n"):
 
 
 def test_mixed_jsonl_keeps_valid_rows_and_quarantines_each_broken_row(tmp_path, tiny_tokenizer):
-    long_prompt = {"prompt": [{"role": "user", "content": "word " * 3000}], "Rubrics": [{"criterion": "c", "points": 1}]}
+    long_prompt = {"prompt": [{"role": "user", "content": "word " * 3000}],
+                   "Rubrics": [{"criterion": "c", "points": 1}]}
     lines = [
         json.dumps(good(1)),                                                                  # 1 ok
         "{not json",                                                                          # 2
@@ -90,7 +92,8 @@ def test_rar_and_healthbench_and_parquet_and_datasets_folder(tmp_path, tiny_toke
     import datasets
 
     rar = write_lines(tmp_path / "rar.jsonl", [json.dumps(good(i, "rar")) for i in range(3)]
-                      + [json.dumps({"question": "q", "rubric": [{"title": "t", "description": "d", "weight": "nan"}]})])
+                      + [json.dumps({"question": "q",
+                                     "rubric": [{"title": "t", "description": "d", "weight": "nan"}]})])
     hb = write_lines(tmp_path / "hb.jsonl", [json.dumps(good(i, "healthbench")) for i in range(10, 12)])
     rows = [{"prompt": good(i)["prompt"][0]["content"], "rubric": json.dumps(good(i)["Rubrics"])}
             for i in range(20, 22)] + [{"prompt": "q", "rubric": "[]"}]

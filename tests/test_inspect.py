@@ -34,14 +34,16 @@ def test_token_frame_matches_the_shards(evaluated_run, tiny_path):
         if signal["status"] != "ok":
             continue
         expected_rows += len(rollout["response_token_ids"])
-        mine = frame.filter((pl.col("prompt_id") == rollout["prompt_id"]) & (pl.col("sample_idx") == rollout["sample_idx"]))
+        mine = frame.filter((pl.col("prompt_id") == rollout["prompt_id"])
+                            & (pl.col("sample_idx") == rollout["sample_idx"]))
         mine = mine.sort("position")
         assert mine["position"].to_list() == list(range(len(rollout["response_token_ids"])))
         assert mine["token_id"].to_list() == rollout["response_token_ids"]
         np.testing.assert_allclose(mine["behaviour_logprob"].to_numpy(), rollout["response_logprobs"], rtol=0, atol=0)
         np.testing.assert_allclose(mine["teacher_logprob"].to_numpy(), signal["token_logprob"], rtol=0, atol=0)
         np.testing.assert_allclose(mine["divergence"].to_numpy(),
-                                   np.array(rollout["response_logprobs"]) - np.array(signal["token_logprob"]), atol=1e-6)
+                                   np.array(rollout["response_logprobs"]) - np.array(signal["token_logprob"]),
+                                   atol=1e-6)
         assert mine["mask"].to_list() == signal["loss_mask"]
         ids = np.array(signal["topk_ids"])
         assert mine["teacher_top1_id"].to_list() == ids[:, 0].tolist()
@@ -60,7 +62,8 @@ def test_token_frame_matches_the_shards(evaluated_run, tiny_path):
 @pytest.mark.slow
 def test_rollout_frame_and_policy_table(evaluated_run):
     rollouts, signals = shards(evaluated_run)
-    frame = {(r["prompt_id"], r["sample_idx"]): r for r in inspect.rollouts(evaluated_run, 0).collect().iter_rows(named=True)}
+    frame = {(r["prompt_id"], r["sample_idx"]): r
+             for r in inspect.rollouts(evaluated_run, 0).collect().iter_rows(named=True)}
     assert len(frame) == len(rollouts)
     for rollout, signal in zip(rollouts, signals):
         row = frame[(rollout["prompt_id"], rollout["sample_idx"])]
@@ -73,8 +76,9 @@ def test_rollout_frame_and_policy_table(evaluated_run):
     assert table["policy"].to_list()[:2] == ["base", "iter-000"]
     base = table.row(0, named=True)
     assert base["rollouts"] == len(rollouts)
-    masked = np.concatenate([(np.array(r["response_logprobs"]) - np.array(s["token_logprob"]))[np.array(s["loss_mask"], bool)]
-                             for r, s in zip(rollouts, signals) if s["status"] == "ok"])
+    gaps = [(np.array(r["response_logprobs"]) - np.array(s["token_logprob"]), np.array(s["loss_mask"], bool))
+            for r, s in zip(rollouts, signals) if s["status"] == "ok"]
+    masked = np.concatenate([gap[mask] for gap, mask in gaps])
     assert base["sampled_divergence"] == pytest.approx(masked.mean(), abs=1e-5)
     assert base["train_steps"] >= 1
 
@@ -96,7 +100,8 @@ def test_inspect_command_page_in_chromium_and_plot(evaluated_run, tmp_path):
     assert out.count("teacher prefers") == 5
     assert "per policy" in out and "iter-000" in out
 
-    chosen = inspect.rollouts(evaluated_run, 0).sort("divergence_mean", descending=True, nulls_last=True).head(3).collect()
+    chosen = (inspect.rollouts(evaluated_run, 0).sort("divergence_mean", descending=True, nulls_last=True)
+              .head(3).collect())
     tokens = inspect.tokens(evaluated_run, 0).join(chosen.lazy().select("prompt_id", "sample_idx"),
                                                    on=["prompt_id", "sample_idx"]).collect()
     dom = subprocess.run(

@@ -85,7 +85,8 @@ def test_an_epoch_of_small_iterations_samples_every_prompt_once_on_one_schedule(
 @pytest.mark.slow
 def test_make_iterate_matches_the_cli(two_iterations, small_config, tmp_path):
     run = tmp_path / "made"
-    result = subprocess.run(["make", "--no-print-directory", "iterate", f"CONFIG={small_config}", f"RUN={run}", "ITERS=2"],
+    make = ["make", "--no-print-directory", "iterate", f"CONFIG={small_config}", f"RUN={run}", "ITERS=2"]
+    result = subprocess.run(make,
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name, tensor in checkpoint_weights(two_iterations, 1).items():

@@ -46,7 +46,8 @@ def verdict_rows(spec):
     rows = []
     for prompt_id, criteria in spec.items():
         for i, (points, met) in enumerate(criteria):
-            rows.append({"prompt_id": prompt_id, "sample_idx": 0, "criterion_idx": i, "points": float(points), "met": met})
+            rows.append({"prompt_id": prompt_id, "sample_idx": 0, "criterion_idx": i, "points": float(points),
+                         "met": met})
     return pl.DataFrame(rows, schema={"prompt_id": pl.String, "sample_idx": pl.Int32, "criterion_idx": pl.Int32,
                                       "points": pl.Float32, "met": pl.Boolean})
 
@@ -135,7 +136,8 @@ class ScriptedJudge(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self.reply(200, {"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": "t"}]})
+        model = {"id": "scripted", "object": "model", "created": 0, "owned_by": "t"}
+        self.reply(200, {"object": "list", "data": [model]})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -151,7 +153,8 @@ class ScriptedJudge(BaseHTTPRequestHandler):
             if "FLAKY" in criterion and prompt not in type(self).flaky_seen:
                 type(self).flaky_seen.add(prompt)
                 return self.reply(503, {"error": {"message": "busy"}}, [("retry-after-ms", "5")])
-            content = "Probably yes." if "GARBAGE" in criterion else json.dumps({"explanation": "e", "met": "MET" in criterion})
+            verdict = json.dumps({"explanation": "e", "met": "MET" in criterion})
+            content = "Probably yes." if "GARBAGE" in criterion else verdict
         type(self).calls.append(prompt)  # answered requests only
         self.reply(200, {"id": "c", "object": "chat.completion", "created": 0, "model": "scripted",
                          "choices": [{"index": 0, "finish_reason": "stop",
@@ -175,7 +178,8 @@ def items():
 
 
 def test_per_criterion_judge_falls_back_retries_counts_and_caches(scripted_server, tmp_path):
-    settings = JudgeSettings(url=scripted_server, model="scripted", mode="per-criterion", max_retries=2, parse_retries=1)
+    settings = JudgeSettings(url=scripted_server, model="scripted", mode="per-criterion", max_retries=2,
+                             parse_retries=1)
     cache = VerdictCache(tmp_path / "cache.sqlite")
     judge = Judge(settings, cache)
     graded = judge.grade(items())

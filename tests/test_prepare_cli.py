@@ -64,5 +64,6 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
     result = cli("prepare", "--config", "configs/tiny.yaml", "--run", tmp_path / "x", "--data", tmp_path / "no.jsonl",
                  check=False)
     assert result.returncode == 2 and "no.jsonl does not exist" in result.stderr and "Traceback" not in result.stderr
-    result = cli("prepare", "--config", "configs/tiny.yaml", "--run", tmp_path / "y", "model.path=/nowhere", check=False)
+    result = cli("prepare", "--config", "configs/tiny.yaml", "--run", tmp_path / "y", "model.path=/nowhere",
+                 check=False)
     assert result.returncode == 2 and "not a local HF model folder" in result.stderr

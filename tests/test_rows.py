@@ -13,7 +13,8 @@ RUBRIC = [{"criterion": "Mentions salt", "points": 5}, {"criterion": "Claims not
 def test_rubrichub_row():
     row = normalize({"prompt": USER, "Rubrics": RUBRIC, "domain": "medical"})
     assert row["messages"] == USER
-    assert [(c["criterion"], c["points"]) for c in row["rubric"]] == [("Mentions salt", 5.0), ("Claims nothing helps", -3.0)]
+    criteria = [(c["criterion"], c["points"]) for c in row["rubric"]]
+    assert criteria == [("Mentions salt", 5.0), ("Claims nothing helps", -3.0)]
     assert row["domain"] == "medical"
 
 

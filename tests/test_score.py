@@ -97,7 +97,8 @@ def copy_scored(rolled, tmp_path):
 
 
 def test_kill_during_score_then_resume_equals_uninterrupted(rolled, tmp_path):
-    reference, killed = copy_run(rolled, tmp_path / "reference", without=("signals",)), copy_run(rolled, tmp_path / "killed", without=("signals",))
+    reference = copy_run(rolled, tmp_path / "reference", without=("signals",))
+    killed = copy_run(rolled, tmp_path / "killed", without=("signals",))
     cli("score", "--run", reference, "--iteration", 0)
     done = kill_after_first_shard(["score", "--run", killed, "--iteration", 0], killed / "iter-000" / "signals")
     assert done < 3
@@ -184,7 +185,7 @@ def test_think_tags_resolve_to_tokens(tiny_tokenizer):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_and_hf_signals_agree(rolled, tmp_path):
-    hf, vllm = copy_run(rolled, tmp_path / "hf", without=("signals",)), copy_run(rolled, tmp_path / "vllm", without=("signals",))
+    hf, vllm = (copy_run(rolled, tmp_path / name, without=("signals",)) for name in ("hf", "vllm"))
     cli("score", "--run", hf, "--iteration", 0)
     assert "with vllm" in cli("score", "--run", vllm, "--iteration", 0, "--engine", "vllm").stdout
     a, b = signals(hf).lazy().collect(), signals(vllm).lazy().collect()

@@ -213,7 +213,8 @@ def test_fsdp_kill_then_resume_with_sharded_optimizer_equals_one_process(scored,
 
 @pytest.mark.slow
 def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
-    plain, recomputed = copy_run(scored, tmp_path / "plain"), copy_run(scored, tmp_path / "recomputed", train__gradient_checkpointing=True)
+    plain = copy_run(scored, tmp_path / "plain")
+    recomputed = copy_run(scored, tmp_path / "recomputed", train__gradient_checkpointing=True)
     cli("train", "--run", plain, "--iteration", 0)
     cli("train", "--run", recomputed, "--iteration", 0)
     want, got = weights(plain), weights(recomputed)

@@ -31,8 +31,8 @@ def resolve_kind(kind: str) -> str:
     return kind
 
 
-def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
-                sampling: Sampling | None = None) -> Engine:
+def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig,
+                max_logprobs: int = 0, sampling: Sampling | None = None) -> Engine:
     """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for, and
     `sampling` the settings generate() will be asked to sample with (vLLM fixes its log-prob mode at start)."""
     kind = resolve_kind(kind)

@@ -41,7 +41,8 @@ def process_logits(logits_B_V: torch.Tensor, history_B_T: torch.Tensor, sampling
     logits_B_V = logits_B_V.clone()
     if sampling.repetition_penalty != 1.0:
         seen_B_T = logits_B_V.gather(1, history_B_T)
-        seen_B_T = torch.where(seen_B_T > 0, seen_B_T / sampling.repetition_penalty, seen_B_T * sampling.repetition_penalty)
+        penalty = sampling.repetition_penalty
+        seen_B_T = torch.where(seen_B_T > 0, seen_B_T / penalty, seen_B_T * penalty)
         logits_B_V.scatter_(1, history_B_T, seen_B_T)
     logits_B_V = logits_B_V / max(sampling.temperature, 1e-6)
     if sampling.top_k > 0:
@@ -153,13 +154,14 @@ class HfEngine:
             # The tail is summed over the entries outside the top-k in fp32, not taken as 1 - their mass,
             # which loses every digit when the top-k hold all but 1e-7 of it.
             tail_C = logp_C_V.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
-            parts[index].append((top.indices.cpu(), top.values.cpu(), logp_C_V.gather(1, targets_C[:, None])[:, 0].cpu(),
-                                 tail_C.cpu()))
+            token_C = logp_C_V.gather(1, targets_C[:, None])[:, 0]
+            parts[index].append((top.indices.cpu(), top.values.cpu(), token_C.cpu(), tail_C.cpu()))
         results = []
         for index in range(len(sequences)):
             chunks = parts[index]
-            joined = [torch.cat([c[i] for c in chunks]).numpy() for i in range(4)] if chunks else [
-                np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)]
+            empty = [np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32),
+                     np.zeros(0, np.float32)]
+            joined = [torch.cat([c[i] for c in chunks]).numpy() for i in range(4)] if chunks else empty
             results.append(Scores(*joined))
             if on_progress:
                 on_progress(1, len(sequences[index]) - prompt_lens[index])
