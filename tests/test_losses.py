@@ -68,12 +68,17 @@ def test_top_k_plus_tail_equals_the_divergence_of_the_lumped_distributions(beta)
     torch.testing.assert_close(ours, reference_divergence(lumped_p, lumped_q, beta), atol=1e-10, rtol=1e-8)
 
 
-def test_token_clip_caps_the_loss_and_stops_the_gradient_above_tau():
+def clipped_full_vocabulary(clip: str):
+    """A random teacher and student logits over the whole vocabulary (K = V), and their JSD(0.5) clipped at 0.05."""
     teacher = torch.randn(N, V, dtype=torch.float64).log_softmax(-1)
     logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
     ids, values = sorted_full_topk(teacher)
-    loss, divergence, clipped = distill_per_token(student_buckets(logits.log_softmax(-1), ids), with_tail(values),
-                                                  0.5, clip="token", tau=0.05)
+    return teacher, logits, *distill_per_token(student_buckets(logits.log_softmax(-1), ids), with_tail(values), 0.5,
+                                               clip=clip, tau=0.05)
+
+
+def test_token_clip_caps_the_loss_and_stops_the_gradient_above_tau():
+    _, logits, loss, divergence, clipped = clipped_full_vocabulary("token")
     torch.testing.assert_close(loss, divergence.clamp(max=0.05))
     assert clipped.tolist() == (divergence > 0.05).tolist() and clipped.any()
     (grad,) = torch.autograd.grad(loss.sum(), logits)
@@ -96,11 +101,7 @@ def test_entry_clip_caps_each_top_k_term_and_leaves_the_tail_alone():
 
 
 def test_soft_clip_bounds_the_value_and_scales_the_gradient_of_positions_above_tau():
-    teacher = torch.randn(N, V, dtype=torch.float64).log_softmax(-1)
-    logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
-    ids, values = sorted_full_topk(teacher)
-    loss, divergence, clipped = distill_per_token(student_buckets(logits.log_softmax(-1), ids), with_tail(values),
-                                                  0.5, clip="soft", tau=0.05)
+    teacher, logits, loss, _, clipped = clipped_full_vocabulary("soft")
     reference = reference_divergence(teacher.exp(), logits.softmax(-1), 0.5)
     torch.testing.assert_close(loss, reference.clamp(max=0.05), atol=1e-10, rtol=1e-8)
     assert clipped.tolist() == (reference > 0.05).tolist() and clipped.any()
