@@ -22,12 +22,12 @@ from pathlib import Path
 
 import click
 
+from rgsd_pipeline import layout
 from rgsd_pipeline.config import RunConfig, TrainConfig
-from rgsd_pipeline.models import TOKENIZER_FILES, load_model
+from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
+from rgsd_pipeline.models import load_model
 from rgsd_pipeline.shards import mark_complete, write_json_atomic
 from rgsd_pipeline.trainer import cast_floating, find_state, full_state_dict, state_global_step
-
-PROVENANCE_FILE = "rgsd.json"
 
 
 def with_lora(model, train_config: TrainConfig):
@@ -70,7 +70,7 @@ def previous_global_step(policy: Path, previous: Path | None) -> int:
     provenance, else 0 (the base model)."""
     if previous is not None:
         return state_global_step(previous)
-    provenance = policy / PROVENANCE_FILE
+    provenance = layout.provenance_file(policy)
     return json.loads(provenance.read_text()).get("global_step", 0) if provenance.exists() else 0
 
 
@@ -85,8 +85,6 @@ def prune_states(run: Path, iteration: int, keep: int) -> list[Path]:
     At one optimizer step per iteration a 7B model leaves ~84 GB of fp32 weights and AdamW moments per
     iteration; only the latest is needed to continue. A deleted state makes retraining that iteration's
     successor start from the exported weights (with a warning)."""
-    from rgsd_pipeline import layout
-
     if keep == 0:
         return []
     deleted = []
@@ -118,6 +116,7 @@ def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenan
     for name in TOKENIZER_FILES:
         if (policy / name).exists():
             shutil.copy2(policy / name, out / name)
-    write_json_atomic(out / PROVENANCE_FILE, {**provenance, "dtype": config.model.dtype,
+    record_weight_hashes(out)  # read back while the file is still in the page cache
+    write_json_atomic(layout.provenance_file(out), {**provenance, "dtype": config.model.dtype,
                                               "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
     mark_complete(out)

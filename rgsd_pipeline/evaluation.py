@@ -19,8 +19,9 @@ import pyarrow as pa
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import RunConfig, fingerprint, to_dict
 from rgsd_pipeline.engines import Sampling, make_engine
+from rgsd_pipeline.fingerprints import model_fingerprint
 from rgsd_pipeline.ingest import ingest
-from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
+from rgsd_pipeline.models import load_tokenizer, resolve_model
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,

@@ -24,7 +24,8 @@ class IngestResult:
 
     def reject(self, raw: RawRow, field_name: str, reason: str) -> None:
         text = raw.raw if raw.value is None else raw_text(raw.value)
-        self.quarantine.append({"file": raw.file, "row": raw.row, "field": field_name, "reason": reason, "raw": text})
+        self.quarantine.append({"file": raw.file, "row": raw.row, "field": _writable(field_name),
+                                "reason": _writable(reason), "raw": None if text is None else _writable(text)})
 
     def summary(self) -> str:
         """A printable account: rows read, kept and quarantined per file and reason, and the split."""
@@ -49,6 +50,11 @@ class IngestResult:
         return "\n".join(lines)
 
 
+def _writable(text: str) -> str:
+    """Text any file can hold: a lone surrogate (which JSON can spell) is written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | None = None) -> IngestResult:
     """Read every source of `data`, keep valid unique rows within the token budget, assign splits."""
     result = IngestResult()
@@ -61,7 +67,7 @@ def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | Non
             else:
                 result.read_per_file.setdefault(raw.file, 0)
             if raw.value is None:
-                result.reject(raw, "<row>" if raw.row else "<file>", raw.error)
+                result.reject(raw, raw.field if raw.row else "<file>", raw.error)
                 continue
             where = f"{raw.file}:{raw.row}"
             try:
@@ -78,7 +84,8 @@ def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | Non
                 result.reject(raw, "id", f"duplicate id {row['source_id']!r} with different content (first at {first})")
                 continue
             canonical = {"prompt_id": pid, "messages": row["messages"], "rubric": row["rubric"], "source": where,
-                         "domain": row["domain"], "reference_answer": row["reference_answer"]}
+                         "source_id": row["source_id"], "domain": row["domain"],
+                         "reference_answer": row["reference_answer"]}
             try:
                 teacher_len = len(chat_ids(tokenizer, teacher_messages(canonical, template)))
             except ValueError as err:  # e.g. a reference-answer teacher and a row without one

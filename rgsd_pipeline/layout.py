@@ -55,6 +55,11 @@ def checkpoint_dir(run: Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "checkpoint"
 
 
+def provenance_file(checkpoint: Path) -> Path:
+    """What a checkpoint was trained from (policy, signals, global step, dtype)."""
+    return Path(checkpoint) / "rgsd.json"
+
+
 def metrics_file(run: Path, iteration: int) -> Path:
     """One JSON line per optimizer step of the iteration."""
     return iteration_dir(run, iteration) / "metrics.jsonl"

@@ -10,7 +10,6 @@ complete, so an interrupted build is redone rather than half-used.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,9 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rgsd_pipeline.errors import UserError
+from rgsd_pipeline.fingerprints import record_weight_hashes
 from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
 
-BUILDER_VERSION = 1  # bump when a built-in model's recipe changes, so caches are rebuilt
+BUILDER_VERSION = 2  # bump when a built-in model's recipe or folder contents change, so caches are rebuilt
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -67,6 +67,7 @@ def _cached(slug: str, build) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         build(tmp)
+        record_weight_hashes(tmp)
         mark_complete(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -220,37 +221,3 @@ def eos_token_ids(path: Path, tokenizer) -> set[int]:
 def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
     """The id that fills padding: the tokenizer's pad token, else an end-of-sequence id."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "vocab.json", "merges.txt")
-
-
-def _hash_files(digest, folder: Path, names) -> None:
-    for name in names:
-        file = folder / name
-        if file.exists():
-            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
-
-
-def model_fingerprint(path: Path) -> str:
-    """sha256 over what defines a model's behaviour: config, tokenizer files, chat template, weight headers and sizes.
-
-    Weight headers (tensor names, shapes, dtypes, offsets) plus file sizes catch a swapped or retrained
-    checkpoint without hashing gigabytes.
-    """
-    digest = hashlib.sha256()
-    _hash_files(digest, path, ("config.json", "generation_config.json") + TOKENIZER_FILES)
-    for weights in sorted(path.glob("*.safetensors")):
-        with open(weights, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(weights.name.encode() + f.read(header_len))
-        digest.update(str(weights.stat().st_size).encode())
-    return digest.hexdigest()
-
-
-def tokenizer_fingerprint(path: Path) -> str:
-    """sha256 of the tokenizer files and chat template only: what student and teacher must share."""
-    digest = hashlib.sha256()
-    _hash_files(digest, path, TOKENIZER_FILES)
-    return digest.hexdigest()

@@ -9,6 +9,7 @@ line...). A file that cannot be opened at all raises SourceError.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,7 @@ class RawRow:
     value: dict | None  # the parsed row, or None when `error` says why it could not be parsed
     error: str | None = None
     raw: str | None = None  # the offending text, for the quarantine file
+    field: str = "<row>"  # where in the row the problem is, when it is known
 
 
 def bundled_data_path(name: str) -> Path:
@@ -72,6 +74,56 @@ def read_source(spec: str) -> Iterator[RawRow]:
                           "use .jsonl, .json, .parquet or a datasets folder")
 
 
+class _Object(dict):
+    """A parsed JSON object that remembers keys it was given twice with different values."""
+
+    duplicated: tuple = ()
+
+
+def _object(pairs: list[tuple[str, object]]) -> _Object:
+    obj, seen = _Object(), {}
+    duplicated = []
+    for key, value in pairs:
+        if key in seen and seen[key] != value:
+            duplicated.append(key)
+        seen[key] = value
+    obj.update(pairs)
+    obj.duplicated = tuple(duplicated)
+    return obj
+
+
+def _first_duplicate(value) -> str | None:
+    """The first key given twice with different values anywhere in a parsed row (walked without recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if getattr(item, "duplicated", ()):
+                return item.duplicated[0]
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def parse_row(name: str, number: int, text: str, last: bool = False) -> RawRow:
+    """One row from its JSON text: the parsed object, or why it is not one. Never raises."""
+    try:
+        value = json.loads(text, object_pairs_hook=_object)
+    except json.JSONDecodeError as err:
+        reason = ("truncated last line: the file ends in the middle of a row" if last
+                  else f"not valid JSON: {err.msg} at column {err.colno}")
+        return RawRow(name, number, None, reason, text)
+    except RecursionError:
+        return RawRow(name, number, None, "nested too deeply to be a row (JSON recursion limit)", text[:2000])
+    if not isinstance(value, dict):
+        return RawRow(name, number, None, f"a row must be a JSON object, got {type(value).__name__}", text)
+    if (key := _first_duplicate(value)) is not None:
+        return RawRow(name, number, None, f"key {key!r} is given twice with different values; rgsd-pipeline does "
+                                          "not choose between them", text, field=key)
+    return RawRow(name, number, value)
+
+
 def _read_json_lines(path: Path) -> Iterator[RawRow]:
     try:
         data = path.read_bytes()
@@ -91,41 +143,66 @@ def _read_json_lines(path: Path) -> Iterator[RawRow]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        is_last = number == len(lines) and not ends_with_newline
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
             yield RawRow(name, number, None, f"invalid UTF-8 at byte {err.start} of the line",
                          line.decode("utf-8", errors="replace"))
             continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            reason = ("truncated last line: the file ends in the middle of a row" if is_last
-                      else f"not valid JSON: {err.msg} at column {err.colno}")
-            yield RawRow(name, number, None, reason, text)
-            continue
-        if not isinstance(value, dict):
-            yield RawRow(name, number, None, f"a row must be a JSON object, got {type(value).__name__}", text)
-            continue
-        yield RawRow(name, number, value)
+        yield parse_row(name, number, text, last=number == len(lines) and not ends_with_newline)
+
+
+# The tokens that matter for splitting a JSON array into its elements: strings (skipped whole) and brackets.
+_ARRAY_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def _array_elements(text: str) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, closed) of each top-level element of the JSON array `text`, found by bracket depth alone, so an
+    element that does not parse cannot take its neighbours with it (unless its brackets do not balance: then
+    it runs to the end of the file, and `closed` is False)."""
+    depth, start = 0, None
+    for token in _ARRAY_TOKENS.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+            if depth == 1:
+                start = token.end()
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                if start is not None and text[start:token.start()].strip():
+                    yield start, token.start(), True
+                return
+        elif char == "," and depth == 1:
+            yield start, token.start(), True
+            start = token.end()
+    if start is not None and text[start:].strip():
+        yield start, len(text), False  # the file ends inside the array or inside an element
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 
 
 def _read_json_array(name: str, data: bytes) -> Iterator[RawRow]:
-    """A .json file holding one array of row objects (accepted in place of JSONL)."""
-    try:
-        rows = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SourceError(f"data source {name} starts like a JSON array but cannot be parsed: {err}; "
-                          "fix it or write one JSON object per line (JSONL)") from err
-    if not isinstance(rows, list):
-        raise SourceError(f"data source {name}: expected a JSON array of rows")
-    for number, value in enumerate(rows, start=1):
-        if isinstance(value, dict):
-            yield RawRow(name, number, value)
+    """A .json file holding one array of row objects (accepted in place of JSONL); rows numbered from 1."""
+    # Bytes that are not UTF-8 become lone surrogates here, so that only the element holding them is refused.
+    text = data.decode("utf-8", "surrogateescape")
+    for number, (start, end, closed) in enumerate(_array_elements(text), start=1):
+        element = text[start:end].strip()
+        if bad := _UNDECODED.search(element):
+            yield RawRow(name, number, None, f"invalid UTF-8 at character {bad.start()} of the element", element[:2000])
+        elif element.startswith(("{", "[")) or not element:
+            row = parse_row(name, number, element)
+            if row.value is None and not closed:
+                row.error = (f"{row.error}; its brackets do not close before the end of the file, so elements after "
+                             "it (if any) cannot be told apart: fix it, or write one row per line (JSONL)")
+            yield row
         else:
-            yield RawRow(name, number, None, f"array element is {type(value).__name__}, not an object",
-                         json.dumps(value)[:2000])
+            try:
+                kind = type(json.loads(element)).__name__
+            except json.JSONDecodeError:
+                kind = "not valid JSON"
+            yield RawRow(name, number, None, f"array element is {kind}, not an object", element[:2000])
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:

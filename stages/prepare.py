@@ -27,8 +27,9 @@ from rgsd_pipeline.config import (
     load_run_config,
     to_dict,
 )
+from rgsd_pipeline.fingerprints import tokenizer_fingerprint
 from rgsd_pipeline.ingest import ingest
-from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model, tokenizer_fingerprint
+from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
 from rgsd_pipeline.shards import (
     ShardPlan,

@@ -25,7 +25,8 @@ from rgsd_pipeline import layout
 from rgsd_pipeline.cli_options import engine_stage_options
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
 from rgsd_pipeline.engines import Sampling, make_engine
-from rgsd_pipeline.models import load_tokenizer, model_fingerprint, resolve_model
+from rgsd_pipeline.fingerprints import model_fingerprint
+from rgsd_pipeline.models import load_tokenizer, resolve_model
 from rgsd_pipeline.sampling import iteration_prompts, sample_shards
 from rgsd_pipeline.shards import ShardPlan, StageOutput, read_stage, split_into_shards
 from schemas import PROMPTS, ROLLOUTS

@@ -20,13 +20,8 @@ from rgsd_pipeline import layout
 from rgsd_pipeline.cli_options import engine_stage_options
 from rgsd_pipeline.config import fingerprint, load_run_config, to_dict
 from rgsd_pipeline.engines import make_engine
-from rgsd_pipeline.models import (
-    eos_token_ids,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_model,
-    tokenizer_fingerprint,
-)
+from rgsd_pipeline.fingerprints import model_fingerprint, tokenizer_fingerprint
+from rgsd_pipeline.models import eos_token_ids, load_tokenizer, resolve_model
 from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.shards import ArtifactError, ShardPlan, StageOutput, read_stage
 from rgsd_pipeline.signals import (

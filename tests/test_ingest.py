@@ -106,7 +106,7 @@ def test_rar_and_healthbench_and_parquet_and_datasets_folder(tmp_path, tiny_toke
     sources = [p["source"].rsplit(":", 1)[0] for p in result.prompts]
     assert sources.count(str(rar)) == 3 and sources.count(str(hb)) == 2
     assert sources.count(str(parquet)) == 2 and sources.count(str(folder)) == 2
-    assert reasons(result) == {(4, "rubric[0].weight"): "points must be finite, got 'nan'",
+    assert reasons(result) == {(4, "rubric[0].weight"): "points must be a number, got text 'nan'",
                                (3, "rubric"): "empty rubric: no criteria"}
     assert {p["domain"] for p in result.prompts if p["source"].startswith(str(hb))} == {"medical"}
 
@@ -142,3 +142,36 @@ def test_bundled_medsci_data_is_clean_and_balanced(tiny_tokenizer):
         assert 5 <= len(p["rubric"]) <= 12
         assert all(float(c["points"]).is_integer() for c in p["rubric"])
     assert sum(any(c["points"] < 0 for c in p["rubric"]) for p in result.prompts) >= 30
+
+
+def test_rows_that_would_crash_or_be_guessed_are_quarantined(tmp_path, tiny_tokenizer):
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "Rubrics": []}'
+    twice = '{"prompt": [{"role": "user", "content": "first"}], "Rubrics": [{"criterion": "c", "points": 1}], ' \
+            '"prompt": [{"role": "user", "content": "second"}]}'
+    same_twice = json.dumps(good(3))[:-1] + ', "domain": "science", "domain": "science"}'
+    path = write_lines(tmp_path / "damaged.jsonl", [json.dumps(good(1)), deep, twice, same_twice, json.dumps(good(2))])
+    result = run([path], tiny_tokenizer)
+    assert [p["source"] for p in result.prompts] == [f"{path}:1", f"{path}:4", f"{path}:5"]
+    assert reasons(result) == {
+        (2, "<row>"): "nested too deeply to be a row (JSON recursion limit)",
+        (3, "prompt"): "key 'prompt' is given twice with different values; rgsd-pipeline does not choose between them"}
+
+
+def test_a_damaged_element_of_a_json_array_costs_only_itself(tmp_path, tiny_tokenizer):
+    elements = [json.dumps(good(1)), "[" * 50_000 + "]" * 50_000, '{"prompt": broken}', json.dumps(good(2)), "7"]
+    path = tmp_path / "array.json"
+    path.write_text("[" + ",\n".join(elements) + "]")
+    result = run([path], tiny_tokenizer)
+    assert [p["source"] for p in result.prompts] == [f"{path}:1", f"{path}:4"]
+    got = reasons(result)
+    assert got[(2, "<row>")] == "nested too deeply to be a row (JSON recursion limit)"
+    assert got[(3, "<row>")].startswith("not valid JSON") and got[(5, "<row>")] == "array element is int, not an object"
+    path.write_text("[" + ",\n".join(elements[:1] + ['{"prompt": [unclosed'] + elements[3:]) + "]")
+    (row, quarantined), = [(q["row"], q["reason"]) for q in run([path], tiny_tokenizer).quarantine]
+    assert row == 2 and "brackets do not close before the end of the file" in quarantined
+
+
+def test_the_sources_own_ids_are_kept_in_the_prompt_rows(tmp_path, tiny_tokenizer):
+    rows = [good(1, "healthbench"), good(2) | {"extra_info": {"id": "rh-2"}}, good(3, "rar") | {"id": 33}, good(4)]
+    result = run([write_lines(tmp_path / "ids.jsonl", [json.dumps(r) for r in rows])], tiny_tokenizer)
+    assert [p["source_id"] for p in result.prompts] == ["hb-1", "rh-2", "33", None]

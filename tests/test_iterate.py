@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from helpers import CLI, ROOT, cli
+from helpers import CLI, ROOT, cli, copy_run
 from safetensors.torch import load_file
 
 from rgsd_pipeline.shards import read_stage
@@ -65,6 +65,23 @@ def test_two_iterations_chain_policies(two_iterations):
     assert chain[1]["rollouts"]["policy"] == chain[0]["checkpoint_fingerprint"]
     again = cli("iterate", "--run", two_iterations, "--iterations", 2).stdout
     assert again.count(": complete") == 6
+
+
+@pytest.mark.slow
+def test_rollouts_of_a_retrained_policy_are_refused_not_reused(two_iterations, tmp_path):
+    """Retrain iteration 0 with another learning rate: iteration 1's rollouts came from the old weights."""
+    chain = json.loads((two_iterations / "chain.json").read_text())
+    assert chain[0]["policy_fingerprint"] != chain[0]["checkpoint_fingerprint"] != chain[1]["checkpoint_fingerprint"]
+    run = copy_run(two_iterations, tmp_path / "retrained", train__learning_rate=5e-4)
+    shutil.rmtree(run / "iter-000" / "checkpoint")
+    result = cli("iterate", "--run", run, "--iterations", 2, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{run / 'iter-001' / 'rollouts'} is stale: it was sampled from other weights than" in result.stderr
+    assert (run / "iter-000" / "checkpoint" / "_SUCCESS").exists()  # iteration 0 was retrained
+    shutil.rmtree(run / "iter-001")
+    cli("iterate", "--run", run, "--iterations", 2)  # redone from the new weights
+    redone = json.loads((run / "chain.json").read_text())
+    assert redone[1]["rollouts"]["policy"] == redone[0]["checkpoint_fingerprint"] != chain[0]["checkpoint_fingerprint"]
 
 
 @pytest.mark.slow

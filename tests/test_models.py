@@ -5,15 +5,10 @@ import shutil
 import pytest
 import torch
 
-from rgsd_pipeline.models import (
-    ModelError,
-    build_tiny_tokenizer,
-    check_weights_format,
-    load_model,
-    model_fingerprint,
-    resolve_model,
-)
+from rgsd_pipeline.fingerprints import WEIGHTS_RECORD, model_fingerprint, weight_hashes
+from rgsd_pipeline.models import ModelError, build_tiny_tokenizer, check_weights_format, load_model, resolve_model
 from rgsd_pipeline.render import chat_ids
+from rgsd_pipeline.shards import sha256_file
 
 
 def test_tiny_model_loads_and_generates(tiny_path, tiny_tokenizer):
@@ -61,4 +56,35 @@ def test_fingerprint_sees_a_changed_chat_template(tiny_path, tmp_path):
     shutil.copytree(tiny_path, copy)
     assert model_fingerprint(copy) == model_fingerprint(tiny_path)
     (copy / "chat_template.jinja").write_text("{{ messages }}")
+    assert model_fingerprint(copy) != model_fingerprint(tiny_path)
+
+
+def test_fingerprint_sees_the_weights_bytes_not_only_headers_and_sizes(tiny_path, tmp_path, monkeypatch):
+    """A retrained checkpoint has its base's safetensors header and size; only the bytes tell them apart."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("RGSD_CACHE_DIR", str(tmp_path / "cache"))
+    retrained = tmp_path / "retrained"
+    shutil.copytree(tiny_path, retrained, ignore=shutil.ignore_patterns(WEIGHTS_RECORD))
+    weights = load_file(tiny_path / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 7e-5
+    save_file(weights, retrained / "model.safetensors", metadata={"format": "pt"})
+    assert (retrained / "model.safetensors").stat().st_size == (tiny_path / "model.safetensors").stat().st_size
+    assert model_fingerprint(retrained) != model_fingerprint(tiny_path)
+    # An external folder is hashed once, then its digest comes from the cache while size and mtime hold.
+    assert weight_hashes(retrained) == {"model.safetensors": sha256_file(retrained / "model.safetensors")}
+    assert len(list((tmp_path / "cache" / "weight-hashes").iterdir())) == 1
+    monkeypatch.setattr("rgsd_pipeline.fingerprints.sha256_file", lambda path: pytest.fail("hashed twice"))
+    model_fingerprint(retrained)
+
+
+def test_a_stale_weights_record_is_not_trusted(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RGSD_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_path, copy)  # copies rgsd-weights.json, keeps mtimes (copy2)
+    assert (copy / WEIGHTS_RECORD).exists() and model_fingerprint(copy) == model_fingerprint(tiny_path)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    (copy / "model.safetensors").write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(tiny_path)

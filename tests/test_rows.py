@@ -36,8 +36,15 @@ def test_healthbench_row_keeps_tags_and_defaults_to_medical():
 
 
 def test_generic_row_with_string_prompt_and_criteria_key():
-    row = normalize({"prompt": "Explain tides.", "criteria": [{"criterion": "Moon gravity", "points": "4"}]})
+    row = normalize({"prompt": "Explain tides.", "criteria": [{"criterion": "Moon gravity", "points": 4}]})
     assert row["messages"][0]["content"] == "Explain tides." and row["rubric"][0]["points"] == 4.0
+
+
+def test_the_sources_own_id_is_kept():
+    assert normalize({"prompt": USER, "Rubrics": RUBRIC, "extra_info": {"id": 17}})["source_id"] == "17"
+    rar = {"question": "q", "id": "rar-9", "rubric": [{"description": "d", "weight": 2}]}
+    assert normalize(rar)["source_id"] == "rar-9"
+    assert normalize({"prompt": USER, "Rubrics": RUBRIC})["source_id"] is None
 
 
 def test_detect_format():
@@ -67,6 +74,20 @@ def test_detect_format():
         ({"prompt": USER, "Rubrics": [{"criterion": "c"}]}, "Rubrics[0].points", "missing points"),
         ({"prompt": USER, "Rubrics": [{"criterion": "a", "points": -1}, {"criterion": "b", "points": -2}]}, "Rubrics",
          "no criterion has positive points"),
+        # Never guessed: text points, two spellings of the rubric, fractional or rewarding RaR weights.
+        ({"prompt": USER, "Rubrics": [{"criterion": "c", "points": "5"}]}, "Rubrics[0].points",
+         "points must be a number, got text '5'"),
+        ({"prompt": USER, "Rubrics": RUBRIC, "rubrics": [{"criterion": "other", "points": 1}]}, "Rubrics/rubrics",
+         "both 'Rubrics' and 'rubrics' with different content"),
+        ({"question": "q", "rubric": [{"description": "d", "weight": 2.5}]}, "rubric[0].weight",
+         "RaR weights are whole numbers, got 2.5"),
+        ({"question": "q", "rubric": [{"description": "Essential Criteria: x", "weight": 3},
+                                      {"description": "Pitfall Criteria: Recommends bleach", "weight": 2}]},
+         "rubric[1].weight", "a 'Pitfall Criteria' item needs a negative weight, got 2"),
+        ({"prompt": [{"role": "user", "content": "bad \ud800 text"}], "Rubrics": RUBRIC}, "prompt[0].content",
+         "invalid Unicode"),
+        ({"prompt": USER, "Rubrics": RUBRIC, "domain": {"name": "medical"}}, "domain", "must be a string"),
+        ({"prompt": USER, "Rubrics": RUBRIC, "extra_info": {"id": [1]}}, "extra_info.id", "an id must be"),
     ],
 )
 def test_bad_rows_name_field_and_reason(row, field, reason):
