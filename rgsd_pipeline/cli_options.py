@@ -33,6 +33,9 @@ def judge_options(command):
 
     default = {f.name: f.default for f in dataclasses.fields(JudgeSettings)}
     options = [
+        click.option("--judge", "judge_kind", type=click.Choice(["llm", "rules"]),
+                     help="rules: grade the machine-checkable predicates in criterion tags (no model, any CPU); "
+                          "llm: an LLM judge (given by --judge-url and --judge-model)."),
         click.option("--judge-url", help="OpenAI-compatible base URL of the judge, e.g. http://127.0.0.1:8000/v1."),
         click.option("--judge-model", help="Model name the judge serves."),
         click.option("--judge-mode", default=default["mode"], type=click.Choice(MODES), show_default=True,
@@ -54,14 +57,20 @@ def judge_options(command):
     return command
 
 
-def judge_settings(judge_url, judge_model, judge_mode, judge_concurrency, judge_timeout, judge_retries,
+def judge_settings(judge_kind, judge_url, judge_model, judge_mode, judge_concurrency, judge_timeout, judge_retries,
                    judge_structured, judge_max_tokens):
-    """JudgeSettings from the --judge-* options, or None when no judge was given."""
+    """"rules", JudgeSettings for an LLM judge, or None when no judge was asked for."""
     from rgsd_pipeline.judge import JudgeSettings
 
+    if judge_kind == "rules":
+        if judge_url or judge_model:
+            raise click.UsageError("--judge rules takes no --judge-url or --judge-model")
+        return "rules"
     if bool(judge_url) != bool(judge_model):
         raise click.UsageError("--judge-url and --judge-model go together")
     if not judge_url:
+        if judge_kind == "llm":
+            raise click.UsageError("--judge llm needs --judge-url and --judge-model")
         return None
     return JudgeSettings(url=judge_url, model=judge_model, mode=judge_mode, concurrency=judge_concurrency,
                          timeout_s=judge_timeout, max_retries=judge_retries, structured=judge_structured,

@@ -76,7 +76,12 @@ def summarize(verdicts: pl.DataFrame, domains: dict[str, str], resamples: int = 
 
 
 def make_grader(judge, run: Path):
-    """The grader for judge settings (an LLM judge, its verdicts cached in the run's judge cache)."""
+    """The grader for a judge: "rules" (the rule judge), or JudgeSettings (an LLM judge, its verdicts cached in the
+    run's judge cache)."""
+    if judge == "rules":
+        from rgsd_pipeline.rule_judge import RuleJudge
+
+        return RuleJudge()
     from rgsd_pipeline.judge import Judge, VerdictCache
 
     return Judge(judge, VerdictCache(layout.judge_cache(run)))

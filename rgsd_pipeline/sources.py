@@ -17,7 +17,9 @@ from pathlib import Path
 
 from rgsd_pipeline.errors import UserError
 
-BUILTIN_DATA = {"medsci": "medsci.jsonl"}
+# medsci: 122 medical and science prompts with rubrics; checkable: 221 whose every criterion also carries a
+# machine-checkable predicate for the rule judge (built by bench/make_checkable.py).
+BUILTIN_DATA = {"medsci": "medsci.jsonl", "checkable": "checkable.jsonl"}
 
 
 class SourceError(UserError, ValueError):

@@ -1,6 +1,7 @@
 """Stage `evaluate`: one policy answers an evaluation set; judge-free diagnostics; rubric scores from a judge.
 
     rgsd-pipeline evaluate --run runs/demo --iteration base                  # the base model, no judge
+    rgsd-pipeline evaluate --run runs/proof --iteration 2 --judge rules      # checkable criteria, on a CPU
     rgsd-pipeline evaluate --run runs/demo --iteration 0 \\
         --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
     rgsd-pipeline evaluate --run runs/demo --iteration 1 --data healthbench.jsonl --max-prompts 200 ...
@@ -9,7 +10,8 @@
 The prompts are the run's held-out split, or every valid row of `--data` (bad rows are quarantined as in
 `prepare`). Everything lands in eval/<set>/: prompts/, and per policy answers/ (shards, resumable),
 diagnostics.json, verdicts-<judge>/ and summary-<judge>.json. Answers use the same seed per
-(prompt, sample) for every policy, so iterations are compared on paired samples. LLM-judge verdicts are
+(prompt, sample) for every policy, so iterations are compared on paired samples. `--judge rules` grades the
+machine-checkable predicates some data sets carry (builtin:checkable) with no model. LLM-judge verdicts are
 cached in eval/judge-cache.sqlite: a rerun over the same answers makes no judge calls. Each run ends
 with a table of every policy evaluated on the set.
 """
