@@ -30,9 +30,9 @@ def main():
     args = parser.parse_args()
 
     import polars as pl
-    from common import record, timed
+    from common import GivenEngine, record, timed
 
-    import stages.rollout as rollout_stage
+    from rgsd_pipeline import steps
     from rgsd_pipeline.config import freeze_or_check, load_config
     from rgsd_pipeline.engines import Sampling, make_engine
     from rgsd_pipeline.models import load_tokenizer, resolve_model
@@ -63,24 +63,18 @@ def main():
         for kind in args.engines:
             engine = make_engine(kind, path, config.engine, config.model)
             engine.generate(prompts[:2], seeds[:2], Sampling(max_new_tokens=4))  # warm-up
-            original = rollout_stage.make_engine
-            rollout_stage.make_engine = lambda *a, engine=engine, **k: engine
-            engine_close, engine.close = engine.close, lambda: None
             bare_rates, stage_rates = [], []
-            try:
-                for _ in range(args.repeats):  # alternate bare and stage so drift hits both alike
-                    bare, bare_s = timed(lambda engine=engine: engine.generate(prompts, seeds, sampling))
-                    bare_rates.append(sum(len(g.token_ids) for g in bare) / bare_s)
-                    run = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-                    shutil.copytree(prepared, run, dirs_exist_ok=True)
-                    _, stage_s = timed(lambda run=run, kind=kind: rollout_stage.rollout(run, 0, kind, 1, 0))
-                    stage_tokens = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
-                        pl.col("response_token_ids").list.len().sum()).collect().item()
-                    stage_rates.append(stage_tokens / stage_s)
-                    shutil.rmtree(run)
-            finally:
-                rollout_stage.make_engine, engine.close = original, engine_close
-                engine.close()
+            for _ in range(args.repeats):  # alternate bare and stage so drift hits both alike
+                bare, bare_s = timed(lambda engine=engine: engine.generate(prompts, seeds, sampling))
+                bare_rates.append(sum(len(g.token_ids) for g in bare) / bare_s)
+                run = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+                shutil.copytree(prepared, run, dirs_exist_ok=True)
+                _, stage_s = timed(lambda run=run, engine=engine: steps.rollout(run, 0, GivenEngine(engine)))
+                stage_tokens = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
+                    pl.col("response_token_ids").list.len().sum()).collect().item()
+                stage_rates.append(stage_tokens / stage_s)
+                shutil.rmtree(run)
+            engine.close()
             tokens_per_s[kind] = statistics.median(bare_rates)
             results[f"{kind}_bare_tokens_per_s"] = tokens_per_s[kind]
             results[f"{kind}_stage_tokens_per_s"] = statistics.median(stage_rates)

@@ -48,19 +48,19 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from common import peak_memory_mb, record, timed
+    from common import GivenEngine, peak_memory_mb, record, timed
 
-    import stages.score as score_stage
+    from rgsd_pipeline import steps
     from rgsd_pipeline.config import freeze_or_check, load_config
     from rgsd_pipeline.engines import make_engine
     from rgsd_pipeline.engines.hf_engine import left_pad, length_buckets
+    from rgsd_pipeline.engines.hosting import StageEngines
     from rgsd_pipeline.models import load_tokenizer, resolve_model
     from rgsd_pipeline.render import chat_ids, teacher_messages
     from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import storage_schema, topk_bytes
     from schemas import PROMPTS, ROLLOUTS
     from stages.prepare import prepare
-    from stages.rollout import rollout
 
     for model in args.models if not args.memory_only else []:
         results = {}
@@ -74,7 +74,7 @@ def main():
         prepared = Path(tempfile.mkdtemp(prefix="bench-score-"))
         freeze_or_check(prepared, config)
         prepare(prepared, None, [], [], None)
-        rollout(prepared, 0, "hf", 1, 0)
+        steps.rollout(prepared, 0, StageEngines("hf"))
         prompts = {p["prompt_id"]: p for p in read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()}
         rows = read_stage(prepared / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
         teacher_ids = [chat_ids(tokenizer, teacher_messages(prompts[r["prompt_id"]], config.template)) for r in rows]
@@ -99,13 +99,7 @@ def main():
                 results["bare_forward_tokens_per_s"] = response_tokens / forward_s
             run = Path(tempfile.mkdtemp(prefix="bench-score-run-"))
             shutil.copytree(prepared, run, dirs_exist_ok=True)
-            original = score_stage.make_engine
-            score_stage.make_engine = lambda *a, **k: engine
-            engine_close, engine.close = engine.close, lambda: None
-            try:
-                _, stage_s = timed(lambda: score_stage.score(run, 0, kind, 1, 0))
-            finally:
-                score_stage.make_engine, engine.close = original, engine_close
+            _, stage_s = timed(lambda: steps.score(run, 0, GivenEngine(engine)))
             results[f"{kind}_engine_tokens_per_s"] = tokens_per_s[kind]
             results[f"{kind}_stage_tokens_per_s"] = response_tokens / stage_s
             if kind == "hf":

@@ -26,7 +26,7 @@ from rgsd_pipeline import layout
 from rgsd_pipeline.config import RunConfig, TrainConfig
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
-from rgsd_pipeline.shards import mark_complete, write_json_atomic
+from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
 from rgsd_pipeline.trainer import cast_floating, find_state, full_state_dict, state_global_step
 
 
@@ -96,15 +96,30 @@ def prune_states(run: Path, iteration: int, keep: int) -> list[Path]:
     return deleted
 
 
+def merged_lora_weights(model) -> dict:
+    """The base model's state dict with every LoRA layer's delta added in, leaving the adapters in place (a
+    resident `iterate` keeps training them)."""
+    base = model.get_base_model()
+    weights = {name.replace(".base_layer", ""): tensor.detach().cpu().clone()
+               for name, tensor in base.state_dict().items() if "lora_" not in name}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            weight = weights[f"{name}.weight"]
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).detach().cpu().to(weight.dtype)
+    return weights
+
+
 def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,
                      weights: dict | None = None) -> None:
     """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, then _SUCCESS.
 
     `weights` is the gathered state dict under FSDP2; otherwise it is read from the model. LoRA adapters are
     merged (unless train.save_adapters, which writes the adapters alone)."""
-    if config.train.lora and not config.train.save_adapters:
-        model = model.merge_and_unload()
+    remove_leftovers(out)
     merged = not (config.train.lora and config.train.save_adapters)
+    if config.train.lora and merged:
+        weights, model = merged_lora_weights(model), model.get_base_model()
     if merged:
         weights = cast_floating(weights if weights is not None else full_state_dict(model), config.model.dtype)
         for tied in getattr(model, "all_tied_weights_keys", {}):  # e.g. lm_head.weight, tied to the embeddings

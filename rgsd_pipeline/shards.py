@@ -97,6 +97,13 @@ def manifest_mtime(folder: Path) -> int:
     return path.stat().st_mtime_ns if path.exists() else 0
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files of writers killed between writing and renaming (`.<name>.tmp-<pid>`)."""
+    for leftover in Path(folder).glob(".*.tmp-*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
 def is_complete(folder: Path) -> bool:
     """True once a stage output (or checkpoint) folder has its completion marker."""
     return (Path(folder) / SUCCESS).exists()
@@ -287,8 +294,8 @@ class StageOutput:
                 "rows": sum(r["rows"] for r in records),
                 "inputs": self.inputs,
             }
-            for leftover in self.folder.glob(".part-*.tmp-*"):  # from writers killed mid-shard
-                leftover.unlink(missing_ok=True)
+            remove_leftovers(self.folder)
+            remove_leftovers(self.folder / PROGRESS)
             write_json_atomic(self.folder / MANIFEST, manifest)
             mark_complete(self.folder)
             return True

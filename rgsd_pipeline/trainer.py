@@ -273,11 +273,12 @@ class Trainer:
     """Optimizer steps of one iteration over its examples: the model, the loss, AdamW and the step schedule.
 
     `first_global_step` is the run's step count before this iteration and `horizon` the length of the
-    learning-rate schedule in global steps (see learning_rate).
+    learning-rate schedule in global steps (see learning_rate). `optimizer`, when given, is the previous
+    iteration's AdamW over the same model (kept in memory by a resident `iterate`).
     """
 
     def __init__(self, model, examples: list[Example], config: TrainConfig, world: World, pad_id: int,
-                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0):
+                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0, optimizer=None):
         self.device = device()
         self.model = model.to(self.device)
         self.examples, self.config, self.world, self.pad_id = examples, config, world, pad_id
@@ -289,8 +290,9 @@ class Trainer:
         self.sharded = config.parallel == "fsdp" and world.size > 1
         if self.sharded:
             shard(self.forward, self.device.type, world, config.bf16)
-        self.optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
+        # A resident process passes the previous iteration's optimizer: its moments continue, as after a reload.
+        self.optimizer = optimizer or torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
+                                                        weight_decay=config.weight_decay)
 
     def save(self, folder: Path, step: int) -> None:
         save_state(folder, self.model, self.optimizer, step, self.world, self.sharded, self.first_global_step + step)

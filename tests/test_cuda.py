@@ -56,3 +56,26 @@ def test_trainer_on_gpu_makes_the_cpu_update(tiny_path, monkeypatch):
         results[name] = {n: p.detach().cpu() for n, p in trainer.model.named_parameters()}
     for n, p in results["cpu"].items():
         torch.testing.assert_close(results["cuda"][n], p, atol=1e-4, rtol=1e-3)
+
+
+def test_resident_iterate_colocates_on_one_gpu_and_equals_one_process_per_stage(tmp_path):
+    """On a GPU the student's vLLM engine sleeps while the HF teacher scores and the trainer trains, wakes up,
+    and takes the new weights in place; the run equals the per-stage one."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("needs upstream vllm on the GPU machine")
+    from helpers import cli
+    from safetensors.torch import load_file
+
+    common = ["--config", "configs/tiny.yaml", "--iterations", 2, "engine.kind=vllm", "engine.score_kind=hf",
+              "engine.vllm_gpu_memory_utilization=0.3", "data.max_prompts=16", "rollout.prompts_per_iteration=8",
+              "train.batch_size=8"]
+    resident = cli("iterate", "--run", tmp_path / "resident", *common).stdout
+    assert "swapped in place 1 time(s)" in resident
+    cli("iterate", "--run", tmp_path / "staged", "--per-stage", *common)
+    for i in range(2):
+        a = load_file(tmp_path / "resident" / f"iter-00{i}" / "checkpoint" / "model.safetensors")
+        b = load_file(tmp_path / "staged" / f"iter-00{i}" / "checkpoint" / "model.safetensors")
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0)

@@ -170,3 +170,30 @@ def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
                                    atol=2e-3, rtol=0)
         # Ids agree except where two candidates tie within the tolerance.
         assert (vl.topk_ids_T_K[:, :3] == hf.topk_ids_T_K[:, :3]).mean() > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_takes_new_weights_in_place(vllm_engine, tiny_path, tiny_tokenizer, tmp_path):
+    """After reload_weights the engine samples from the new checkpoint, as a forward pass of that checkpoint says."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_path, changed)
+    weights = load_file(tiny_path / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: t + 0.05 * torch.randn(t.shape, generator=generator) if t.dim() == 2 else t
+               for name, t in weights.items()}
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    try:
+        vllm_engine.load_weights(changed)
+        assert vllm_engine.model_path == changed
+        check_generation(vllm_engine, changed, tiny_tokenizer, atol=2e-3)
+        prompt = prompts(tiny_tokenizer)[0]
+        generation = vllm_engine.generate([prompt], [5], Sampling(max_new_tokens=8))[0]
+        base = reference_logprobs(load_model(tiny_path), prompt, generation.token_ids)
+        assert (torch.tensor(generation.logprobs) - base).abs().max() > 0.01  # not the old weights
+    finally:
+        vllm_engine.load_weights(tiny_path)

@@ -2,10 +2,12 @@
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import polars as pl
@@ -99,38 +101,62 @@ def test_an_epoch_of_small_iterations_samples_every_prompt_once_on_one_schedule(
     assert state_global_step(find_state(two_iterations / "iter-001" / "checkpoint")) == 2
 
 
+def rollouts_frame(run, iteration):
+    return read_stage(run / f"iter-{iteration:03d}" / "rollouts", ROLLOUTS).lazy().collect()
+
+
+def assert_same_run(run, reference, iterations=2):
+    """The same rollouts and signals row for row, and the same weights to 1e-6, in every iteration."""
+    for i in range(iterations):
+        assert rollouts_frame(run, i).equals(rollouts_frame(reference, i)), i
+        assert signals_frame(run, i).equals(signals_frame(reference, i)), i
+        for name, tensor in checkpoint_weights(reference, i).items():
+            torch.testing.assert_close(checkpoint_weights(run, i)[name], tensor, atol=1e-6, rtol=0)
+
+
 @pytest.mark.slow
-def test_make_iterate_matches_the_cli(two_iterations, small_config, tmp_path):
+def test_one_process_per_stage_and_the_resident_iterate_write_the_same_run(two_iterations, small_config, tmp_path):
+    """`make iterate` runs every stage as its own process; `iterate` (two_iterations) keeps engines and trainer."""
     run = tmp_path / "made"
     make = ["make", "--no-print-directory", "iterate", f"CONFIG={small_config}", f"RUN={run}", "ITERS=2"]
-    result = subprocess.run(make,
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(make, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    for name, tensor in checkpoint_weights(two_iterations, 1).items():
-        torch.testing.assert_close(checkpoint_weights(run, 1)[name], tensor, atol=1e-6, rtol=0)
+    assert_same_run(run, two_iterations)
     again = subprocess.run(["make", "iterate", f"CONFIG={small_config}", f"RUN={run}", "ITERS=2"], cwd=ROOT,
                            capture_output=True, text=True)
     assert "rgsd-pipeline" not in again.stdout  # nothing left to do
 
 
 @pytest.mark.slow
-def test_kill_during_iteration_1_then_rerun_gives_the_same_result(two_iterations, small_config, tmp_path):
-    """kill -9 of the whole `iterate` (its stage processes included) once iteration 1's score has one shard."""
+def test_resident_iterate_killed_at_random_moments_then_rerun_gives_the_same_run(two_iterations, small_config,
+                                                                                  tmp_path):
+    """kill -9 of the resident `iterate` at two seeded random moments of an uninterrupted run's duration."""
+    started = time.perf_counter()
+    cli("iterate", "--config", small_config, "--run", tmp_path / "timed", "--iterations", 2)
+    duration = time.perf_counter() - started
+    rng = random.Random(20261128)
     run = tmp_path / "killed"
-    worker = subprocess.Popen([*CLI, "iterate", "--config", str(small_config), "--run", str(run), "--iterations", "2"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    progress = run / "iter-001" / "signals" / ".progress"
-    deadline = time.time() + 300
-    while time.time() < deadline and worker.poll() is None and not list(progress.glob("part-*.json")):
-        time.sleep(0.02)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
-    assert not (run / "iter-001" / "signals" / "_SUCCESS").exists()
+    for _ in range(2):
+        worker = subprocess.Popen([*CLI, "iterate", "--config", str(small_config), "--run", str(run),
+                                   "--iterations", "2"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            worker.wait(timeout=rng.uniform(0.3, 0.9) * duration)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
     cli("iterate", "--run", run, "--iterations", 2)
-    assert signals_frame(run, 1).equals(signals_frame(two_iterations, 1))
-    for name, tensor in checkpoint_weights(two_iterations, 1).items():
-        torch.testing.assert_close(checkpoint_weights(run, 1)[name], tensor, atol=1e-6, rtol=0)
-    assert (run / "iter-001" / "metrics.jsonl").read_text().count('"global_step": 2') == 1
+    assert_same_run(run, two_iterations)
+    steps = [json.loads(line)["global_step"] for line in (run / "iter-001" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2]
+    assert not list(run.rglob(".*.tmp-*"))
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys\nfrom rgsd_pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules, 'vllm' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "iterate" in result.stdout and result.stdout.strip().endswith("False False False"), result.stdout[-500:]
 
 
 @pytest.mark.slow

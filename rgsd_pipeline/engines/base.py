@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -51,6 +52,9 @@ class Scores:
 
 class Engine(Protocol):
     kind: str
+    model_path: Path  # the folder whose weights the engine holds now
+
+    def load_weights(self, model_path: Path) -> None: ...
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None) -> list[Generation]: ...

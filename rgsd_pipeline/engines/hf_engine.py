@@ -65,6 +65,7 @@ class HfEngine:
         self.model = load_model(model_path, model_config.dtype, model_config.trust_remote_code,
                                 model_config.allow_pickle_weights).eval().to(self.device)
         self.tokenizer = load_tokenizer(model_path, model_config.trust_remote_code)
+        self.model_path = Path(model_path)
         self.batch_size = engine_config.hf_batch_size
         self.max_model_len = model_config.max_model_len
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
@@ -176,6 +177,22 @@ class HfEngine:
             ids_C_K = torch.from_numpy(ids_T_K[index][lo:lo + logp_C_V.shape[0]]).long().to(self.device)
             out[index][lo:lo + logp_C_V.shape[0]] = logp_C_V.gather(1, ids_C_K).cpu().numpy()
         return out
+
+    @torch.no_grad()
+    def load_weights(self, model_path: Path) -> None:
+        """Take another checkpoint's weights in place (same architecture); tied weights follow their source."""
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted(Path(model_path).glob("*.safetensors")):
+            state.update(load_file(file))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.model, "all_tied_weights_keys", {}))
+        absent = sorted(set(missing) - tied)
+        if unexpected or absent:
+            raise ValueError(f"{model_path} does not fit the engine's model: missing {absent[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        self.model_path = Path(model_path)
 
     def close(self) -> None:
         del self.model

@@ -39,6 +39,7 @@ class VllmEngine:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         from vllm import LLM
 
+        self.model_path = Path(model_path)
         self.processed = sampling is not None and not sampling.is_model_distribution
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
                        max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
@@ -121,6 +122,26 @@ class VllmEngine:
             if on_progress:
                 on_progress(1, len(positions))
         return results
+
+    def load_weights(self, model_path: Path) -> None:
+        """Swap in another checkpoint's weights without restarting the engine (vLLM's in-place reload), then drop
+        the prefix cache, whose blocks were computed with the old weights."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
+        self.llm.reset_prefix_cache()
+        self.model_path = Path(model_path)
+
+    def sleep(self) -> None:
+        """On a GPU, free the engine's memory (weights offloaded, KV cache dropped) while others use the device."""
+        import torch
+
+        if torch.cuda.is_available():
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.llm.wake_up()
 
     def close(self) -> None:
         import contextlib

@@ -1,0 +1,75 @@
+"""Who owns the engines of an iteration's steps: one stage command, or a resident `iterate`.
+
+A stage command builds the engine it needs and closes it when the step is done (`StageEngines`). The
+resident `iterate` keeps them (`ResidentEngines`): the student's engine is built once and takes each new
+policy's weights in place (vLLM's `reload_weights`, or a state-dict load in the transformers engine), and
+the teacher's engine, always the frozen base model, is built once. On a GPU the student's vLLM engine
+sleeps (weights offloaded, KV cache freed) while the teacher scores and the trainer trains, and wakes up
+for the next rollout: the colocated layout, each part within its own memory budget
+(`engine.vllm_gpu_memory_utilization` for vLLM, the rest for the teacher and the trainer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rgsd_pipeline.config import RunConfig
+from rgsd_pipeline.engines import Engine, Sampling, make_engine
+
+
+class StageEngines:
+    """Engines built for one step and closed after it."""
+
+    resident = False
+
+    def __init__(self, engine_kind: str | None = None):
+        self.engine_kind = engine_kind
+
+    def student(self, policy: Path, config: RunConfig) -> Engine:
+        return make_engine(self.engine_kind or config.engine.kind, policy, config.engine, config.model,
+                           sampling=Sampling.of(config.rollout))
+
+    def teacher(self, teacher: Path, config: RunConfig) -> Engine:
+        kind = self.engine_kind or config.engine.score_kind or config.engine.kind
+        return make_engine(kind, teacher, config.engine, config.model, max_logprobs=config.score.top_k)
+
+    def done(self, engine: Engine) -> None:
+        engine.close()
+
+
+class ResidentEngines(StageEngines):
+    """Engines kept across iterations; the student's takes each policy's weights in place."""
+
+    resident = True
+
+    def __init__(self, engine_kind: str | None = None):
+        super().__init__(engine_kind)
+        self._student: Engine | None = None
+        self._teacher: Engine | None = None
+        self.weight_loads = 0  # in-place swaps, for the summary
+
+    def student(self, policy: Path, config: RunConfig) -> Engine:
+        if self._student is None:
+            self._student = super().student(policy, config)
+        else:
+            if hasattr(self._student, "wake_up"):
+                self._student.wake_up()
+            if Path(self._student.model_path) != Path(policy):
+                self._student.load_weights(policy)
+                self.weight_loads += 1
+        return self._student
+
+    def teacher(self, teacher: Path, config: RunConfig) -> Engine:
+        if self._teacher is None:  # its own engine even at iteration 0: the student's weights will change
+            self._teacher = super().teacher(teacher, config)
+        return self._teacher
+
+    def done(self, engine: Engine) -> None:
+        if engine is self._student and hasattr(engine, "sleep"):
+            engine.sleep()  # a no-op on CPUs
+
+    def close(self) -> None:
+        for engine in (self._student, self._teacher):
+            if engine is not None:
+                engine.close()
+        self._student = self._teacher = None

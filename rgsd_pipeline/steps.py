@@ -1,0 +1,281 @@
+"""The three steps of an RGSD iteration, each writing exactly the artifacts of its stage command.
+
+    rollout(run, I, engines)   iter-I/rollouts/    the student samples its training prompts
+    score(run, I, engines)     iter-I/signals/     the rubric-conditioned teacher scores the student's tokens
+    train(run, I)              iter-I/checkpoint/  the student learns the teacher's signals
+
+The stage commands (`rgsd-pipeline rollout | score | train`) run one step with engines built for it
+(engines.hosting.StageEngines); the resident `iterate` runs them all in one process with engines kept
+across iterations (ResidentEngines) and the trainer's model and AdamW state kept in memory
+(`Continuation`). Either way the same shards, manifests, fingerprints and checkpoints are written, so
+resume, `inspect`, `evaluate` and `report` cannot tell which path made them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import polars as pl
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.config import RunConfig, fingerprint, load_run_config, to_dict
+from rgsd_pipeline.fingerprints import model_fingerprint, tokenizer_fingerprint
+from rgsd_pipeline.models import eos_token_ids, load_tokenizer, pad_token_id, resolve_model
+from rgsd_pipeline.sampling import iteration_prompts, optimizer_steps_per_epoch, sample_shards
+from rgsd_pipeline.shards import (
+    ArtifactError,
+    ShardPlan,
+    StageOutput,
+    is_complete,
+    read_stage,
+    split_into_shards,
+    write_text_atomic,
+)
+from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, teacher_inputs, token_span_ids, topk_bytes
+from schemas import PROMPTS, ROLLOUTS
+
+
+def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0) -> None:
+    """iter-I/rollouts/: the student's samples of this iteration's training prompts (this worker's share)."""
+    # 1. Inputs: the frozen config, this iteration's training prompts, the policy of this iteration.
+    config = load_run_config(run)
+    prompts_stage = read_stage(layout.prompts_dir(run), PROMPTS)
+    train_prompts = prompts_stage.lazy().filter(pl.col("split") == "train").collect().to_dicts()
+    prompts = iteration_prompts(train_prompts, iteration, config.rollout.prompts_per_iteration, config.rollout.seed)
+    policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
+    tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+    inputs = {"prompts": fingerprint(prompts_stage.manifest["shards"]), "policy": model_fingerprint(policy),
+              "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
+                                     "max_model_len": config.model.max_model_len, "iteration": iteration})}
+
+    # 2. The work: every (prompt, sample), cut into shards of data.rows_per_shard rows.
+    work = [(p, s) for p in prompts for s in range(config.rollout.samples_per_prompt)]
+    pieces = split_into_shards(work, config.data.rows_per_shard)
+    out_dir = layout.rollouts_dir(run, iteration)
+    plan = ShardPlan(len(pieces), num_shards, shard_index)
+    with StageOutput(out_dir, ROLLOUTS, inputs, plan) as out:
+        shards = {i: pieces[i] for i in out.todo()}
+        if shards:
+            engine = engines.student(policy, config)
+            click.echo(f"rollout iteration {iteration}: {sum(map(len, shards.values()))} samples in {len(shards)} "
+                       f"shard(s) ({len(prompts)} of {len(train_prompts)} training prompts) with {engine.kind} "
+                       f"from {policy}")
+            # 3. Generate shard by shard; each shard is published whole.
+            sample_shards(out, shards, engine, tokenizer, config, iteration, seed_round=iteration, unit="sample")
+            engines.done(engine)
+        complete = out.finalize()
+
+    # 4. Summary.
+    _finished(out_dir, complete, plan, rollouts_summary(read_stage(out_dir, ROLLOUTS).lazy()) if complete else "")
+
+
+def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0) -> None:
+    """iter-I/signals/: the teacher's top-k over the student's tokens, row-aligned with iter-I/rollouts/."""
+    # 1. Inputs: the frozen config, the prompts (for their rubrics), this iteration's rollouts, the teacher.
+    config = load_run_config(run)
+    prompts = {p["prompt_id"]: p for p in read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect().to_dicts()}
+    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
+    teacher = resolve_model(config.model.path)
+    policy = layout.policy_path(run, iteration, teacher)
+    if tokenizer_fingerprint(policy) != tokenizer_fingerprint(teacher):
+        raise ArtifactError(f"the student ({policy}) and the teacher ({teacher}) differ in tokenizer or chat template; "
+                            "RGSD scores the student's token ids with the teacher, so both must share one")
+    tokenizer = load_tokenizer(teacher, config.model.trust_remote_code)
+    schema = storage_schema(config.score, len(tokenizer))
+    k = config.score.top_k
+    think = ((token_span_ids(tokenizer, config.score.think_open), token_span_ids(tokenizer, config.score.think_close))
+             if config.score.think_mask else None)
+    eos_ids = eos_token_ids(teacher, tokenizer)
+    inputs = {"rollouts": fingerprint(rollouts.manifest["shards"]), "teacher": model_fingerprint(teacher),
+              "config": fingerprint({"score": to_dict(config.score), "template": to_dict(config.template),
+                                     "max_model_len": config.model.max_model_len})}
+
+    # 2. One signals shard per rollouts shard, so row i of shard j always describes the same rollout.
+    out_dir = layout.signals_dir(run, iteration)
+    plan = ShardPlan(len(rollouts.files), num_shards, shard_index)
+    with StageOutput(out_dir, schema, inputs, plan) as out:
+        todo = out.todo()
+        if todo:
+            from rgsd_pipeline.progress import TokenProgress
+
+            engine = engines.teacher(teacher, config)
+            total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
+            click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
+                       f"teacher {teacher}, top-{k}")
+            advance = TokenProgress(total, "seq")
+
+            # 3. Per shard: teacher inputs, the teacher's top-k over the student's tokens, loss masks.
+            for index in todo:
+                rows = rollouts.read_shard(index).to_pylist()
+                teacher_in = teacher_inputs(rows, prompts, tokenizer, config.template, config.model.max_model_len)
+                scores = [None] * len(rows)
+                scored = engine.score(teacher_in.sequences, teacher_in.prompt_lens, k, advance)
+                for row, result in zip(teacher_in.rows, scored):
+                    scores[row] = result
+                masks = [loss_mask(row["response_token_ids"], eos_ids, think, config.score.eos_in_loss,
+                                   row["prompt_token_ids"]) if scores[i] is not None else []
+                         for i, row in enumerate(rows)]
+                out.write_shard(index, signals_table(teacher_in.keys, scores, masks, schema, k))
+                advance(len(rows) - len(teacher_in.rows), 0)
+            advance.close()
+            engines.done(engine)
+        complete = out.finalize()
+
+    # 4. Summary: tokens, skips and storage cost per (token, k) entry.
+    _finished(out_dir, complete, plan, signals_summary(read_stage(out_dir, schema), k) if complete else "")
+
+
+@dataclass
+class Continuation:
+    """What a resident process keeps after training iteration `iteration`: the model (master weights) and its
+    AdamW optimizer, the same state that iteration's trainer_state/ holds on disk."""
+
+    iteration: int
+    model: object
+    optimizer: object
+
+
+def train(run: Path, iteration: int, world=None, kept: Continuation | None = None) -> Continuation | None:
+    """iter-I/checkpoint/: policy_{I+1}, trained on iter-I/signals. With `kept` (the previous iteration's model and
+    optimizer in memory) nothing is reloaded; returns what to keep for the next iteration."""
+    import torch
+    from tqdm import tqdm
+
+    from rgsd_pipeline.checkpoints import (
+        load_student,
+        previous_global_step,
+        previous_state,
+        prune_states,
+        warn_without_state,
+        write_checkpoint,
+    )
+    from rgsd_pipeline.examples import load_examples
+    from rgsd_pipeline.trainer import STATE_DIR, Trainer, World, find_state, full_state_dict
+
+    # 1. Inputs: the frozen config, rollouts and the signals made from exactly those rollouts, the policy.
+    config = load_run_config(run)
+    world = world or World()
+    out = layout.checkpoint_dir(run, iteration)
+    if is_complete(out):
+        if world.main:
+            click.echo(f"checkpoint already complete in {out}")
+        return None
+    base = resolve_model(config.model.path)
+    policy = layout.policy_path(run, iteration, base)
+    tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
+    signals = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
+                         expect_inputs={"rollouts": fingerprint(rollouts.manifest["shards"])})
+    examples = load_examples(rollouts, signals)
+    if not examples:
+        raise click.ClickException(f"no trainable tokens in {signals.folder}: every rollout was skipped or masked")
+
+    # 2. The student in master precision, continuing the previous iteration (in memory, or from its trainer state).
+    torch.manual_seed(config.train.seed)
+    previous = previous_state(policy, iteration)
+    state = find_state(out)  # a killed run of this iteration
+    resident = kept is not None and kept.iteration == iteration - 1 and state is None
+    model = kept.model if resident else load_student(base, policy, previous, config)
+    trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
+                      iteration, previous_global_step(policy, previous), schedule_horizon(run, config),
+                      optimizer=kept.optimizer if resident and config.train.carry_optimizer else None)
+    start = 0
+    if state is not None:
+        start = trainer.load(state)
+    elif previous is not None and not resident:
+        trainer.load(previous, load_optimizer=config.train.carry_optimizer)
+    elif iteration > 0 and not resident and world.main:
+        warn_without_state(policy, config)
+    metrics_path = layout.metrics_file(run, iteration)
+    if world.main:
+        keep_metrics(metrics_path, start)
+        click.echo(f"train iteration {iteration}: {len(examples)} sequences, {trainer.total_steps} steps of "
+                   f"{config.train.batch_size} from global step {trainer.first_global_step}, {world.size} "
+                   f"process(es), {config.train.master_dtype} weights, from {policy}"
+                   + (" (kept in memory)" if resident else "") + (f", resuming at step {start}" if start else ""))
+
+    # 3. Optimizer steps; metrics every step, trainer state every save_every steps.
+    bar = tqdm(total=trainer.total_steps, initial=start, unit="step", disable=not world.main, dynamic_ncols=True,
+               mininterval=0.2 if sys.stderr.isatty() else 10)
+    for step in range(start, trainer.total_steps):
+        metrics = trainer.step(step)
+        if world.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", div=f"{metrics['divergence']:.4f}", refresh=False)
+        if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
+            trainer.save(out / STATE_DIR, step + 1)  # every process joins: FSDP2 gathers the weights
+    bar.close()
+
+    # 4. The checkpoint the next rollout loads: a plain HF folder in model.dtype, then _SUCCESS.
+    weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
+    if world.main:
+        provenance = {"policy": str(policy), "signals": fingerprint(signals.manifest["shards"]),
+                      "global_step": trainer.first_global_step + trainer.total_steps}
+        write_checkpoint(model, policy, out, config, provenance, weights)
+        prune_states(run, iteration, config.train.keep_states)
+        click.echo(train_summary(metrics_path, out))
+    return Continuation(iteration, model, trainer.optimizer)
+
+
+def schedule_horizon(run: Path, config: RunConfig) -> int:
+    """Global steps the cosine schedule spans: train.total_steps, else one pass over the training prompts."""
+    if config.train.schedule == "constant":
+        return 0
+    if config.train.total_steps:
+        return config.train.total_steps
+    prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().filter(pl.col("split") == "train")
+    return optimizer_steps_per_epoch(prompts.select(pl.len()).collect().item(), config.rollout, config.train)
+
+
+def keep_metrics(path: Path, steps: int) -> None:
+    """Drop metric lines past `steps` (written after the last saved state of a killed run)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= steps]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _finished(out_dir: Path, complete: bool, plan: ShardPlan, summary: str) -> None:
+    if complete:
+        click.echo(summary)
+        click.echo(f"{out_dir.name} complete in {out_dir}")
+    else:
+        click.echo(f"worker {plan.worker_index}/{plan.num_workers} done; {out_dir} completes when every worker has "
+                   "finished")
+
+
+def rollouts_summary(rollouts: pl.LazyFrame) -> str:
+    stats = rollouts.select(
+        pl.len().alias("rows"), pl.col("prompt_id").n_unique().alias("prompts"),
+        pl.col("response_token_ids").list.len().sum().alias("tokens"),
+        pl.col("response_token_ids").list.len().mean().alias("mean_len"),
+    ).collect().row(0, named=True)
+    reasons = Counter(r.split(":")[0] for r in rollouts.select("finish_reason").collect()["finish_reason"])
+    finish = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    return (f"{stats['prompts']} prompts, {stats['rows']} samples, {stats['tokens']} tokens "
+            f"(mean {stats['mean_len'] or 0:.1f}); finish: {finish}")
+
+
+def signals_summary(stage, k: int) -> str:
+    frame = stage.lazy().select(pl.col("status"), pl.col("token_logprob").list.len().alias("tokens"),
+                                pl.col("loss_mask").list.sum().alias("in_loss")).collect()
+    tokens = int(frame["tokens"].sum())
+    disk = sum(f.stat().st_size for f in stage.files)
+    skipped = frame.filter(pl.col("status") != "ok").height
+    per_entry = f"{topk_bytes(stage.files) / (tokens * k):.2f}" if tokens else "n/a"
+    return (f"{frame.height} rollouts ({skipped} skipped), {tokens} response tokens, {int(frame['in_loss'].sum())} in "
+            f"the loss; {disk / 1e6:.2f} MB on disk; top-k columns take {per_entry} bytes per (token, k) entry")
+
+
+def train_summary(metrics_path: Path, out: Path) -> str:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    first, last = rows[0], rows[-1]
+    return (f"{len(rows)} steps (global step {last['global_step']}); divergence {first['divergence']:.4f} -> "
+            f"{last['divergence']:.4f}, clip fraction {last['clip_fraction']:.2f}; checkpoint in {out}")
