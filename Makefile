@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint demo clean bench
+.PHONY: setup test test-fast lint demo clean bench proof
 
 setup: $(STAMP)
 
@@ -90,8 +90,15 @@ bench: setup $(BENCH_VENV)/.installed
 	$(PY) bench/rollout.py
 	$(PY) bench/score.py
 	$(PY) bench/train.py
+	$(PY) bench/fingerprint.py
+	$(PY) bench/method.py
 	$(PY) bench/trl_compare.py
 	$(PY) bench/table.py
+
+# Does RGSD raise rubric satisfaction? SmolLM2 on builtin:checkable, graded by the rule judge (under an hour on a
+# 2-core CPU); writes docs/figures/learning.md and learning.png.
+proof: setup
+	$(PY) bench/learning.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache

@@ -8,7 +8,8 @@ criteria specific to it, with the terms that show each one in an answer. Every p
 criterion kinds of its domain, in rotation (so held-out prompts share kinds, not prompts), and two pitfalls.
 Criteria are ordinary rubric text, which is what the teacher reads; the predicate sits in the criterion's
 tags (`check:{...}`, `kind:...`), which no model ever sees. The rule judge (rgsd_pipeline/rule_judge.py)
-grades the predicates.
+grades the predicates. Each row's reference answer (for the reference-answer teacher of the paper's
+ablation) states the two specific criteria as key points.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ PITFALLS = [
 ]
 
 
+LEADS = ("Explains that ", "Explains ", "Says that ", "Says ", "States that ", "Mentions that ", "Mentions ", "Names ",
+         "Describes ", "Gives ", "Calls ")
+
+
+def key_point(text: str) -> str:
+    """A criterion restated as content: "Explains that the body makes no insulin" -> "the body makes no insulin"."""
+    for lead in LEADS:
+        if text.startswith(lead):
+            return text[len(lead):]
+    return text[0].lower() + text[1:]
+
+
 def criterion(kind: str, text: str, points: int, predicate: dict) -> dict:
     return {"criterion": text, "points": points,
             "tags": [f"kind:{kind}", "check:" + json.dumps(predicate, sort_keys=True)]}
@@ -86,8 +99,11 @@ def build() -> list[dict]:
                 second = generic[(index + 1) % len(generic)]
             rubric = [criterion("concept", a, 4, {"any": terms_a}), criterion("concept", b, 3, {"any": terms_b}),
                       criterion(*first), criterion(*second), *(criterion(*p) for p in PITFALLS)]
+            # The reference answer of the paper's ablation: the content of the two specific criteria, none of the
+            # format the generic ones ask for.
+            reference = f"Key points: {key_point(a)}; {key_point(b)}."
             rows.append({"prompt": [{"role": "user", "content": question}], "Rubrics": rubric, "domain": domain,
-                         "extra_info": {"id": f"checkable-{domain[0]}{index + 1:03d}"}})
+                         "reference_answer": reference, "extra_info": {"id": f"checkable-{domain[0]}{index + 1:03d}"}})
     return rows
 
 

@@ -1,20 +1,27 @@
-"""Benchmark: one RGSD epoch of ours against TRL's SDFTTrainer, wall time and peak memory side by side.
+"""Benchmark: our iterations against TRL's SDFTTrainer (online self-distillation), at the same cadence and work.
 
-    python bench/trl_compare.py [--models builtin:tiny builtin:smollm2-135m-instruct] [--prompts 32]
+    python bench/trl_compare.py [--model builtin:smollm2-135m-instruct] [--tokens 128] [--batch 16]
 
-Both sides get the same model, training prompts (our prepared prompt shards), one sample per prompt,
-generation length, temperature, top-k 20 + tail JSD(β=0.5), batch size and number of optimizer steps.
-Ours: the `rollout`, `score` and `train` stages as separate processes, as `make iterate` runs them
-(model loads included), with the engines of the model's recipe. TRL: `bench/trl_sdft.py` in the bench
-environment (.venv-bench: `trl` layered over .venv). Wall time is each side's whole process time; peak
-memory is the largest resident set of the process tree (vLLM's engine core included), sampled every
-50 ms. Goal: ours <= 0.33x TRL's wall time.
+Two workloads, each on the same prepared prompts, one sample per prompt, the same generation length and
+sampling, top-20 + tail JSD(0.5), batch, optimizer steps, fp32, no gradient checkpointing:
+
+- cadence: 4 iterations x 16 prompts: ours one iteration per optimizer step (rollout.prompts_per_iteration =
+  batch), TRL one online step per batch;
+- pass: 96 prompts: ours as one iteration of 6 optimizer steps, and as 6 iterations of one step; TRL 6 steps.
+
+Ours runs as the resident `rgsd-pipeline iterate` (one process, engines kept) and, for the fixed-cost
+comparison, as `iterate --per-stage` (one process per stage). TRL runs bench/trl_sdft.py in the bench
+environment (.venv-bench). Wall time is each whole process tree from launch; peak memory the largest
+summed proportional set size of the tree (vLLM's engine processes included), sampled every 100 ms. Each side's time is
+split into generation, teacher scoring, update, and the rest (fixed: imports, model loads, engine starts,
+process starts) from the seconds each side reports. Goal: ours <= 0.5x TRL's wall time, peak memory <= 1x.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,68 +31,108 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-RECIPES = {"builtin:tiny": ("configs/tiny.yaml", ["engine.kind=hf"]),  # vLLM's per-step cost dominates a 1M model
-           "builtin:smollm2-135m-instruct": ("configs/smollm2-cpu.yaml", [])}
+CLI = [sys.executable, "-m", "rgsd_pipeline"]
+RECIPES = {"builtin:tiny": ("configs/tiny.yaml", ["engine.kind=hf"]),
+           "builtin:smollm2-135m-instruct": ("configs/smollm2-cpu.yaml", ["engine.vllm_cpu_kvcache_gib=1"])}
 
 
-def run_tree(command: list[str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak MB of the summed resident memory of the process and its descendants)."""
+def run_tree(command: list[str], log: Path) -> tuple[float, float, str]:
+    """(wall seconds, peak MB of the process tree's memory, its output). Memory is the summed proportional set size
+    (PSS): pages shared by several processes (vLLM runs three, all mapping torch) are split among them instead of
+    counted once per process, as summed resident sets would."""
     import psutil
 
     started = time.perf_counter()
-    with open(log, "a") as out:
+    with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         root, peak = psutil.Process(process.pid), 0
         while process.poll() is None:
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.1)
     wall = time.perf_counter() - started
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}); see {log}")
-    return wall, peak / 2**20
+    return wall, peak / 2**20, log.read_text()
+
+
+def ours_split(output: str, wall: float) -> dict:
+    """Generation, teacher and update seconds our steps reported; the rest of the wall time is fixed cost."""
+    work = {name: sum(float(s) for s in re.findall(rf"{name} took ([\d.]+) s", output))
+            for name in ("sampling", "scoring", "training")}
+    return {"generation_s": work["sampling"], "teacher_s": work["scoring"], "update_s": work["training"],
+            "fixed_s": wall - sum(work.values())}
+
+
+def trl_split(output: str, wall: float) -> dict:
+    generation, rest = map(float, re.search(r"TRL_SECONDS generation=([\d.]+) teacher_and_update=([\d.]+)",
+                                            output).groups())
+    return {"generation_s": generation, "teacher_and_update_s": rest, "fixed_s": wall - generation - rest}
+
+
+def prepared(tmp: Path, model: str, prompts: int, tokens: int, batch: int, per_iteration: int) -> Path:
+    config, extra = RECIPES.get(model, ("configs/tiny.yaml", [f"model.path={model}", "engine.kind=hf"]))
+    run = tmp / f"run-{prompts}-{per_iteration}-{time.monotonic_ns()}"
+    overrides = [*extra, f"data.max_prompts={prompts}", f"rollout.max_new_tokens={tokens}",
+                 f"train.batch_size={batch}", f"train.micro_batch_size={min(batch, 8)}", "train.epochs=1",
+                 "rollout.samples_per_prompt=1", "train.save_every=1000", "train.gradient_checkpointing=false",
+                 f"rollout.prompts_per_iteration={per_iteration}", "data.rows_per_shard=1000"]
+    subprocess.run([*CLI, "prepare", "--config", config, "--run", str(run), *overrides], cwd=ROOT, check=True,
+                   capture_output=True)
+    return run
+
+
+def compare(model: str, prompts: int, per_iteration: int, tokens: int, batch: int, per_stage: bool, tmp: Path) -> dict:
+    iterations = -(-prompts // per_iteration) if per_iteration else 1
+    values = {"prompts": prompts, "prompts_per_iteration": per_iteration or prompts, "iterations": iterations,
+              "new_tokens": tokens, "optimizer_steps": -(-prompts // batch)}
+    sides = [("ours", False)] + ([("ours_per_stage", True)] if per_stage else [])
+    for name, staged in sides:
+        run = prepared(tmp, model, prompts, tokens, batch, per_iteration)
+        wall, peak, output = run_tree([*CLI, "iterate", "--run", str(run), "--iterations", str(iterations),
+                                       *(["--per-stage"] if staged else [])], tmp / f"{name}.log")
+        values.update({f"{name}_wall_s": wall, f"{name}_peak_mb": peak,
+                       **{f"{name}_{k}": v for k, v in ours_split(output, wall).items()}})
+        values[f"{name}_fixed_s_per_iteration"] = values[f"{name}_fixed_s"] / iterations
+        print(f"  {name:15s} {wall:7.1f} s  peak {peak:6.0f} MB", flush=True)
+    run = prepared(tmp, model, prompts, tokens, batch, per_iteration)
+    wall, peak, output = run_tree([str(BENCH_PYTHON), "bench/trl_sdft.py", "--run", str(run), "--out",
+                                   str(tmp / "trl")], tmp / "trl.log")
+    values.update({"trl_wall_s": wall, "trl_peak_mb": peak, "trl_steps": int(re.search(r"TRL_STEPS (\d+)",
+                                                                                         output).group(1)),
+                   **{f"trl_{k}": v for k, v in trl_split(output, wall).items()}})
+    print(f"  {'TRL SDFTTrainer':15s} {wall:7.1f} s  peak {peak:6.0f} MB", flush=True)
+    values["wall_ratio_ours_over_trl"] = values["ours_wall_s"] / wall
+    values["peak_ratio_ours_over_trl"] = values["ours_peak_mb"] / peak
+    return values
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=list(RECIPES))
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--skip-pass", action="store_true", help="only the 4 x 16 cadence workload")
     args = parser.parse_args()
     if not BENCH_PYTHON.exists():
         raise SystemExit(f"{BENCH_PYTHON} is missing: `make bench` builds the bench environment with trl")
-
     from common import record
 
-    cli = [sys.executable, "-m", "rgsd_pipeline"]
-    for model in args.models:
-        config, extra = RECIPES.get(model, ("configs/tiny.yaml", [f"model.path={model}", "engine.kind=hf"]))
-        with tempfile.TemporaryDirectory() as tmp:
-            run, log = Path(tmp) / "run", Path(tmp) / "log.txt"
-            overrides = [*extra, f"data.max_prompts={args.prompts}", f"rollout.max_new_tokens={args.tokens}",
-                         f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch}", "train.epochs=1",
-                         "rollout.samples_per_prompt=1", "train.save_every=1000"]
-            subprocess.run([*cli, "prepare", "--config", config, "--run", str(run), *overrides], cwd=ROOT, check=True,
-                           capture_output=True)
-            ours_wall, ours_peak = 0.0, 0.0
-            for stage in ("rollout", "score", "train"):
-                wall, peak = run_tree([*cli, stage, "--run", str(run), "--iteration", "0"], log)
-                ours_wall, ours_peak = ours_wall + wall, max(ours_peak, peak)
-                print(f"  ours {stage:8s} {wall:7.1f} s  peak {peak:7.0f} MB", flush=True)
-            trl_wall, trl_peak = run_tree([str(BENCH_PYTHON), "bench/trl_sdft.py", "--run", str(run),
-                                           "--out", str(Path(tmp) / "trl")], log)
-            print(f"  TRL SDFTTrainer {trl_wall:7.1f} s  peak {trl_peak:7.0f} MB", flush=True)
-            steps = [line for line in log.read_text().splitlines() if line.startswith("TRL_STEPS")]
-        record(f"trl_compare/{model}", {
-            "prompts": args.prompts, "new_tokens": args.tokens, "optimizer_steps": args.prompts // args.batch,
-            "trl_steps": int(steps[-1].split()[1]) if steps else -1,
-            "ours_wall_s": ours_wall, "trl_wall_s": trl_wall, "wall_ratio_ours_over_trl": ours_wall / trl_wall,
-            "ours_peak_mb": ours_peak, "trl_peak_mb": trl_peak, "peak_ratio_ours_over_trl": ours_peak / trl_peak,
-        })
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"cadence: 4 iterations x {args.batch} prompts x {args.tokens} tokens, {args.model}")
+        record(f"trl_compare cadence 4x{args.batch} / {args.model}",
+               compare(args.model, 4 * args.batch, args.batch, args.tokens, args.batch, True, tmp))
+        if not args.skip_pass:
+            print(f"pass: 96 prompts x {args.tokens} tokens as one iteration, {args.model}")
+            record(f"trl_compare pass 96, one iteration / {args.model}",
+                   compare(args.model, 96, 0, args.tokens, args.batch, False, tmp))
+            print(f"pass: 96 prompts x {args.tokens} tokens as iterations of {args.batch}, {args.model}")
+            record(f"trl_compare pass 96, iterations of {args.batch} / {args.model}",
+                   compare(args.model, 96, args.batch, args.tokens, args.batch, False, tmp))
 
 
 if __name__ == "__main__":

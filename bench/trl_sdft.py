@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -44,7 +45,7 @@ def main():
                 .replace("{criteria}", "{privileged_context}"))
     path = str(resolve_model(config.model.path))
     train = config.train
-    steps = len(rows) // train.batch_size
+    steps = -(-len(rows) // train.batch_size)
     sdft = SDFTConfig(
         output_dir=args.out, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=config.seed,
         per_device_train_batch_size=train.micro_batch_size,
@@ -61,8 +62,23 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(path)
     trainer = SDFTTrainer(model=model, args=sdft, train_dataset=dataset, processing_class=tokenizer)
+    seconds = {"generation": 0.0, "steps": 0.0}
+
+    def timed(name, method):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - started
+        return wrapper
+
+    trainer._generate = timed("generation", trainer._generate)  # inside training_step: subtracted below
+    trainer.training_step = timed("steps", trainer.training_step)
     trainer.train()
     print(f"TRL_STEPS {trainer.state.global_step}")
+    print(f"TRL_SECONDS generation={seconds['generation']:.2f} teacher_and_update="
+          f"{seconds['steps'] - seconds['generation']:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from rgsd_pipeline.engines import Sampling, make_engine
 from rgsd_pipeline.fingerprints import model_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import load_tokenizer, resolve_model
+from rgsd_pipeline.render import student_messages, teacher_messages
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,
@@ -47,7 +48,10 @@ def set_name_for(data_spec: str | None) -> str:
 
 
 def evaluated_policy(run: Path, iteration: str, base: Path) -> tuple[str, Path]:
-    """(label, model folder) of the policy `--iteration` names: "base", or I for iteration I's checkpoint."""
+    """(label, model folder) of the policy `--iteration` names: "base", "teacher" (the base model reading the
+    rubric: the ceiling RGSD distils from), or I for iteration I's checkpoint."""
+    if iteration == layout.TEACHER_LABEL:
+        return layout.TEACHER_LABEL, base
     policy = 0 if iteration == layout.BASE_LABEL else int(iteration) + 1
     return layout.policy_label(policy), layout.policy_path(run, policy, base)
 
@@ -108,15 +112,19 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
               "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
                                      "max_model_len": config.model.max_model_len, "samples": samples})}
     out_dir = layout.answers_dir(run, set_name, label)
+    view = teacher_messages if label == layout.TEACHER_LABEL else student_messages
+    if view is teacher_messages:
+        inputs["view"] = fingerprint(to_dict(config.template))
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
             engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model,
                                  sampling=Sampling.of(config.rollout))
-            click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}")
+            click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}"
+                       + (" reading the rubric (the teacher itself)" if view is teacher_messages else ""))
             tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
             sample_shards(out, shards, engine, tokenizer, config, EVAL_SEED_ROUND, seed_round=EVAL_SEED_ROUND,
-                          unit="answer")
+                          unit="answer", view=view)
             engine.close()
         out.finalize()
     return read_stage(out_dir, ROLLOUTS)

@@ -7,7 +7,8 @@
     runs/<name>/eval/judge-cache.sqlite
 
 Policy p is the model that samples iteration p: the base model for p = 0, else iteration p-1's checkpoint.
-Its label is "base" or "iter-NNN" with NNN = p - 1 (the iteration that trained it).
+Its label is "base" or "iter-NNN" with NNN = p - 1 (the iteration that trained it). The teacher itself (the
+base model reading the rubric) can be evaluated too: label "teacher", number -1, listed first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from rgsd_pipeline.shards import ArtifactError, is_complete
 
 BASE_LABEL = "base"
+TEACHER_LABEL = "teacher"
+TEACHER = -1  # the policy number of the teacher itself
 _ITERATION_FOLDER = re.compile(r"iter-(\d{3,})")
 
 
@@ -66,14 +69,18 @@ def metrics_file(run: Path, iteration: int) -> Path:
 
 
 def policy_label(policy: int) -> str:
-    """"base" for policy 0, else "iter-NNN" for the checkpoint of iteration policy - 1."""
+    """"base" for policy 0, "teacher" for -1, else "iter-NNN" for the checkpoint of iteration policy - 1."""
+    if policy == TEACHER:
+        return TEACHER_LABEL
     return BASE_LABEL if policy == 0 else iteration_dir(Path(), policy - 1).name
 
 
 def policy_index(label: str) -> int | None:
-    """The policy number of a label ("base" -> 0, "iter-002" -> 3); None when `label` is not one."""
+    """The policy number of a label ("base" -> 0, "iter-002" -> 3, "teacher" -> -1); None when it is not one."""
     if label == BASE_LABEL:
         return 0
+    if label == TEACHER_LABEL:
+        return TEACHER
     match = _ITERATION_FOLDER.fullmatch(label)
     return int(match.group(1)) + 1 if match else None
 

@@ -75,12 +75,13 @@ def row_for(prompt: dict, sample_idx: int, iteration: int, prompt_ids: list[int]
 
 
 def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[dict, int]], iteration: int,
-                seed_round: int, advance) -> list[dict]:
-    """Rollout rows for (prompt, sample_idx) items: render the student view, skip or truncate prompts over
-    the context budget, sample with one seed per (seed round, prompt, sample), decode."""
+                seed_round: int, advance, view=student_messages) -> list[dict]:
+    """Rollout rows for (prompt, sample_idx) items: render the view (the student's; render.teacher_messages to
+    sample the teacher itself), skip or truncate prompts over the context budget, sample with one seed per
+    (seed round, prompt, sample), decode."""
     sampling = Sampling.of(config.rollout)
     context_budget = config.model.max_model_len - sampling.max_new_tokens
-    rows = [row_for(p, s, iteration, chat_ids(tokenizer, student_messages(p, config.template))) for p, s in items]
+    rows = [row_for(p, s, iteration, chat_ids(tokenizer, view(p, config.template))) for p, s in items]
     runnable = []
     for row in rows:
         length = len(row["prompt_token_ids"])
@@ -104,10 +105,10 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
 
 
 def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine: Engine, tokenizer,
-                  config: RunConfig, iteration: int, seed_round: int, unit: str) -> None:
+                  config: RunConfig, iteration: int, seed_round: int, unit: str, view=student_messages) -> None:
     """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar."""
     advance = TokenProgress(sum(map(len, shards.values())), unit)
     for index, items in shards.items():
-        rows = sample_rows(engine, tokenizer, config, items, iteration, seed_round, advance)
+        rows = sample_rows(engine, tokenizer, config, items, iteration, seed_round, advance, view)
         out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
     advance.close()

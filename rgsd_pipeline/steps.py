@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,9 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
                        f"shard(s) ({len(prompts)} of {len(train_prompts)} training prompts) with {engine.kind} "
                        f"from {policy}")
             # 3. Generate shard by shard; each shard is published whole.
+            started = time.perf_counter()
             sample_shards(out, shards, engine, tokenizer, config, iteration, seed_round=iteration, unit="sample")
+            click.echo(f"sampling took {time.perf_counter() - started:.1f} s")
             engines.done(engine)
         complete = out.finalize()
 
@@ -108,6 +111,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
             click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
                        f"teacher {teacher}, top-{k}")
             advance = TokenProgress(total, "seq")
+            started = time.perf_counter()
 
             # 3. Per shard: teacher inputs, the teacher's top-k over the student's tokens, loss masks.
             for index in todo:
@@ -123,6 +127,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
                 out.write_shard(index, signals_table(teacher_in.keys, scores, masks, schema, k))
                 advance(len(rows) - len(teacher_in.rows), 0)
             advance.close()
+            click.echo(f"scoring took {time.perf_counter() - started:.1f} s")
             engines.done(engine)
         complete = out.finalize()
 
@@ -202,6 +207,7 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
     # 3. Optimizer steps; metrics every step, trainer state every save_every steps.
     bar = tqdm(total=trainer.total_steps, initial=start, unit="step", disable=not world.main, dynamic_ncols=True,
                mininterval=0.2 if sys.stderr.isatty() else 10)
+    started = time.perf_counter()
     for step in range(start, trainer.total_steps):
         metrics = trainer.step(step)
         if world.main:
@@ -212,6 +218,8 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
         if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
             trainer.save(out / STATE_DIR, step + 1)  # every process joins: FSDP2 gathers the weights
     bar.close()
+    if world.main:
+        click.echo(f"training took {time.perf_counter() - started:.1f} s")
 
     # 4. The checkpoint the next rollout loads: a plain HF folder in model.dtype, then _SUCCESS.
     weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2

@@ -46,9 +46,10 @@ def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | N
     # 2. Its answers: the same seed per (prompt, sample) for every policy.
     answers = generate_answers(run, config, prompts, set_name, label, policy, samples, engine_kind)
 
-    # 3. Judge-free diagnostics: length, truncation, repetition, rubric leakage, teacher-policy JSD.
+    # 3. Judge-free diagnostics: length, truncation, repetition, rubric leakage, teacher-policy JSD (none for the
+    #    teacher itself, which would be measured against itself).
     write_diagnostics(layout.diagnostics_file(run, set_name, label), config, prompts, answers.lazy().collect(),
-                      policy, base, with_divergence)
+                      policy, base, with_divergence and label != layout.TEACHER_LABEL)
 
     # 4. Rubric scores, when a judge is given.
     if judge is not None:
@@ -60,15 +61,15 @@ def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | N
 
 
 def _iteration(value: str) -> str:
-    if value == layout.BASE_LABEL or value.isdigit():
+    if value in (layout.BASE_LABEL, layout.TEACHER_LABEL) or value.isdigit():
         return value
-    raise click.BadParameter(f"{value!r} is neither 'base' nor an iteration number")
+    raise click.BadParameter(f"{value!r} is neither 'base', 'teacher' nor an iteration number")
 
 
 @click.command("evaluate")
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iteration", required=True, callback=lambda ctx, p, v: _iteration(v),
-              help="'base', or I to evaluate iter-I/checkpoint.")
+              help="'base', I to evaluate iter-I/checkpoint, or 'teacher' (the base model reading the rubric).")
 @click.option("--data", "data_spec",
               help="Evaluation data (any format `prepare` reads); default: the run's held-out split.")
 @click.option("--name", "set_name",

@@ -67,7 +67,8 @@ class Resident:
 
     def summary(self) -> str:
         spent = ", ".join(f"{stage} {self.seconds[stage]:.1f} s" for stage in STAGES if stage in self.seconds)
-        return f"in this process: {spent}; policy weights swapped in place {self.engines.weight_loads} time(s)"
+        return (f"in this process: {spent}; engines started once ({self.engines.start_seconds:.1f} s), policy weights "
+                f"swapped in place {self.engines.weight_loads} time(s)")
 
     def close(self) -> None:
         self.engines.close()

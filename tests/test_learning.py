@@ -1,0 +1,24 @@
+"""The learning benchmark end to end, in its one-iteration version on the tiny model."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+
+@pytest.mark.slow
+def test_the_learning_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
+    result = subprocess.run([sys.executable, "bench/learning.py", "--quick", "--out", str(tmp_path / "figures"),
+                             "--runs", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    table = (tmp_path / "figures" / "learning.md").read_text().splitlines()
+    assert table[0].startswith("| policy | teacher | rubric satisfaction [95% CI] | on ")
+    assert "| medical |" in table[0]
+    assert "kind:" not in table[0] and "| leakage |" in table[0] and "clinician" in table[0]
+    rows = [line.split(" | ")[:2] for line in table[2:]]
+    assert rows == [["| base", "rubric"], ["| teacher", "rubric"], ["| teacher", "reference"],
+                    ["| iter-000", "rubric"], ["| iter-000", "reference"]]
+    assert (tmp_path / "figures" / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for arm in ("rubric", "reference"):
+        assert (tmp_path / "runs" / arm / "eval" / "heldout" / "iter-000" / "summary-rules.json").exists()
