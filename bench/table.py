@@ -21,9 +21,15 @@ ROWS = [
     ("score peak memory", "chunked_over_full_above_baseline", "scoring memory, chunked / full logits", "< 0.5",
      lambda v: v < 0.5),
     ("train", "stage_over_bare_ce", "train stage / bare CE step (tokens/s)", ">= 0.90", lambda v: v >= 0.90),
-    ("trl_compare", "wall_ratio_ours_over_trl", "one RGSD epoch: ours / TRL SDFTTrainer wall time", "<= 0.33",
-     lambda v: v <= 0.33),
-    ("trl_compare", "peak_ratio_ours_over_trl", "one RGSD epoch: ours / TRL peak memory", "<= 1", lambda v: v <= 1),
+    ("train bytes per parameter", "master float32: total bytes per parameter",
+     "training state, bytes per parameter (fp32 master, AdamW)", "-", None),
+    ("fingerprint", "first_fingerprint_s_per_gb", "weight fingerprint, first time (s per GB)", "-", None),
+    ("fingerprint", "cached_fingerprint_s", "weight fingerprint, cached (s)", "-", None),
+    ("trl_compare", "ours_fixed_s_per_iteration", "fixed cost per iteration, resident iterate (s)", "-", None),
+    ("trl_compare", "ours_per_stage_fixed_s_per_iteration", "fixed cost per iteration, one process per stage (s)",
+     "-", None),
+    ("trl_compare", "wall_ratio_ours_over_trl", "ours / TRL SDFTTrainer, wall time", "<= 0.5", lambda v: v <= 0.5),
+    ("trl_compare", "peak_ratio_ours_over_trl", "ours / TRL SDFTTrainer, peak memory (PSS)", "<= 1", lambda v: v <= 1),
 ]
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from rgsd_pipeline.shards import sha256_file, write_json_atomic
+from rgsd_pipeline.shards import sha256_file, write_json_atomic, write_text_atomic
 
 WEIGHTS_RECORD = "rgsd-weights.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -57,9 +56,7 @@ def _cached_digest(file: Path) -> str:
         return entry.read_text().strip()
     digest = sha256_file(file)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-    tmp.write_text(digest)
-    os.replace(tmp, entry)
+    write_text_atomic(entry, digest)
     return digest
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import polars as pl
+
+from rgsd_pipeline.shards import write_text_atomic
 
 
 def plot_iterations(frame: pl.DataFrame, out: Path, title: str) -> None:
@@ -50,7 +53,7 @@ def plot_iterations(frame: pl.DataFrame, out: Path, title: str) -> None:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    write_text_atomic(out, image.getvalue())

@@ -60,14 +60,14 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary name, flush it to disk and rename it over `path`: a reader sees the old file
-    or the whole new one, never a part."""
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Write text (or bytes) to a temporary name, flush it to disk and rename it over `path`: a reader sees the
+    old file or the whole new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with _cleaned_on_failure(tmp, path):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

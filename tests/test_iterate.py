@@ -128,6 +128,16 @@ def test_one_process_per_stage_and_the_resident_iterate_write_the_same_run(two_i
 
 
 @pytest.mark.slow
+def test_lora_adapters_carried_in_memory_equal_the_per_stage_reload(small_config, tmp_path):
+    """With LoRA the student is the base plus adapters that persist across iterations: kept in memory by the
+    resident iterate, reloaded from the trainer state by one process per stage."""
+    lora = ["train.lora=true", "train.lora_rank=4"]
+    cli("iterate", "--config", small_config, "--run", tmp_path / "resident", "--iterations", 2, *lora)
+    cli("iterate", "--config", small_config, "--run", tmp_path / "staged", "--iterations", 2, "--per-stage", *lora)
+    assert_same_run(tmp_path / "resident", tmp_path / "staged")
+
+
+@pytest.mark.slow
 def test_resident_iterate_killed_at_random_moments_then_rerun_gives_the_same_run(two_iterations, small_config,
                                                                                   tmp_path):
     """kill -9 of the resident `iterate` at two seeded random moments of an uninterrupted run's duration."""
