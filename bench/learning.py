@@ -3,11 +3,16 @@
     make proof                                          # = python bench/learning.py (SmolLM2, under an hour)
     python bench/learning.py --quick --out /tmp/proof   # the tiny model, one iteration: what the tests run
 
-Two runs of configs/proof-cpu.yaml on the same prompts and split: the paper's raw-rubric teacher, and the
-reference-answer teacher of its ablation (template.teacher=reference; the data set's reference answers
-state the two prompt-specific criteria as key points, so this teacher knows the content but not the
-format the generic criteria ask for). Each trains `--iterations` iterations of one optimizer step of 16
-prompts with the resident `iterate`.
+Three runs of configs/proof-cpu.yaml on the same prompts and split, each training `--iterations`
+iterations of one optimizer step of 16 prompts with the resident `iterate`:
+
+- rubric: the paper's raw-rubric teacher, shown every criterion;
+- chosen: the same teacher shown only the criterion kinds it meets more often than the base when it
+  answers itself (measured first, before any training: template.only_tags); grading still counts every
+  criterion;
+- reference: the reference-answer teacher of the paper's ablation (template.teacher=reference; the data
+  set's reference answers state the two prompt-specific criteria as key points, so this teacher knows
+  the content but not the format the generic criteria ask for).
 
 On the held-out prompts, every policy answers `--samples` times per prompt with the same seeds (paired
 samples) and the rule judge grades every criterion: the base model, the teacher itself (the base model
@@ -44,6 +49,12 @@ def cli(*args) -> str:
 
 
 def evaluate(run: Path, policy: str, samples: int, max_prompts: int) -> None:
+    from rgsd_pipeline import layout
+    from rgsd_pipeline.evaluation import HELDOUT
+
+    if layout.summary_file(run, HELDOUT, policy if not policy.isdigit() else layout.policy_label(int(policy) + 1),
+                           "rules").exists():
+        return  # evaluated by an earlier (interrupted) run of this benchmark
     cli("evaluate", "--run", run, "--iteration", policy, "--judge", "rules", "--samples", samples,
         "--max-prompts", max_prompts)
 
@@ -57,14 +68,23 @@ def kind_rates(run: Path, label: str) -> dict[str, float]:
     return dict(rates.iter_rows())
 
 
+PITFALL_KINDS = ("leakage", "ai_disclaimer")  # the data set's negative-point kinds
+
+
 def chosen_kinds(base: dict, teacher: dict, margin: float = 0.05) -> list[str]:
     """The criterion kinds the teacher itself does measurably better than the base, decided before any training:
     positive kinds it meets more often, pitfalls (points below zero) it falls into no more often."""
-
-    pitfalls = {"leakage", "ai_disclaimer"}
     keys = [k for k in base if k.startswith("kind:")]
-    return [k[5:] for k in keys if (teacher.get(k, 0) <= base[k] if k[5:] in pitfalls
+    return [k[5:] for k in keys if (teacher.get(k, 0) <= base[k] if k[5:] in PITFALL_KINDS
                                     else teacher.get(k, 0) >= base[k] + margin)]
+
+
+def iterate(run: Path, iterations: int) -> None:
+    from rgsd_pipeline import layout
+    from rgsd_pipeline.shards import is_complete
+
+    if not is_complete(layout.checkpoint_dir(run, iterations - 1)):
+        cli("iterate", "--run", run, "--iterations", iterations)
 
 
 def verdicts_with_kinds(run: Path, label: str):
@@ -126,42 +146,47 @@ def markdown(rows: list[dict], chosen: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ARM_STYLE = {"rubric": ("tab:blue", "raw-rubric teacher, every criterion"),
+             "chosen": ("tab:green", "raw-rubric teacher, chosen kinds only"),
+             "reference": ("tab:orange", "reference-answer teacher")}
+
+
 def plot(rows: list[dict], path: Path, title: str, chosen: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = sorted((r for r in rows if r["arm"] == "rubric" and r["policy"] != "teacher"), key=lambda r: r["iteration"])
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    x = [r["iteration"] for r in curve]
-    left.errorbar(x, [r["satisfaction"] for r in curve],
-                  yerr=[[r["satisfaction"] - r["low"] for r in curve], [r["high"] - r["satisfaction"] for r in curve]],
-                  marker="o", capsize=3, label="RGSD, raw-rubric teacher")
-    for r in rows:
-        if r["policy"] == "teacher":
-            left.axhline(r["satisfaction"], ls="--", color="tab:green" if r["arm"] == "rubric" else "tab:gray",
-                         label=f"teacher itself ({r['arm']})")
-        elif r["arm"] == "reference":
-            left.errorbar([r["iteration"]], [r["satisfaction"]], yerr=[[r["satisfaction"] - r["low"]],
-                                                                      [r["high"] - r["satisfaction"]]],
-                          marker="s", color="tab:orange", capsize=3, label="RGSD, reference-answer teacher")
-    chosen_curve = [r for r in curve if r.get("chosen") is not None]
-    if chosen_curve:
-        left.plot([r["iteration"] for r in chosen_curve], [r["chosen"] for r in chosen_curve], marker=".", ls=":",
-                  color="tab:blue", label=f"RGSD, on {'+'.join(chosen)} only")
+    base = next(r for r in rows if r["policy"] == "base")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for arm, (colour, name) in ARM_STYLE.items():
+        curve = [base, *sorted((r for r in rows if r["arm"] == arm and r["policy"] not in ("base", "teacher")),
+                               key=lambda r: r["iteration"])]
+        if len(curve) > 1:
+            left.errorbar([r["iteration"] for r in curve], [r["satisfaction"] for r in curve],
+                          yerr=[[r["satisfaction"] - r["low"] for r in curve],
+                                [r["high"] - r["satisfaction"] for r in curve]],
+                          marker="o", capsize=3, color=colour, label=f"RGSD, {name}")
+            if chosen and arm == "chosen":
+                left.plot([r["iteration"] for r in curve], [r["chosen"] for r in curve], ls=":", marker=".",
+                          color=colour, label=f"  the same, scored on {'+'.join(chosen)} only")
+        teacher = next((r for r in rows if r["policy"] == "teacher" and r["arm"] == arm), None)
+        if teacher:
+            left.axhline(teacher["satisfaction"], ls="--", lw=1, color=colour, label=f"teacher itself, {name}")
     left.set_xlabel("iteration (one optimizer step of 16 prompts)")
-    left.set_ylabel("held-out rubric satisfaction")
-    left.legend(fontsize=8)
+    left.set_ylabel("held-out rubric satisfaction (all criteria)")
+    left.legend(fontsize=7)
     kinds = sorted({k for r in rows for k in r if k.startswith("kind:")})
-    shown = [curve[0], curve[-1], *(r for r in rows if r["policy"] == "teacher" and r["arm"] == "rubric")]
+    finals = {arm: max((r for r in rows if r["arm"] == arm and r["policy"] not in ("base", "teacher")),
+                       key=lambda r: r["iteration"], default=None) for arm in ARM_STYLE}
+    shown = [("base", base), *((f"after {r['iteration']}, {arm}", r) for arm, r in finals.items() if r),
+             *((f"teacher, {r['arm']}", r) for r in rows if r["policy"] == "teacher" and r["arm"] == "rubric")]
     width = 0.8 / len(shown)
-    for i, r in enumerate(shown):
-        right.bar([j + i * width for j in range(len(kinds))], [r.get(k, 0) for k in kinds], width,
-                  label=f"{r['policy']} ({r['arm']})" if r["policy"] == "teacher" else r["policy"])
+    for i, (name, r) in enumerate(shown):
+        right.bar([j + i * width for j in range(len(kinds))], [r.get(k, 0) for k in kinds], width, label=name)
     right.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], [k[5:] for k in kinds], rotation=30, ha="right")
     right.set_ylabel("share of answers meeting the criterion kind")
-    right.legend(fontsize=8)
+    right.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -183,7 +208,7 @@ def main():
         args.iterations, args.eval_every, args.samples, args.max_prompts = 1, 1, 1, args.max_prompts or 6
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    rubric, reference = args.runs / "rubric", args.runs / "reference"
+    rubric, chosen_run, reference = args.runs / "rubric", args.runs / "chosen", args.runs / "reference"
     for run, teacher in ((rubric, "rubric"), (reference, "reference")):
         if not (run / "run.yaml").exists():
             cli("prepare", "--config", args.config, "--run", run, *overrides, f"template.teacher={teacher}")
@@ -197,19 +222,26 @@ def main():
         print(f"{policy} ({arm}): satisfaction {rows[-1]['satisfaction']:.3f}", flush=True)
     kinds = chosen_kinds(rows[0], rows[1])
     print(f"kinds the teacher itself leads the base on: {', '.join(kinds) or 'none'}", flush=True)
+    shown = [f"kind:{k}" for k in kinds if k not in PITFALL_KINDS]
+    if not (chosen_run / "run.yaml").exists():
+        cli("prepare", "--config", args.config, "--run", chosen_run, *overrides,
+            f"template.only_tags={json.dumps(shown)}")
+    evaluate(chosen_run, "teacher", args.samples, args.max_prompts)
+    rows.insert(2, policy_row(chosen_run, "teacher", "chosen", 0))
 
-    # (c) the raw-rubric run at the paper's cadence, evaluated every --eval-every iterations.
-    for stop in range(args.eval_every, args.iterations + 1, args.eval_every):
-        cli("iterate", "--run", rubric, "--iterations", stop)
-        evaluate(rubric, str(stop - 1), args.samples, args.max_prompts)
-        rows.append(policy_row(rubric, f"iter-{stop - 1:03d}", "rubric", stop))
-        print(f"rubric iteration {stop}: satisfaction {rows[-1]['satisfaction']:.3f}", flush=True)
+    # (c) the rubric and chosen-kinds runs at the paper's cadence, evaluated every --eval-every iterations.
+    for run, arm in ((rubric, "rubric"), (chosen_run, "chosen")):
+        for stop in range(args.eval_every, args.iterations + 1, args.eval_every):
+            iterate(run, stop)
+            evaluate(run, str(stop - 1), args.samples, args.max_prompts)
+            rows.append(policy_row(run, f"iter-{stop - 1:03d}", arm, stop))
+            print(f"{arm} iteration {stop}: satisfaction {rows[-1]['satisfaction']:.3f}", flush=True)
     # The ablation: the reference-answer teacher on the same budget.
-    cli("iterate", "--run", reference, "--iterations", args.iterations)
+    iterate(reference, args.iterations)
     evaluate(reference, str(args.iterations - 1), args.samples, args.max_prompts)
     rows.append(policy_row(reference, f"iter-{args.iterations - 1:03d}", "reference", args.iterations))
 
-    runs = {"rubric": rubric, "reference": reference}
+    runs = {"rubric": rubric, "chosen": chosen_run, "reference": reference}
     for row in rows:
         chosen = selected_satisfaction(runs[row["arm"]], row["policy"], kinds) if kinds else {}
         row.update({"chosen": chosen.get("mean"), "chosen_low": chosen.get("low"), "chosen_high": chosen.get("high")})

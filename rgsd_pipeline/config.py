@@ -90,6 +90,9 @@ class TemplateConfig:
                                "Teacher user message; {question} and {criteria} are filled in")
     criterion_format: str = opt("{index}. {criterion}", "One criterion line; fields: index, criterion, points")
     show_points: bool = opt(False, "Append '(N points)' to each criterion")
+    only_tags: list = opt([], "Show the teacher only criteria carrying one of these tags (e.g. axis:accuracy); a "
+                              "prompt left with none is read by the teacher as the student reads it. Empty: all. "
+                              "Grading always counts every criterion")
     pitfalls: Literal["inline", "avoid", "drop"] = opt(
         "inline", "Negative-point criteria: listed with the rest, as a separate list to avoid, or dropped")
     pitfalls_header: str = opt(DEFAULT_PITFALLS_HEADER, "Heading of the pitfalls list when pitfalls=avoid")

@@ -54,10 +54,21 @@ def teacher_messages(row: dict, template: TemplateConfig) -> list[dict]:
         content = template.reference_template.format_map(
             {"question": question, "reference_answer": row["reference_answer"]})
     else:
-        content = template.rubric_template.format_map(
-            {"question": question, "criteria": format_criteria(row["rubric"], template)})
+        rubric = shown_criteria(row["rubric"], template)
+        if not rubric:
+            return messages  # nothing to show: the teacher reads what the student reads, and teaches nothing
+        content = template.rubric_template.format_map({"question": question,
+                                                       "criteria": format_criteria(rubric, template)})
     messages[-1] = {"role": "user", "content": content}
     return messages
+
+
+def shown_criteria(rubric: list[dict], template: TemplateConfig) -> list[dict]:
+    """The criteria the teacher reads: all of them, or those carrying one of template.only_tags."""
+    if not template.only_tags:
+        return rubric
+    wanted = set(template.only_tags)
+    return [c for c in rubric if wanted & set(c.get("tags") or [])]
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -67,3 +67,18 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
     result = cli("prepare", "--config", "configs/tiny.yaml", "--run", tmp_path / "y", "model.path=/nowhere",
                  check=False)
     assert result.returncode == 2 and "not a local HF model folder" in result.stderr
+
+
+def test_the_teacher_can_be_shown_only_criteria_with_given_tags():
+    from rgsd_pipeline.config import TemplateConfig
+    from rgsd_pipeline.render import student_messages, teacher_messages
+
+    row = {"messages": [{"role": "user", "content": "Why?"}], "reference_answer": None,
+           "rubric": [{"criterion": "Names insulin", "points": 4.0, "tags": ["kind:concept"]},
+                      {"criterion": "Ends with In summary", "points": 2.0, "tags": ["kind:summary"]}]}
+    shown = teacher_messages(row, TemplateConfig(only_tags=["kind:summary"]))[-1]["content"]
+    assert "Ends with In summary" in shown and "Names insulin" not in shown
+    assert "Names insulin" in teacher_messages(row, TemplateConfig())[-1]["content"]
+    # Nothing left to show: the teacher reads exactly what the student reads.
+    template = TemplateConfig(only_tags=["axis:none"])
+    assert teacher_messages(row, template) == student_messages(row, template)
