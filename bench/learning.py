@@ -197,7 +197,7 @@ def main():
     parser.add_argument("--config", default="configs/proof-cpu.yaml")
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--eval-every", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt and policy")
+    parser.add_argument("--samples", type=int, default=1, help="answers per held-out prompt and policy")
     parser.add_argument("--max-prompts", type=int, default=0, help="held-out prompts evaluated (0: all)")
     parser.add_argument("--out", type=Path, default=FIGURES)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "proof")

@@ -17,8 +17,8 @@ def test_the_learning_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert "| medical |" in table[0]
     assert "kind:" not in table[0] and "| leakage |" in table[0] and "clinician" in table[0]
     rows = [line.split(" | ")[:2] for line in table[2:]]
-    assert rows == [["| base", "rubric"], ["| teacher", "rubric"], ["| teacher", "reference"],
-                    ["| iter-000", "rubric"], ["| iter-000", "reference"]]
+    assert rows == [["| base", "rubric"], ["| teacher", "rubric"], ["| teacher", "chosen"], ["| teacher", "reference"],
+                    ["| iter-000", "rubric"], ["| iter-000", "chosen"], ["| iter-000", "reference"]]
     assert (tmp_path / "figures" / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for arm in ("rubric", "reference"):
+    for arm in ("rubric", "chosen", "reference"):
         assert (tmp_path / "runs" / arm / "eval" / "heldout" / "iter-000" / "summary-rules.json").exists()
