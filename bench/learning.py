@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,8 +88,10 @@ def iterate(run: Path, iterations: int) -> None:
         cli("iterate", "--run", run, "--iterations", iterations)
 
 
+@cache
 def verdicts_with_kinds(run: Path, label: str):
-    """A policy's verdicts on the held-out set, each with its criterion's kind."""
+    """A policy's verdicts on the held-out set, each with its criterion's kind (read once per policy: the table
+    and the chosen-kinds score both use them)."""
     import polars as pl
 
     from rgsd_pipeline import layout

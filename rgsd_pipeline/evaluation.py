@@ -112,8 +112,8 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
               "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
                                      "max_model_len": config.model.max_model_len, "samples": samples})}
     out_dir = layout.answers_dir(run, set_name, label)
-    view = teacher_messages if label == layout.TEACHER_LABEL else student_messages
-    if view is teacher_messages:
+    reads_rubric = label == layout.TEACHER_LABEL
+    if reads_rubric:
         inputs["view"] = fingerprint(to_dict(config.template))
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
         shards = {i: pieces[i] for i in out.todo()}
@@ -121,10 +121,10 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
             engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model,
                                  sampling=Sampling.of(config.rollout))
             click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}"
-                       + (" reading the rubric (the teacher itself)" if view is teacher_messages else ""))
+                       + (" reading the rubric (the teacher itself)" if reads_rubric else ""))
             tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
             sample_shards(out, shards, engine, tokenizer, config, EVAL_SEED_ROUND, seed_round=EVAL_SEED_ROUND,
-                          unit="answer", view=view)
+                          unit="answer", view=teacher_messages if reads_rubric else student_messages)
             engine.close()
         out.finalize()
     return read_stage(out_dir, ROLLOUTS)

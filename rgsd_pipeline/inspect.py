@@ -152,7 +152,8 @@ def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
     for policy in sorted(policies):
         label = layout.policy_label(policy)
         row = {"policy": label, "index": policy}
-        if policy >= 0 and is_complete(layout.rollouts_dir(run, policy)):
+        sampled_in_run = policy != layout.TEACHER  # the teacher itself has evaluations only, no rollouts or training
+        if sampled_in_run and is_complete(layout.rollouts_dir(run, policy)):
             row.update(rollouts_stage(run, policy).lazy().select(
                 pl.len().alias("rollouts"), pl.col("response_token_ids").list.len().mean().alias("rollout_length"),
                 (pl.col("finish_reason") == "length").mean().alias("rollout_truncation")).collect().row(0, named=True))
@@ -161,7 +162,7 @@ def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
                     pl.col("divergence").mean().alias("sampled_divergence"),
                     pl.col("teacher_logprob").mean().alias("teacher_logprob")).collect().row(0, named=True))
         metrics_path = layout.metrics_file(run, policy)
-        if policy >= 0 and metrics_path.exists():
+        if sampled_in_run and metrics_path.exists():
             steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             if steps:
                 row.update(train_steps=len(steps), train_divergence_first=steps[0]["divergence"],
