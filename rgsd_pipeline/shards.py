@@ -181,11 +181,21 @@ def split_into_shards(items: list, per_shard: int) -> list[list]:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Which shard numbers of a stage output this worker writes."""
+    """Which shard numbers of a stage output this worker writes.
+
+    Independent workers (`--num-shards N --shard-index J`) each try to finish the output, and whichever completes
+    the last shard writes the manifest. Workers that form one job (`group`: a distributed.World, the ranks of a
+    data-parallel `iterate`) wait for each other, and the main one writes it."""
 
     total: int  # shards in the whole output
     num_workers: int = 1
     worker_index: int = 0
+    group: object | None = None  # the job's processes when the workers are its ranks (barrier(), main)
+
+    @classmethod
+    def of_world(cls, total: int, world) -> ShardPlan:
+        """The share of rank r of W: the shards congruent to r mod W."""
+        return cls(total, world.size, world.rank, world if world.size > 1 else None)
 
     def __post_init__(self):
         if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:
@@ -277,7 +287,18 @@ class StageOutput:
         write_json_atomic(self.folder / PROGRESS / f"part-{index:05d}.json", record)
 
     def finalize(self) -> bool:
-        """Write manifest.json then _SUCCESS if every shard of the output is complete; return whether it did."""
+        """Write manifest.json then _SUCCESS if every shard of the output is complete; return whether the output is
+        complete. In a group, every member waits here until all have written their shards, and the main one writes."""
+        group = self.plan.group
+        if group is None:
+            return self._finalize()
+        group.barrier()
+        if group.main:
+            self._finalize()
+        group.barrier()
+        return self.is_complete()
+
+    def _finalize(self) -> bool:
         with exclusive_lock(self.folder / PROGRESS / "lock-finalize", f"{self.folder} manifest"):
             if self.is_complete():
                 return True

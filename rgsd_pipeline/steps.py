@@ -41,8 +41,9 @@ from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, teac
 from schemas import PROMPTS, ROLLOUTS
 
 
-def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0) -> None:
-    """iter-I/rollouts/: the student's samples of this iteration's training prompts (this worker's share)."""
+def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0, world=None) -> None:
+    """iter-I/rollouts/: the student's samples of this iteration's training prompts (this worker's share: shard
+    J of N independent workers, or rank r of a data-parallel `world`)."""
     # 1. Inputs: the frozen config, this iteration's training prompts, the policy of this iteration.
     config = load_run_config(run)
     prompts_stage = read_stage(layout.prompts_dir(run), PROMPTS)
@@ -58,7 +59,7 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
     work = [(p, s) for p in prompts for s in range(config.rollout.samples_per_prompt)]
     pieces = split_into_shards(work, config.data.rows_per_shard)
     out_dir = layout.rollouts_dir(run, iteration)
-    plan = ShardPlan(len(pieces), num_shards, shard_index)
+    plan = _plan(len(pieces), num_shards, shard_index, world)
     with StageOutput(out_dir, ROLLOUTS, inputs, plan) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
@@ -77,7 +78,7 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
     _finished(out_dir, complete, plan, rollouts_summary(read_stage(out_dir, ROLLOUTS).lazy()) if complete else "")
 
 
-def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0) -> None:
+def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0, world=None) -> None:
     """iter-I/signals/: the teacher's top-k over the student's tokens, row-aligned with iter-I/rollouts/."""
     # 1. Inputs: the frozen config, the prompts (for their rubrics), this iteration's rollouts, the teacher.
     config = load_run_config(run)
@@ -100,7 +101,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
 
     # 2. One signals shard per rollouts shard, so row i of shard j always describes the same rollout.
     out_dir = layout.signals_dir(run, iteration)
-    plan = ShardPlan(len(rollouts.files), num_shards, shard_index)
+    plan = _plan(len(rollouts.files), num_shards, shard_index, world)
     with StageOutput(out_dir, schema, inputs, plan) as out:
         todo = out.todo()
         if todo:
@@ -159,8 +160,9 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
         warn_without_state,
         write_checkpoint,
     )
+    from rgsd_pipeline.distributed import World
     from rgsd_pipeline.examples import load_examples
-    from rgsd_pipeline.trainer import STATE_DIR, Trainer, World, find_state, full_state_dict
+    from rgsd_pipeline.trainer import STATE_DIR, Trainer, find_state, full_state_dict
 
     # 1. Inputs: the frozen config, rollouts and the signals made from exactly those rollouts, the policy.
     config = load_run_config(run)
@@ -229,6 +231,7 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
         write_checkpoint(model, policy, out, config, provenance, weights)
         prune_states(run, iteration, config.train.keep_states)
         click.echo(train_summary(metrics_path, out))
+    world.barrier()  # every rank's engine loads this checkpoint next
     return Continuation(iteration, model, trainer.optimizer)
 
 
@@ -250,7 +253,14 @@ def keep_metrics(path: Path, steps: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
+def _plan(total: int, num_shards: int, shard_index: int, world) -> ShardPlan:
+    """Shard J of N independent workers, or rank r's share of a data-parallel job."""
+    return ShardPlan.of_world(total, world) if world is not None else ShardPlan(total, num_shards, shard_index)
+
+
 def _finished(out_dir: Path, complete: bool, plan: ShardPlan, summary: str) -> None:
+    if plan.group is not None and not plan.group.main:
+        return
     if complete:
         click.echo(summary)
         click.echo(f"{out_dir.name} complete in {out_dir}")

@@ -33,7 +33,6 @@ import os
 import pickle
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,40 +42,11 @@ from safetensors.torch import load_file, save_file
 
 from rgsd_pipeline.config import TrainConfig
 from rgsd_pipeline.distill import STAT_NAMES, LossSpec, distill_loss
+from rgsd_pipeline.distributed import World, device, init_world  # noqa: F401 (the trainer's world)
 from rgsd_pipeline.examples import Example, collate
 from rgsd_pipeline.shards import ArtifactError
 
 STATE_DIR = "trainer_state"
-
-
-@dataclass
-class World:
-    """This process's place among the training processes: rank 0 of 1 without torchrun."""
-
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def device() -> torch.device:
-    """This process's device: its local GPU under torchrun, else GPU 0, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def init_world() -> World:
-    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(device())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
-    return World()
 
 
 def learning_rate(global_step: int, horizon: int, config: TrainConfig) -> float:

@@ -7,6 +7,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+from helpers import ROOT, cli  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,9 +36,6 @@ def tiny_tokenizer(tiny_path):
 @pytest.fixture(scope="session")
 def evaluated_run(tmp_path_factory, model_cache):
     """One RGSD iteration of the tiny model on 16 training prompts (12 held out), through the CLI."""
-    import yaml
-    from helpers import ROOT, cli
-
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["engine"]["kind"] = "hf"
     config["data"].update(max_prompts=16, rows_per_shard=8)
@@ -45,4 +44,29 @@ def evaluated_run(tmp_path_factory, model_cache):
     path.write_text(yaml.safe_dump(config))
     run = tmp_path_factory.mktemp("evaluated") / "run"
     cli("iterate", "--config", path, "--run", run, "--iterations", 1)
+    return run
+
+
+# The paper's cadence at toy scale: 8 of the 16 training prompts per iteration, one optimizer step each, so two
+# iterations are one epoch; the warmup spans both iterations (global steps 1 and 2).
+SMALL = {"engine": {"kind": "hf"}, "data": {"max_prompts": 16, "rows_per_shard": 4},
+         "rollout": {"prompts_per_iteration": 8},
+         "train": {"batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 2, "save_every": 1}}
+
+
+@pytest.fixture(scope="session")
+def small_config(tmp_path_factory):
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    for section, values in SMALL.items():
+        config.setdefault(section, {}).update(values)
+    path = tmp_path_factory.mktemp("config") / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_iterations(small_config, tmp_path_factory):
+    run = tmp_path_factory.mktemp("iterate") / "run"
+    out = cli("iterate", "--config", small_config, "--run", run, "--iterations", 2).stdout
+    assert "2 iteration(s) complete" in out
     return run

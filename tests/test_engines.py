@@ -172,31 +172,71 @@ def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
         assert (vl.topk_ids_T_K[:, :3] == hf.topk_ids_T_K[:, :3]).mean() > 0.9
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_takes_new_weights_in_place(vllm_engine, tiny_path, tiny_tokenizer, tmp_path):
-    """After reload_weights the engine samples from the new checkpoint, as a forward pass of that checkpoint says."""
+def perturbed_copy(model_path, folder):
+    """A copy of a model folder with every matrix moved by noise (the embeddings too, which a tied head shares)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    changed = tmp_path / "changed"
-    shutil.copytree(tiny_path, changed)
-    weights = load_file(tiny_path / "model.safetensors")
+    shutil.copytree(model_path, folder)
+    weights = load_file(model_path / "model.safetensors")
     generator = torch.Generator().manual_seed(0)
     weights = {name: t + 0.05 * torch.randn(t.shape, generator=generator) if t.dim() == 2 else t
                for name, t in weights.items()}
-    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return weights
+
+
+def check_reload(engine, model_path, tokenizer, changed, weights=None):
+    """After a reload (from the folder, or from tensors in memory) the engine samples from the new checkpoint, as a
+    forward pass of that checkpoint says, and no longer from the old one."""
     try:
-        vllm_engine.load_weights(changed)
-        assert vllm_engine.model_path == changed
-        check_generation(vllm_engine, changed, tiny_tokenizer, atol=2e-3)
-        prompt = prompts(tiny_tokenizer)[0]
-        generation = vllm_engine.generate([prompt], [5], Sampling(max_new_tokens=8))[0]
-        base = reference_logprobs(load_model(tiny_path), prompt, generation.token_ids)
+        engine.load_weights(changed, weights)
+        assert engine.model_path == changed
+        check_generation(engine, changed, tokenizer, atol=2e-3)
+        prompt = prompts(tokenizer)[0]
+        generation = engine.generate([prompt], [5], Sampling(max_new_tokens=8))[0]
+        base = reference_logprobs(load_model(model_path), prompt, generation.token_ids)
         assert (torch.tensor(generation.logprobs) - base).abs().max() > 0.01  # not the old weights
     finally:
-        vllm_engine.load_weights(tiny_path)
+        engine.load_weights(model_path)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_takes_new_weights_in_place(vllm_engine, tiny_path, tiny_tokenizer, tmp_path):
+    perturbed_copy(tiny_path, tmp_path / "changed")
+    check_reload(vllm_engine, tiny_path, tiny_tokenizer, tmp_path / "changed")
+
+
+@pytest.fixture(scope="module", params=["engine process", "in process"])
+def tied_engine(request):
+    """A vLLM engine on builtin:tiny-qwen2, which ties its LM head to the embeddings (as SmolLM2 and
+    Qwen2.5-0.5B..3B do): its checkpoints have no lm_head.weight."""
+    from rgsd_pipeline.models import resolve_model
+
+    path = resolve_model("builtin:tiny-qwen2")
+    assert load_model(path).config.tie_word_embeddings
+    from rgsd_pipeline.engines.vllm_engine import VllmEngine
+
+    engine = VllmEngine(path, EngineConfig(vllm_enforce_eager=True, vllm_cpu_kvcache_gib=1),
+                        ModelConfig(max_model_len=1024), max_logprobs=8, in_process=request.param == "in process")
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("source", ["folder", "memory"])
+def test_vllm_reload_of_a_tied_lm_head_samples_from_the_new_head(tied_engine, source, tmp_path):
+    """vLLM's own reload left the CPU engine's packed LM head at the base weights when the head is tied."""
+    from rgsd_pipeline.models import load_tokenizer
+
+    path = tied_engine.model_path
+    weights = perturbed_copy(path, tmp_path / "changed")
+    assert "lm_head.weight" not in weights
+    check_reload(tied_engine, path, load_tokenizer(path), tmp_path / "changed",
+                 weights if source == "memory" else None)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import time
 import polars as pl
 import pytest
 import torch
-import yaml
 from helpers import CLI, ROOT, cli, copy_run
 from safetensors.torch import load_file
 
@@ -21,30 +20,6 @@ from rgsd_pipeline.shards import read_stage
 from rgsd_pipeline.signals import storage_schema
 from rgsd_pipeline.trainer import find_state, state_global_step
 from schemas import PROMPTS, ROLLOUTS
-
-# The paper's cadence at toy scale: 8 of the 16 training prompts per iteration, one optimizer step each, so two
-# iterations are one epoch; the warmup spans both iterations (global steps 1 and 2).
-SMALL = {"engine": {"kind": "hf"}, "data": {"max_prompts": 16, "rows_per_shard": 4},
-         "rollout": {"prompts_per_iteration": 8},
-         "train": {"batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 2, "save_every": 1}}
-
-
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory):
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    for section, values in SMALL.items():
-        config.setdefault(section, {}).update(values)
-    path = tmp_path_factory.mktemp("config") / "small.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def two_iterations(small_config, tmp_path_factory):
-    run = tmp_path_factory.mktemp("iterate") / "run"
-    out = cli("iterate", "--config", small_config, "--run", run, "--iterations", 2).stdout
-    assert "2 iteration(s) complete" in out
-    return run
 
 
 def checkpoint_weights(run, iteration):

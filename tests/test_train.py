@@ -167,6 +167,7 @@ def torchrun(run, port):
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 @pytest.mark.parametrize("parallel, port", [("ddp", 29533), ("fsdp", 29534)])
 def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path, parallel, port):
     one, two = copy_run(scored, tmp_path / "one"), copy_run(scored, tmp_path / "two", train__parallel=parallel)
@@ -182,6 +183,7 @@ def test_two_torchrun_processes_make_the_same_update_as_one(scored, tmp_path, pa
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_fsdp_kill_then_resume_with_sharded_optimizer_equals_one_process(scored, tmp_path):
     one, killed = copy_run(scored, tmp_path / "one"), copy_run(scored, tmp_path / "killed", train__parallel="fsdp")
     cli("train", "--run", one, "--iteration", 0)

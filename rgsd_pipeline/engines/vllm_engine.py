@@ -30,7 +30,7 @@ class VllmEngine:
     kind = "vllm"
 
     def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
-                 sampling: Sampling | None = None):
+                 sampling: Sampling | None = None, in_process: bool = False):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
         if (os.cpu_count() or 1) <= 4:
@@ -44,6 +44,11 @@ class VllmEngine:
         # (chunked prefill), which CPU generators cannot do: the engine dies ('CPU Generator does not use
         # offset'). Without chunked prefill every prompt is scheduled whole.
         chunked = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+        # In process (no engine-core process): new weights can be handed over as tensors, without serialising them.
+        self.in_process = in_process
+        previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.model_path = Path(model_path)
         self.processed = sampling is not None and not sampling.is_model_distribution
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
@@ -52,7 +57,12 @@ class VllmEngine:
                        tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
                        gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
                        enforce_eager=engine_config.vllm_enforce_eager, use_tqdm_on_load=False,
+                       worker_extension_cls="rgsd_pipeline.engines.vllm_worker.WeightSync",
                        logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs", **chunked)
+        if in_process:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+            if previous is not None:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None) -> list[Generation]:
@@ -128,10 +138,16 @@ class VllmEngine:
                 on_progress(1, len(positions))
         return results
 
-    def load_weights(self, model_path: Path) -> None:
-        """Swap in another checkpoint's weights without restarting the engine (vLLM's in-place reload), then drop
-        the prefix cache, whose blocks were computed with the old weights."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
+    def load_weights(self, model_path: Path, weights: dict | None = None) -> None:
+        """Swap in another checkpoint's weights without restarting the engine (vLLM's in-place reload, plus the
+        tied LM head it would leave behind: engines/vllm_worker.py), then drop the prefix cache, whose blocks were
+        computed with the old weights. `weights`, when given, are that checkpoint's tensors already in memory
+        (gathered by the trainer): an engine running in this process takes them as they are instead of reading
+        `model_path` back; an engine in its own process reads the folder."""
+        if weights is not None and self.in_process:
+            self.llm.collective_rpc("rgsd_reload_weights", kwargs={"named_weights": list(weights.items())})
+        else:
+            self.llm.collective_rpc("rgsd_reload_weights", kwargs={"weights_path": str(model_path)})
         self.llm.reset_prefix_cache()
         self.model_path = Path(model_path)
 

@@ -1,0 +1,82 @@
+"""Ray clusters: the resident `iterate`'s ranks as Ray Train workers (`iterate --ray ADDRESS --workers N`).
+
+Ray Train's `TorchTrainer` starts N worker processes, sets RANK / WORLD_SIZE / LOCAL_RANK and joins them
+in a torch process group (gloo on CPUs, nccl on GPUs); each worker then runs the same rank function as
+under torchrun (resident.run_iterations), which neither knows nor cares who started it. The run folder
+must be on storage every worker sees (a shared file system), as for Slurm. Ray is started or joined once
+per run, never per iteration. Install with the `ray` extra (`ray[train]`; never `ray[llm]`, which pins an
+older vLLM).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.errors import UserError
+
+# A cluster of this machine alone: every listener on 127.0.0.1, no token file, no usage report.
+LOCAL_CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                     "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+class RayError(UserError, RuntimeError):
+    """Ray is missing, unreachable, or a worker failed; the message names the rank and what to do."""
+
+
+def rank_main(settings: dict) -> None:
+    """One Ray Train worker: the resident rank function on the process group Ray set up."""
+    from rgsd_pipeline.distributed import init_world
+    from rgsd_pipeline.resident import quiet_unless_main, run_iterations
+
+    world = init_world()
+    with quiet_unless_main(world):
+        run_iterations(Path(settings["run"]), settings["iterations"], settings["engine_kind"], world)
+    world.barrier()
+
+
+def run_on_ray(address: str, run: Path, iterations: int, engine_kind: str | None, workers: int,
+               gpus_per_worker: float, cpus_per_worker: float) -> None:
+    """Run the resident iterations as `workers` Ray Train workers on the cluster at `address` (auto, host:port, or
+    local: start a cluster of this machine alone, bound to 127.0.0.1, stopped at the end)."""
+    try:
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+    except ImportError:
+        raise RayError("--ray needs Ray Train: pip install 'rgsd-pipeline[ray]'") from None
+
+    local = address == "local"
+    if local:
+        for key, value in LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)
+        ray.init(num_cpus=max(int(workers * cpus_per_worker) + 1, 2), include_dashboard=False,
+                 object_store_memory=200_000_000, log_to_driver=True)
+    else:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            raise RayError(f"cannot reach the Ray cluster at {address}: {err}; start it (`ray start --head`) or "
+                           "use --ray local") from None
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        rank_main,
+        train_loop_config={"run": str(Path(run).resolve()), "iterations": iterations, "engine_kind": engine_kind},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        # Ray's own restarts would start a second job over the same run; a rerun of this command resumes instead.
+        run_config=RunConfig(name="iterate", storage_path=str(layout.ray_storage(Path(run).resolve())),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        failures = getattr(err, "worker_failures", {}) or {}
+        ranks = ", ".join(f"rank {rank}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+                          for rank, e in sorted(failures.items())) or str(err)[-500:]
+        raise RayError(f"the Ray job over {run} failed ({ranks}); rerun the same command to resume from the "
+                       "artifacts on disk") from None
+    finally:
+        if local:
+            ray.shutdown()

@@ -1,0 +1,89 @@
+"""The resident `iterate`: every step of every iteration in one process per rank, engines and trainer kept.
+
+    rgsd-pipeline iterate --run runs/x --iterations 12                                       # one process
+    torchrun --nproc-per-node 8 -m rgsd_pipeline iterate --run-dir runs/x --iterations 12    # 8 GPUs
+    srun torchrun --nnodes 2 --nproc-per-node 8 ... iterate --run-dir runs/x ...             # launch/slurm/
+    rgsd-pipeline iterate --run runs/x --iterations 12 --ray auto --workers 16               # a Ray cluster
+
+`run_iterations` is the rank function: whichever launcher started the W processes (none, torchrun, Slurm,
+Ray Train), each runs it with its `World`. Every rank keeps, for the whole run, its own student engine,
+its own teacher (a local engine, or the teacher service), and its part of the trainer (the whole model
+under DDP, a shard under FSDP2) with fp32 weights and AdamW state in memory. Per iteration:
+
+    rollout   rank r samples the rollouts shards r, r + W, ...; the main rank writes the manifest
+    score     rank r scores the same shard numbers of signals/ (shard j of signals is row-aligned with j)
+    train     every rank trains on its share of each global batch; the main rank writes the checkpoint
+    sync      every rank's student engine takes the new checkpoint's weights in place
+
+The files are those of the stage commands (shard j of W under the worker contract, one manifest, one
+checkpoint, one metrics.jsonl, chain.json), so resume, `inspect`, `evaluate` and `report` do not change. A
+complete output is reused only while it was made from the current inputs (rgsd_pipeline/chain.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.chain import STAGES, link, output_dir, verify_output
+from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.distributed import World
+from rgsd_pipeline.shards import is_complete, write_json_atomic
+
+
+def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: World) -> dict[str, float]:
+    """Complete iterations 0..iterations-1 of a prepared run on this rank; returns seconds spent per stage."""
+    from rgsd_pipeline import steps
+    from rgsd_pipeline.engines.hosting import ResidentEngines
+
+    config = load_run_config(run)
+    engines = ResidentEngines(engine_kind)
+    kept = None  # the model and AdamW state the last train step left
+    seconds: dict[str, float] = defaultdict(float)
+    links = []
+    try:
+        for iteration in range(iterations):
+            for stage in STAGES:
+                if is_complete(output_dir(run, iteration, stage)):
+                    verify_output(run, iteration, stage, config)  # reused only while made from the current inputs
+                    click.echo(f"{stage} iteration {iteration}: complete")
+                    continue
+                click.secho(f"── {stage} iteration {iteration}", bold=True)
+                started = time.perf_counter()
+                if stage == "rollout":
+                    steps.rollout(run, iteration, engines, world=world)
+                elif stage == "score":
+                    steps.score(run, iteration, engines, world=world)
+                else:
+                    kept = steps.train(run, iteration, world, kept=kept)
+                seconds[stage] += time.perf_counter() - started
+            links.append(link(run, iteration, config))
+            if world.main:
+                write_json_atomic(layout.chain_file(run), links)
+    finally:
+        engines.close()
+    if seconds:
+        spent = ", ".join(f"{stage} {seconds[stage]:.1f} s" for stage in STAGES if stage in seconds)
+        click.echo(f"in this process: {spent}; engines started once ({engines.start_seconds:.1f} s), policy weights "
+                   f"swapped in place {engines.weight_loads} time(s)" + (f", on each of {world.size} ranks"
+                                                                           if world.size > 1 else ""))
+    return dict(seconds)
+
+
+@contextlib.contextmanager
+def quiet_unless_main(world: World):
+    """Ranks other than the main one print nothing but errors: one rank's progress stands for all."""
+    if world.main:
+        yield
+        return
+    from rgsd_pipeline.progress import hide_bars
+
+    hide_bars()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield

@@ -1,0 +1,49 @@
+"""The memory plan of a resident iterate: parameter counts against real models, refusals with the arithmetic."""
+
+import json
+
+import pytest
+from helpers import ROOT, cli
+
+from rgsd_pipeline.config import load_config
+from rgsd_pipeline.memory_plan import GIB, Launch, PlanError, Shape, check, plan
+from rgsd_pipeline.models import load_model, resolve_model
+
+QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny", "builtin:tiny-qwen2"])
+def test_parameter_count_from_config_equals_the_model(name):
+    """Untied Llama and tied Qwen2 (q/k/v biases): the estimate counts what the model holds."""
+    path = resolve_model(name)
+    model = load_model(path)
+    assert Shape.of(path).parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def qwen7b(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))
+    return tmp_path
+
+
+def test_the_7b_recipe_fits_one_node_of_eight_gpus_and_shards_its_state(qwen7b):
+    config = load_config(ROOT / "configs" / "qwen2.5-7b-medical.yaml", [f"model.path={qwen7b}"])
+    shape = Shape.of(qwen7b)
+    assert 7.6e9 < shape.parameters < 7.65e9  # Qwen2.5-7B: 7.62B
+    one, two = plan(shape, config, Launch(1, 8)), plan(shape, config, Launch(2, 8))
+    assert one["trainer"] == shape.parameters * 16 // 8 and two["trainer"] == shape.parameters * 16 // 16
+    assert "peak" in check(shape, config, Launch(1, 8, 80))
+    assert max(one["sampling_peak"], one["training_peak"]) < 80 * GIB
+
+
+def test_a_recipe_that_cannot_fit_is_refused_with_the_arithmetic(qwen7b):
+    """The same recipe on one GPU: 16 bytes per parameter of training state alone is 114 GiB."""
+    result = cli("plan", "--config", ROOT / "configs" / "qwen2.5-7b-medical.yaml", "--gpus-per-node", 1,
+                 f"model.path={qwen7b}", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "this recipe does not fit" in result.stderr and "113.5 GiB   float32 weights" in result.stderr
+    with pytest.raises(PlanError, match="KV cache than 4 sequences"):
+        config = load_config(ROOT / "configs" / "qwen2.5-7b-medical.yaml",
+                             [f"model.path={qwen7b}", "engine.vllm_gpu_memory_utilization=0.18"])
+        check(Shape.of(qwen7b), config, Launch(2, 8, 80))
