@@ -78,7 +78,8 @@ def main():
             tokens_per_s[kind] = statistics.median(bare_rates)
             results[f"{kind}_bare_tokens_per_s"] = tokens_per_s[kind]
             results[f"{kind}_stage_tokens_per_s"] = statistics.median(stage_rates)
-            results[f"{kind}_stage_over_bare"] = statistics.median(s / b for s, b in zip(stage_rates, bare_rates))
+            ratios = [s / b for s, b in zip(stage_rates, bare_rates, strict=True)]
+            results[f"{kind}_stage_over_bare"] = statistics.median(ratios)
         if "vllm" in tokens_per_s and "hf" in tokens_per_s:
             results["vllm_over_hf"] = tokens_per_s["vllm"] / tokens_per_s["hf"]
         shutil.rmtree(prepared)

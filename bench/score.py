@@ -78,7 +78,7 @@ def main():
         prompts = {p["prompt_id"]: p for p in read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()}
         rows = read_stage(prepared / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
         teacher_ids = [chat_ids(tokenizer, teacher_messages(prompts[r["prompt_id"]], config.template)) for r in rows]
-        sequences = [t + r["response_token_ids"] for t, r in zip(teacher_ids, rows)]
+        sequences = [t + r["response_token_ids"] for t, r in zip(teacher_ids, rows, strict=True)]
         lens = [len(t) for t in teacher_ids]
         response_tokens = sum(len(r["response_token_ids"]) for r in rows)
 

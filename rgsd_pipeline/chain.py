@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import RunConfig, fingerprint
+from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.fingerprints import model_fingerprint
+from rgsd_pipeline.inputs import rollout_inputs, score_inputs, train_inputs
 from rgsd_pipeline.models import resolve_model
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_manifest
 
@@ -34,23 +35,23 @@ def _stale(folder: Path, iteration: int, why: str) -> ArtifactError:
 def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> None:
     """Refuse a complete output of `stage` that was made from other inputs than the current ones."""
     folder = output_dir(run, iteration, stage)
-    if stage == "rollout":
-        policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
-        if read_manifest(folder)["inputs"].get("policy") != model_fingerprint(policy):
-            raise _stale(folder, iteration, f"it was sampled from other weights than {policy} holds now")
-    elif stage == "score":
-        rollouts = read_manifest(layout.rollouts_dir(run, iteration))
-        inputs = read_manifest(folder)["inputs"]
-        if inputs.get("rollouts") != fingerprint(rollouts["shards"]):
-            raise _stale(folder, iteration, f"it scored other rollouts than {layout.rollouts_dir(run, iteration)}")
-        if inputs.get("teacher") != model_fingerprint(resolve_model(config.model.path)):
-            raise _stale(folder, iteration, f"its teacher is not {config.model.path} as it is now")
-    elif stage == "train":
-        signals = read_manifest(layout.signals_dir(run, iteration))
-        provenance = json.loads(layout.provenance_file(folder).read_text())
-        if provenance.get("signals") != fingerprint(signals["shards"]):
-            raise _stale(folder, iteration, f"it was trained on other signals than "
-                                            f"{layout.signals_dir(run, iteration)}")
+    base = resolve_model(config.model.path)
+    if stage == "train":
+        recorded = json.loads(layout.provenance_file(folder).read_text())
+        wanted = train_inputs(run, iteration)
+    else:
+        recorded = read_manifest(folder)["inputs"]
+        wanted = (rollout_inputs if stage == "rollout" else score_inputs)(run, iteration, config)
+    changed = [key for key in wanted if recorded.get(key) != wanted[key]]
+    if not changed:
+        return
+    why = {"prompts": f"it was sampled from other prompts than {layout.prompts_dir(run)} holds now",
+           "policy": f"it was sampled from other weights than {layout.policy_path(run, iteration, base)} holds now",
+           "rollouts": f"it scored other rollouts than {layout.rollouts_dir(run, iteration)}",
+           "teacher": f"its teacher is not {config.model.path} as it is now",
+           "signals": f"it was trained on other signals than {layout.signals_dir(run, iteration)}",
+           "config": f"it was made with other settings than {layout.run_config_file(run)}"}
+    raise _stale(folder, iteration, "; ".join(why[key] for key in changed))
 
 
 def link(run: Path, iteration: int, config: RunConfig) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import RunConfig, TrainConfig
+from rgsd_pipeline.config import ConfigError, RunConfig, TrainConfig
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
@@ -35,7 +35,7 @@ def with_lora(model, train_config: TrainConfig):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise click.ClickException("train.lora needs peft: pip install 'rgsd-pipeline[lora]'") from None
+        raise ConfigError("train.lora needs peft: pip install 'rgsd-pipeline[lora]'") from None
     targets = train_config.lora_target_modules
     lora = LoraConfig(r=train_config.lora_rank, lora_alpha=train_config.lora_alpha,
                       lora_dropout=train_config.lora_dropout,
@@ -110,20 +110,28 @@ def merged_lora_weights(model) -> dict:
     return weights
 
 
+def exported_weights(model, config: RunConfig, weights: dict | None = None) -> dict:
+    """The state dict the next policy's engines load: LoRA merged, floating tensors in model.dtype, tied copies (e.g.
+    lm_head.weight, tied to the embeddings) left out. `weights` is the gathered state dict under FSDP2."""
+    if config.train.lora:
+        weights, model = merged_lora_weights(model), model.get_base_model()
+    weights = cast_floating(weights if weights is not None else full_state_dict(model), config.model.dtype)
+    for tied in getattr(model, "all_tied_weights_keys", {}):
+        weights.pop(tied, None)
+    return weights
+
+
 def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,
                      weights: dict | None = None) -> None:
     """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, then _SUCCESS.
 
-    `weights` is the gathered state dict under FSDP2; otherwise it is read from the model. LoRA adapters are
-    merged (unless train.save_adapters, which writes the adapters alone)."""
+    `weights` is what exported_weights returns (computed here when None). LoRA adapters are merged (unless
+    train.save_adapters, which writes the adapters alone)."""
     remove_leftovers(out)
     merged = not (config.train.lora and config.train.save_adapters)
-    if config.train.lora and merged:
-        weights, model = merged_lora_weights(model), model.get_base_model()
     if merged:
-        weights = cast_floating(weights if weights is not None else full_state_dict(model), config.model.dtype)
-        for tied in getattr(model, "all_tied_weights_keys", {}):  # e.g. lm_head.weight, tied to the embeddings
-            weights.pop(tied, None)
+        weights = weights if weights is not None else exported_weights(model, config)
+        model = model.get_base_model() if config.train.lora else model
     model.save_pretrained(out, safe_serialization=True, state_dict=weights)
     if merged:  # save_pretrained writes the dtype of the model in memory (fp32); say what the file holds
         model_config = json.loads((out / "config.json").read_text())

@@ -21,10 +21,10 @@ from typing import Literal
 
 import yaml
 
+from rgsd_pipeline import layout
+from rgsd_pipeline.choices import ClipMode, EngineKind, RowFormat
 from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.shards import describe_difference, write_text_atomic
-
-RUN_CONFIG_FILE = "run.yaml"
 
 
 class ConfigError(UserError, ValueError):
@@ -40,7 +40,6 @@ def opt(default, help: str, minimum: float | None = None, maximum: float | None 
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-EngineKind = Literal["auto", "vllm", "hf"]
 
 
 @dataclass
@@ -58,7 +57,7 @@ class ModelConfig:
 class DataConfig:
     sources: list = opt(["builtin:medsci"],
                         "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
-    format: Literal["auto", "rubrichub", "rar", "healthbench", "generic"] = opt("auto", "Row format of the sources")
+    format: Literal["auto", RowFormat] = opt("auto", "Row format of the sources")
     heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0,
                                   maximum=1.0)
     split_seed: int = opt(0, "Seed of the train / held-out split")
@@ -103,8 +102,8 @@ class TemplateConfig:
 
 @dataclass
 class EngineConfig:
-    kind: EngineKind = opt("auto", "Engine for rollout (and score); auto picks vLLM when it imports")
-    score_kind: Literal["", "auto", "vllm", "hf"] = opt(
+    kind: Literal["auto", EngineKind] = opt("auto", "Engine for rollout (and score); auto picks vLLM when it imports")
+    score_kind: Literal["", "auto", EngineKind] = opt(
         "", "Engine for score when it should differ from kind (on a CPU, hf scores faster)")
     hf_batch_size: int = opt(16, "Sequences per batch in the transformers engine", minimum=1)
     vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05, maximum=1.0)
@@ -150,7 +149,7 @@ class TrainConfig:
         "jsd", "jsd (generalized JSD, see beta) or sampled_reverse_kl (on-policy distillation estimator)")
     beta: float = opt(0.5, "JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL, 0.5 the paper's JSD",
                       minimum=0.0, maximum=1.0)
-    clip: Literal["entry", "soft", "token", "none"] = opt(
+    clip: ClipMode = opt(
         "entry", "How tau bounds the divergence: entry caps each top-k entry's term (the tail bucket exempt); soft "
                  "scales a position's loss by min(1, tau / D); token caps a position at tau (no gradient above); none")
     tau: float = opt(0.05, "Clip threshold (the paper reports 0.05)", minimum=0.0)
@@ -350,7 +349,7 @@ def _build_root(raw: dict, where: str) -> RunConfig:
 def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
     """Write run.yaml on first start; on later starts refuse a config that differs from the frozen one."""
     run_dir = Path(run_dir)
-    frozen_path = run_dir / RUN_CONFIG_FILE
+    frozen_path = layout.run_config_file(run_dir)
     resolved = to_dict(config)
     if frozen_path.exists():
         frozen = yaml.safe_load(frozen_path.read_text())
@@ -368,7 +367,7 @@ def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
 
 def load_run_config(run_dir: Path) -> RunConfig:
     """The frozen config of an existing run."""
-    frozen_path = Path(run_dir) / RUN_CONFIG_FILE
+    frozen_path = layout.run_config_file(run_dir)
     if not frozen_path.exists():
         raise ConfigError(f"{frozen_path} does not exist: start the run with "
                           f"`rgsd-pipeline prepare --config CFG --run {run_dir}`")

@@ -43,13 +43,15 @@ def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], respons
     tokenizer = policy.tokenizer
     student_ids = [chat_ids(tokenizer, student_messages(p, config.template)) for p in prompts]
     teacher_ids = [chat_ids(tokenizer, teacher_messages(p, config.template)) for p in prompts]
-    scores = teacher.score([t + r for t, r in zip(teacher_ids, responses)], [len(t) for t in teacher_ids], top_k)
-    student = policy.logprobs_at([s + r for s, r in zip(student_ids, responses)], [len(s) for s in student_ids],
+    scores = teacher.score([t + r for t, r in zip(teacher_ids, responses, strict=True)], [len(t) for t in teacher_ids],
+                           top_k)
+    student = policy.logprobs_at([s + r for s, r in zip(student_ids, responses, strict=True)],
+                                 [len(s) for s in student_ids],
                                  [s.topk_ids_T_K for s in scores])
     per_token = [divergence_terms(teacher_buckets(torch.from_numpy(score.topk_logprobs_T_K),
                                                   torch.from_numpy(score.tail_logprob_T)),
                                   with_tail(torch.from_numpy(student_T_K)), beta).sum(-1).numpy()
-                 for score, student_T_K in zip(scores, student) if len(student_T_K)]
+                 for score, student_T_K in zip(scores, student, strict=True) if len(student_T_K)]
     return np.concatenate(per_token) if per_token else np.zeros(0)
 
 
@@ -104,7 +106,7 @@ def write_diagnostics(path: Path, config: RunConfig, prompts: list[dict], answer
         "repetition_rate": mean([repetition_rate(r["response_token_ids"]) for r in rows]),
         "leakage_rate": mean([bool(x["leaked_ngrams"]) for x in leaks]),
         "rubric_word_rate": mean([bool(x["rubric_words"]) for x in leaks]),
-        "leak_examples": [{"prompt_id": r["prompt_id"], **x} for r, x in zip(rows, leaks)
+        "leak_examples": [{"prompt_id": r["prompt_id"], **x} for r, x in zip(rows, leaks, strict=True)
                           if x["leaked_ngrams"] or x["rubric_words"]][:5],
         "divergence": None, "divergence_tokens": 0,
     }

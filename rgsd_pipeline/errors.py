@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem with the user's input, files or settings; the message says where and what to do."""
+
+
+class ArtifactError(UserError, RuntimeError):
+    """A stage output is missing, incomplete, corrupt or made from other inputs than asked for."""

@@ -108,7 +108,7 @@ def collate(examples: list[Example], sequence_ids: list[int], reduction: str, nu
     rows_N = torch.cat([torch.full((len(e.positions),), r) for r, e in enumerate(examples)])
     columns_N = torch.cat([torch.from_numpy(e.prompt_len + e.positions - 1) for e in examples])
     token_ids_N = input_ids_B_T[rows_N, columns_N + 1]
-    sequence_N = torch.cat([torch.full((len(e.positions),), s) for s, e in zip(sequence_ids, examples)])
+    sequence_N = torch.cat([torch.full((len(e.positions),), s) for s, e in zip(sequence_ids, examples, strict=True)])
     if reduction == "sequence":
         weight_N = position_weights(sequence_N - sequence_N.min(), "sequence", num_tokens, num_sequences)
     else:

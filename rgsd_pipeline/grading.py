@@ -111,8 +111,8 @@ def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], ans
             rows = [{"prompt_id": r["prompt_id"], "sample_idx": r["sample_idx"], "iteration": r["iteration"],
                      "criterion_idx": i, "criterion": c.text, "points": c.points, "met": v.met,
                      "explanation": v.explanation, "judge_model": grader.identity()["judge_model"]}
-                    for r, item, verdicts in zip(answered, items, graded)
-                    for i, (c, v) in enumerate(zip(item.criteria, verdicts))]
+                    for r, item, verdicts in zip(answered, items, graded, strict=True)
+                    for i, (c, v) in enumerate(zip(item.criteria, verdicts, strict=True))]
             out.write_shard(0, pa.Table.from_pylist(rows, schema=EVAL_VERDICTS.arrow))
             click.echo(grader.stats.line())
         out.finalize()

@@ -299,7 +299,7 @@ class Judge:
 
     def _record(self, keys: list[str], verdicts: list[Verdict]) -> None:
         self.stats.unparseable += sum(v.met is None for v in verdicts)
-        self.cache.put_many(list(zip(keys, verdicts)), self.settings.model)
+        self.cache.put_many(list(zip(keys, verdicts, strict=True)), self.settings.model)
 
     async def _ask(self, messages: list[dict], n_criteria: int | None, gate) -> list[Verdict] | str:
         """Verdicts from the judge, or the reason there are none (unparseable replies, a failed call)."""

@@ -24,6 +24,11 @@ TEACHER = -1  # the policy number of the teacher itself
 _ITERATION_FOLDER = re.compile(r"iter-(\d{3,})")
 
 
+def run_config_file(run: Path) -> Path:
+    """The resolved config, frozen at the run's first command."""
+    return Path(run) / "run.yaml"
+
+
 def prompts_dir(run: Path) -> Path:
     return Path(run) / "prompts"
 

@@ -39,7 +39,9 @@ import math
 
 import torch
 
-CLIP_MODES = ("entry", "soft", "token", "none")
+from rgsd_pipeline.choices import ClipMode, names
+
+CLIP_MODES = names(ClipMode)
 TAIL_FLOOR = 1e-13  # the least tail mass a bucket keeps, so a KL term (or its gradient) is never infinite
 
 

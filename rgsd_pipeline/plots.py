@@ -37,10 +37,12 @@ def plot_iterations(frame: pl.DataFrame, out: Path, title: str) -> None:
     scores = [c[len("score["):-1] for c in frame.columns if c.startswith("score[")]
     for slug in scores:
         mean, low, high = (frame[f"{name}[{slug}]"].to_list() for name in ("score", "score_low", "score_high"))
-        points = [(i, m, lo, hi) for i, m, lo, hi in zip(x, mean, low, high) if m is not None]
+        points = [(i, m, lo, hi) for i, m, lo, hi in zip(x, mean, low, high, strict=True) if m is not None]
         if points:
-            xs, ms, los, his = zip(*points)
-            axes[2].errorbar(xs, ms, yerr=[[m - lo for m, lo in zip(ms, los)], [hi - m for m, hi in zip(ms, his)]],
+            xs, ms, los, his = zip(*points, strict=True)
+            below = [m - lo for m, lo in zip(ms, los, strict=True)]
+            above = [hi - m for m, hi in zip(ms, his, strict=True)]
+            axes[2].errorbar(xs, ms, yerr=[below, above],
                              marker="o", capsize=3, label=slug)
     axes[2].set_title("rubric score (judge, 95% interval)")
     if not scores:

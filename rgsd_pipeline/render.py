@@ -9,7 +9,7 @@ ids can be appended unchanged after the teacher's ids.
 
 from __future__ import annotations
 
-from rgsd_pipeline.config import TemplateConfig
+from rgsd_pipeline.config import ConfigError, TemplateConfig
 
 
 def student_messages(row: dict, template: TemplateConfig) -> list[dict]:
@@ -50,7 +50,7 @@ def teacher_messages(row: dict, template: TemplateConfig) -> list[dict]:
     question = messages[-1]["content"]
     if template.teacher == "reference":
         if not row.get("reference_answer"):
-            raise ValueError("template.teacher=reference needs a reference_answer for every prompt")
+            raise ConfigError("template.teacher=reference needs a reference_answer for every prompt")
         content = template.reference_template.format_map(
             {"question": question, "reference_answer": row["reference_answer"]})
     else:
@@ -91,6 +91,6 @@ def check_template(template: TemplateConfig) -> None:
     try:
         teacher_messages(sample, template)
     except (KeyError, IndexError) as err:
-        raise ValueError(f"template: unknown placeholder {err} (rubric_template knows {{question}} and {{criteria}}; "
+        raise ConfigError(f"template: unknown placeholder {err} (rubric_template knows {{question}} and {{criteria}}; "
                          "criterion_format knows {index}, {criterion}, {points}; reference_template knows "
                          "{question} and {reference_answer})") from None

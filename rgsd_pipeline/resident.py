@@ -43,7 +43,7 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
     from rgsd_pipeline.engines.hosting import ResidentEngines
 
     config = load_run_config(run)
-    engines = ResidentEngines(engine_kind)
+    engines = ResidentEngines(engine_kind, world)
     kept = None  # the model and AdamW state the last train step left
     seconds: dict[str, float] = defaultdict(float)
     links = []
@@ -57,11 +57,12 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                 click.secho(f"── {stage} iteration {iteration}", bold=True)
                 started = time.perf_counter()
                 if stage == "rollout":
+                    engines.next_weights = kept.exported if kept is not None else None
                     steps.rollout(run, iteration, engines, world=world)
                 elif stage == "score":
                     steps.score(run, iteration, engines, world=world)
                 else:
-                    kept = steps.train(run, iteration, world, kept=kept)
+                    kept = steps.train(run, iteration, world, kept=kept, keep_exported=engines.takes_weights_in_memory)
                 seconds[stage] += time.perf_counter() - started
             links.append(link(run, iteration, config))
             if world.main:

@@ -23,8 +23,10 @@ import json
 import math
 import numbers
 
+from rgsd_pipeline.choices import RowFormat, names
+
 ROLES = ("system", "developer", "user", "assistant")
-FORMATS = ("rubrichub", "rar", "healthbench", "generic")
+FORMATS = names(RowFormat)
 MESSAGE_KEYS = ("messages", "prompt", "question")
 RUBRIC_KEYS = ("Rubrics", "rubrics", "rubric", "criteria")
 

@@ -95,7 +95,7 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
         runnable.append(row)
     seeds = [sample_seed(config.rollout.seed, r["prompt_id"], r["sample_idx"], seed_round=seed_round) for r in runnable]
     generations = engine.generate([r["prompt_token_ids"] for r in runnable], seeds, sampling, advance)
-    for row, generation in zip(runnable, generations):
+    for row, generation in zip(runnable, generations, strict=True):
         row["response_token_ids"] = generation.token_ids
         row["response_logprobs"] = generation.logprobs
         row["sampling_logprobs"] = generation.sampling_logprobs

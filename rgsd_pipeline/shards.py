@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rgsd_pipeline.errors import UserError
+from rgsd_pipeline.errors import ArtifactError, UserError  # noqa: F401 (ArtifactError: read from here too)
 from schemas import MANIFEST_VERSION, SCHEMA_NAME_KEY, SCHEMA_VERSION_KEY, ArtifactSchema
 
 SUCCESS = "_SUCCESS"
@@ -39,8 +39,8 @@ PROGRESS = ".progress"
 SHARD_NAME = re.compile(r"^part-\d{5}\.parquet$")
 
 
-class ArtifactError(UserError, RuntimeError):
-    """A stage output is missing, incomplete, corrupt or made from other inputs than asked for."""
+class ShardPlanError(UserError, ValueError):
+    """A worker's place among the workers of a stage is impossible."""
 
 
 class LockedError(UserError, RuntimeError):
@@ -199,7 +199,7 @@ class ShardPlan:
 
     def __post_init__(self):
         if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:
-            raise ValueError(f"--shard-index must be in [0, {self.num_workers}); got {self.worker_index}")
+            raise ShardPlanError(f"--shard-index must be in [0, {self.num_workers}); got {self.worker_index}")
 
     def mine(self) -> list[int]:
         return [i for i in range(self.total) if i % self.num_workers == self.worker_index]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from rgsd_pipeline.config import ScoreConfig, TemplateConfig
+from rgsd_pipeline.config import ConfigError, ScoreConfig, TemplateConfig
 from rgsd_pipeline.engines.base import Scores
 from rgsd_pipeline.render import chat_ids, teacher_messages
 from schemas import ENCODING_KEY, LOGPROB_CODE_SCALE, ArtifactSchema, signals_schema
@@ -20,7 +20,7 @@ def storage_schema(score_config: ScoreConfig, vocab_size: int) -> ArtifactSchema
     if id_dtype == "auto":
         id_dtype = "uint16" if vocab_size <= 1 << 16 else "int32"
     if id_dtype == "uint16" and vocab_size > 1 << 16:
-        raise ValueError(f"score.id_dtype=uint16 cannot hold a vocabulary of {vocab_size}; use auto or int32")
+        raise ConfigError(f"score.id_dtype=uint16 cannot hold a vocabulary of {vocab_size}; use auto or int32")
     return signals_schema(score_config.top_k, value_type=getattr(pa, score_config.value_dtype)(),
                           id_type=getattr(pa, id_dtype)())
 

@@ -24,8 +24,9 @@ import click
 import polars as pl
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import RunConfig, fingerprint, load_run_config, to_dict
-from rgsd_pipeline.fingerprints import model_fingerprint, tokenizer_fingerprint
+from rgsd_pipeline.config import RunConfig, fingerprint, load_run_config
+from rgsd_pipeline.fingerprints import tokenizer_fingerprint
+from rgsd_pipeline.inputs import rollout_inputs, score_inputs, train_inputs
 from rgsd_pipeline.models import eos_token_ids, load_tokenizer, pad_token_id, resolve_model
 from rgsd_pipeline.sampling import iteration_prompts, optimizer_steps_per_epoch, sample_shards
 from rgsd_pipeline.shards import (
@@ -51,9 +52,7 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
     prompts = iteration_prompts(train_prompts, iteration, config.rollout.prompts_per_iteration, config.rollout.seed)
     policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
-    inputs = {"prompts": fingerprint(prompts_stage.manifest["shards"]), "policy": model_fingerprint(policy),
-              "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
-                                     "max_model_len": config.model.max_model_len, "iteration": iteration})}
+    inputs = rollout_inputs(run, iteration, config)
 
     # 2. The work: every (prompt, sample), cut into shards of data.rows_per_shard rows.
     work = [(p, s) for p in prompts for s in range(config.rollout.samples_per_prompt)]
@@ -95,9 +94,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
     think = ((token_span_ids(tokenizer, config.score.think_open), token_span_ids(tokenizer, config.score.think_close))
              if config.score.think_mask else None)
     eos_ids = eos_token_ids(teacher, tokenizer)
-    inputs = {"rollouts": fingerprint(rollouts.manifest["shards"]), "teacher": model_fingerprint(teacher),
-              "config": fingerprint({"score": to_dict(config.score), "template": to_dict(config.template),
-                                     "max_model_len": config.model.max_model_len})}
+    inputs = score_inputs(run, iteration, config)
 
     # 2. One signals shard per rollouts shard, so row i of shard j always describes the same rollout.
     out_dir = layout.signals_dir(run, iteration)
@@ -120,7 +117,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
                 teacher_in = teacher_inputs(rows, prompts, tokenizer, config.template, config.model.max_model_len)
                 scores = [None] * len(rows)
                 scored = engine.score(teacher_in.sequences, teacher_in.prompt_lens, k, advance)
-                for row, result in zip(teacher_in.rows, scored):
+                for row, result in zip(teacher_in.rows, scored, strict=True):
                     scores[row] = result
                 masks = [loss_mask(row["response_token_ids"], eos_ids, think, config.score.eos_in_loss,
                                    row["prompt_token_ids"]) if scores[i] is not None else []
@@ -144,15 +141,19 @@ class Continuation:
     iteration: int
     model: object
     optimizer: object
+    exported: dict | None = None  # the checkpoint's weights in model.dtype, for engines that take them from memory
 
 
-def train(run: Path, iteration: int, world=None, kept: Continuation | None = None) -> Continuation | None:
+def train(run: Path, iteration: int, world=None, kept: Continuation | None = None,
+          keep_exported: bool = False) -> Continuation | None:
     """iter-I/checkpoint/: policy_{I+1}, trained on iter-I/signals. With `kept` (the previous iteration's model and
-    optimizer in memory) nothing is reloaded; returns what to keep for the next iteration."""
+    optimizer in memory) nothing is reloaded; returns what to keep for the next iteration (with the exported
+    weights when `keep_exported`: an engine of this process takes them without reading the checkpoint back)."""
     import torch
     from tqdm import tqdm
 
     from rgsd_pipeline.checkpoints import (
+        exported_weights,
         load_student,
         previous_global_step,
         previous_state,
@@ -180,7 +181,7 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
                          expect_inputs={"rollouts": fingerprint(rollouts.manifest["shards"])})
     examples = load_examples(rollouts, signals)
     if not examples:
-        raise click.ClickException(f"no trainable tokens in {signals.folder}: every rollout was skipped or masked")
+        raise ArtifactError(f"no trainable tokens in {signals.folder}: every rollout was skipped or masked")
 
     # 2. The student in master precision, continuing the previous iteration (in memory, or from its trainer state).
     torch.manual_seed(config.train.seed)
@@ -225,14 +226,17 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
 
     # 4. The checkpoint the next rollout loads: a plain HF folder in model.dtype, then _SUCCESS.
     weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
+    merged = not (config.train.lora and config.train.save_adapters)  # else the checkpoint holds adapters alone
+    in_memory = keep_exported and merged
+    exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
     if world.main:
-        provenance = {"policy": str(policy), "signals": fingerprint(signals.manifest["shards"]),
+        provenance = {"policy": str(policy), **train_inputs(run, iteration),
                       "global_step": trainer.first_global_step + trainer.total_steps}
-        write_checkpoint(model, policy, out, config, provenance, weights)
+        write_checkpoint(model, policy, out, config, provenance, exported)
         prune_states(run, iteration, config.train.keep_states)
         click.echo(train_summary(metrics_path, out))
     world.barrier()  # every rank's engine loads this checkpoint next
-    return Continuation(iteration, model, trainer.optimizer)
+    return Continuation(iteration, model, trainer.optimizer, exported if in_memory else None)
 
 
 def schedule_horizon(run: Path, config: RunConfig) -> int:

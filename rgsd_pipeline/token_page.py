@@ -42,7 +42,8 @@ def _tip(row: dict, vocab: dict[int, str], alternatives: int) -> str:
     lines = [f"student log-prob {row['behaviour_logprob']:.3f}   teacher log-prob {row['teacher_logprob']:.3f}",
              f"divergence {row['divergence']:+.3f}{'' if row['mask'] else '   (not in the loss)'}",
              "teacher's top tokens:"]
-    for token_id, logprob in list(zip(row["teacher_topk_ids"], row["teacher_topk_logprobs"]))[:alternatives]:
+    pairs = zip(row["teacher_topk_ids"], row["teacher_topk_logprobs"], strict=True)
+    for token_id, logprob in list(pairs)[:alternatives]:
         lines.append(f"  {math.exp(logprob):6.1%}  {vocab.get(token_id, '?')!r}")
     return html.escape("\n".join(lines))
 

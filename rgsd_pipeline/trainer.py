@@ -311,7 +311,7 @@ class Trainer:
         self.optimizer.step()
         elapsed = time.perf_counter() - started
         loss, *sums = totals.tolist()
-        per_token = {name: value / max(num_tokens, 1) for name, value in zip(STAT_NAMES, sums)}
+        per_token = {name: value / max(num_tokens, 1) for name, value in zip(STAT_NAMES, sums, strict=True)}
         processed = sum(len(self.examples[i].input_ids) for i in batch)
         return {"step": step + 1, "global_step": global_step + 1, "loss": loss, "divergence": per_token["divergence"],
                 "clip_fraction": per_token["clipped"], "teacher_tail_mass": per_token["teacher_tail"],

@@ -39,7 +39,8 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
         ids = responses[(t["prompt_id"], t["sample_idx"])]
         pos = t["position"]
         picks = ", ".join(f"{vocab.get(i, '?')!r} {math.exp(lp):.0%}"
-                          for i, lp in list(zip(t["teacher_topk_ids"], t["teacher_topk_logprobs"]))[:alternatives])
+                          for i, lp in list(zip(t["teacher_topk_ids"], t["teacher_topk_logprobs"],
+                                                strict=True))[:alternatives])
         before, token, after = ids[max(0, pos - context):pos], [t["token_id"]], ids[pos + 1:pos + 1 + context // 2]
         lines.append(f"  {t['prompt_id'][:10]}/{t['sample_idx']} @{pos:<4d} {t['divergence']:+6.2f}  "
                      f"…{text(before)}⟦{text(token)}⟧{text(after)}…")

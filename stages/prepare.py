@@ -20,7 +20,6 @@ import pyarrow as pa
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import (
-    RUN_CONFIG_FILE,
     fingerprint,
     freeze_or_check,
     load_config,
@@ -31,7 +30,9 @@ from rgsd_pipeline.fingerprints import tokenizer_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
+from rgsd_pipeline.rows import FORMATS
 from rgsd_pipeline.shards import (
+    ArtifactError,
     ShardPlan,
     StageOutput,
     is_complete,
@@ -46,15 +47,18 @@ from schemas import PROMPTS, QUARANTINE
 
 def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs: list[str], fmt: str | None) -> None:
     # 1. Resolve and freeze the config (the first command on a run writes run.yaml).
-    frozen = (run / RUN_CONFIG_FILE).exists()
-    if config_path is None and frozen and not overrides and not data_specs:
+    # A run that exists starts from its frozen run.yaml, as every later stage does; what is given on top of it must
+    # agree with it (freeze_or_check shows any difference).
+    frozen = layout.run_config_file(run).exists()
+    if config_path is None and frozen and not overrides and not data_specs and not fmt:
         config = load_run_config(run)
     else:
         if data_specs:
             overrides = [*overrides, f"data.sources={json.dumps(list(data_specs))}"]
         if fmt:
             overrides = [*overrides, f"data.format={fmt}"]
-        config = freeze_or_check(run, load_config(config_path, overrides))
+        source = config_path if config_path is not None else layout.run_config_file(run) if frozen else None
+        config = freeze_or_check(run, load_config(source, overrides))
     check_template(config.template)
 
     out_dir = layout.prompts_dir(run)
@@ -76,7 +80,7 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
     result = ingest(config.data, config.template, tokenizer)
     click.echo(result.summary())
     if not result.prompts:
-        raise click.ClickException("no valid prompts in " + ", ".join(config.data.sources)
+        raise ArtifactError("no valid prompts in " + ", ".join(config.data.sources)
                                    + (f"; see {layout.quarantine_file(run)}" if result.quarantine else ""))
 
     # 3. Write prompt shards, the quarantine, the manifest and _SUCCESS.
@@ -111,7 +115,7 @@ def show(run: Path, count: int) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe (first start of a run).")
 @click.option("--run", "run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--data", "data_specs", multiple=True, help="Data source (repeatable); replaces data.sources.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "rubrichub", "rar", "healthbench", "generic"]),
+@click.option("--format", "fmt", type=click.Choice(["auto", *FORMATS]),
               help="Row format of the sources (default: detected per row).")
 @click.option("--show", "show_count", type=int, default=0, help="Print the student and teacher views of N prompts.")
 @click.argument("overrides", nargs=-1)

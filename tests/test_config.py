@@ -79,3 +79,36 @@ def test_readme_config_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate the README table: rgsd-pipeline config-reference --markdown"
     assert all(f"`{key}`" in readme for key, _, _ in reference())
+
+
+def test_every_named_list_is_spelled_once_and_handled_where_it_is_implemented():
+    """A data format, engine kind or clip mode is named once (rgsd_pipeline/choices.py): the config's field types, the
+    command-line choices and the implementing module read that list, and the module handles every name."""
+    import typing
+
+    import torch
+
+    from rgsd_pipeline import choices, rows
+    from rgsd_pipeline.config import DataConfig, EngineConfig, TrainConfig
+    from rgsd_pipeline.config import choices as allowed
+    from rgsd_pipeline.engines import KINDS, resolve_kind
+    from rgsd_pipeline.losses import CLIP_MODES, distill_per_token
+    from stages.prepare import command as prepare
+
+    formats, kinds, clips = (choices.names(t) for t in (choices.RowFormat, choices.EngineKind, choices.ClipMode))
+    assert allowed(typing.get_type_hints(DataConfig)["format"]) == ("auto", *formats) == ("auto", *rows.FORMATS)
+    assert tuple(next(p for p in prepare.params if p.name == "fmt").type.choices) == ("auto", *formats)
+    engine = typing.get_type_hints(EngineConfig)
+    assert allowed(engine["kind"]) == KINDS == ("auto", *kinds) and allowed(engine["score_kind"]) == ("", *KINDS)
+    assert allowed(typing.get_type_hints(TrainConfig)["clip"]) == CLIP_MODES == clips
+    row = {"prompt": [{"role": "user", "content": "q"}], "question": "q", "rubrics": [{"criterion": "c", "points": 1}],
+           "Rubrics": [{"criterion": "c", "points": 1}], "rubric": [{"description": "c", "weight": 1}]}
+    for fmt in formats:  # every format has its branch (a row with every key, so only the branch decides)
+        row_of = {"rubrichub": ("prompt", "Rubrics"), "rar": ("question", "rubric"),
+                  "healthbench": ("prompt", "rubrics"), "generic": ("prompt", "rubric")}[fmt]
+        assert rows.normalize({k: row[k] for k in row_of}, fmt)["rubric"][0]["criterion"] == "c"
+    for kind in kinds:
+        assert resolve_kind(kind) == kind
+    buckets = torch.log_softmax(torch.randn(3, 5), -1)
+    for clip in clips:
+        distill_per_token(buckets, buckets.roll(1, -1), 0.5, clip, 0.05)

@@ -29,14 +29,15 @@ def test_hf_engine_on_gpu_matches_a_cpu_forward_pass(tiny_path, tiny_tokenizer):
     prompts = [chat_ids(tiny_tokenizer, [{"role": "user", "content": q}]) for q in questions]
     generations = engine.generate(prompts, [1, 2], Sampling(max_new_tokens=16))
     cpu_model = load_model(tiny_path)
-    for prompt, generation in zip(prompts, generations):
+    for prompt, generation in zip(prompts, generations, strict=True):
         with torch.no_grad():
             logp = cpu_model(torch.tensor([prompt + generation.token_ids])).logits[0].log_softmax(-1)
         expected = logp[torch.arange(len(prompt) - 1, len(prompt) + len(generation.token_ids) - 1),
                         torch.tensor(generation.token_ids)]
         np.testing.assert_allclose(generation.logprobs, expected.numpy(), atol=1e-3)
-    scores = engine.score([p + g.token_ids for p, g in zip(prompts, generations)], [len(p) for p in prompts], k=5)
-    for score, generation in zip(scores, generations):
+    scores = engine.score([p + g.token_ids for p, g in zip(prompts, generations, strict=True)],
+                          [len(p) for p in prompts], k=5)
+    for score, generation in zip(scores, generations, strict=True):
         np.testing.assert_allclose(score.token_logprob_T, generation.logprobs, atol=1e-3)
 
 

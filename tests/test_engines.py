@@ -31,7 +31,7 @@ def check_generation(engine, tiny_path, tiny_tokenizer, atol):
     batch = prompts(tiny_tokenizer)
     sampling = Sampling(temperature=1.0, max_new_tokens=24)
     first = engine.generate(batch, [7, 8, 9, 10], sampling)
-    for prompt, generation in zip(batch, first):
+    for prompt, generation in zip(batch, first, strict=True):
         assert len(generation.token_ids) == len(generation.logprobs) > 0
         assert generation.finish_reason in ("stop", "length")
         expected = reference_logprobs(model, prompt, generation.token_ids)
@@ -71,7 +71,7 @@ def reference_sampling_logprobs(model, prompt, response, sampling):
 def check_sampling_logprobs(engine, tiny_path, tiny_tokenizer, atol):
     model = load_model(tiny_path)
     batch = prompts(tiny_tokenizer)
-    for prompt, generation in zip(batch, engine.generate(batch, [1, 2, 3, 4], TEMPERED)):
+    for prompt, generation in zip(batch, engine.generate(batch, [1, 2, 3, 4], TEMPERED), strict=True):
         raw, drawn = reference_sampling_logprobs(model, prompt, generation.token_ids, TEMPERED)
         close = lambda got, want: torch.testing.assert_close(  # noqa: E731
             torch.tensor(got, dtype=torch.float64), want.double(), atol=atol, rtol=0)
@@ -117,8 +117,9 @@ def test_hf_scores_match_brute_force_log_softmax(tiny_path, tiny_tokenizer):
     model = load_model(tiny_path)
     batch = prompts(tiny_tokenizer)
     responses = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46], [700, 12]]
-    scores = engine.score([p + r for p, r in zip(batch, responses)], [len(p) for p in batch], k=6, chunk_positions=3)
-    for prompt, response, score in zip(batch, responses, scores):
+    scores = engine.score([p + r for p, r in zip(batch, responses, strict=True)], [len(p) for p in batch], k=6,
+                          chunk_positions=3)
+    for prompt, response, score in zip(batch, responses, scores, strict=True):
         with torch.no_grad():
             logp = model(torch.tensor([prompt + response])).logits[0].float().log_softmax(-1)
         logp = logp[len(prompt) - 1:len(prompt) + len(response) - 1]
@@ -159,9 +160,10 @@ def test_vllm_records_the_log_probs_of_the_distribution_it_sampled_from(vllm_eng
 def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
     batch = prompts(tiny_tokenizer)
     responses = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46], [700, 12]]
-    sequences = [p + r for p, r in zip(batch, responses)]
+    sequences = [p + r for p, r in zip(batch, responses, strict=True)]
     lens = [len(p) for p in batch]
-    for hf, vl in zip(hf_engine(tiny_path).score(sequences, lens, k=8), vllm_engine.score(sequences, lens, k=8)):
+    pairs = zip(hf_engine(tiny_path).score(sequences, lens, k=8), vllm_engine.score(sequences, lens, k=8), strict=True)
+    for hf, vl in pairs:
         torch.testing.assert_close(torch.from_numpy(vl.token_logprob_T), torch.from_numpy(hf.token_logprob_T),
                                    atol=2e-3, rtol=0)
         torch.testing.assert_close(torch.from_numpy(vl.topk_logprobs_T_K), torch.from_numpy(hf.topk_logprobs_T_K),

@@ -30,7 +30,7 @@ def test_token_frame_matches_the_shards(evaluated_run, tiny_path):
     frame = inspect.tokens(evaluated_run, 0).collect()
     tokenizer = load_tokenizer(tiny_path)
     expected_rows = 0
-    for rollout, signal in zip(rollouts, signals):
+    for rollout, signal in zip(rollouts, signals, strict=True):
         if signal["status"] != "ok":
             continue
         expected_rows += len(rollout["response_token_ids"])
@@ -65,7 +65,7 @@ def test_rollout_frame_and_policy_table(evaluated_run):
     frame = {(r["prompt_id"], r["sample_idx"]): r
              for r in inspect.rollouts(evaluated_run, 0).collect().iter_rows(named=True)}
     assert len(frame) == len(rollouts)
-    for rollout, signal in zip(rollouts, signals):
+    for rollout, signal in zip(rollouts, signals, strict=True):
         row = frame[(rollout["prompt_id"], rollout["sample_idx"])]
         mask = np.array(signal["loss_mask"], dtype=bool)
         gap = np.array(rollout["response_logprobs"]) - np.array(signal["token_logprob"])
@@ -77,7 +77,7 @@ def test_rollout_frame_and_policy_table(evaluated_run):
     base = table.row(0, named=True)
     assert base["rollouts"] == len(rollouts)
     gaps = [(np.array(r["response_logprobs"]) - np.array(s["token_logprob"]), np.array(s["loss_mask"], bool))
-            for r, s in zip(rollouts, signals) if s["status"] == "ok"]
+            for r, s in zip(rollouts, signals, strict=True) if s["status"] == "ok"]
     masked = np.concatenate([gap[mask] for gap, mask in gaps])
     assert base["sampled_divergence"] == pytest.approx(masked.mean(), abs=1e-5)
     assert base["train_steps"] >= 1

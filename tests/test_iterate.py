@@ -172,3 +172,39 @@ def test_readme_python_snippets_run(two_iterations, monkeypatch):
         exec(snippet.replace("runs/demo", str(two_iterations)), namespace)  # noqa: S102
     assert namespace["per_token"].height > 0
     assert namespace["tokens"].collect().height > 0
+
+
+def twenty_rows(path, suffix=""):
+    """The first 20 RubricHub rows of the bundled data, each prompt with `suffix` appended."""
+    rows = [json.loads(line) for line in (ROOT / "rgsd_pipeline" / "data" / "medsci.jsonl").read_text().splitlines()]
+    for row in rows[:20]:
+        row["prompt"][-1]["content"] += suffix
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:20]))
+    return path
+
+
+@pytest.mark.slow
+def test_rollouts_of_prompts_that_were_prepared_again_from_a_changed_file_are_refused(tmp_path):
+    """Change the source file, delete prompts/ and rerun: iterate prepares again, then must not reuse iteration 0's
+    rollouts of the old prompts (the stage command refuses them too)."""
+    data, run = twenty_rows(tmp_path / "rubrichub.jsonl"), tmp_path / "run"
+    settings = ["engine.kind=hf", "rollout.max_new_tokens=8", "train.batch_size=8", "train.micro_batch_size=8"]
+    cli("iterate", "--config", "configs/tiny.yaml", "--run", run, "--iterations", 1, f"data.sources=[{data}]",
+        *settings)
+    twenty_rows(data, " Please answer briefly.")
+    shutil.rmtree(run / "prompts")
+    result = cli("iterate", "--run", run, "--iterations", 1, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (f"{run / 'iter-000' / 'rollouts'} is stale: it was sampled from other prompts than {run / 'prompts'}"
+            in result.stderr), result.stderr[-2000:]
+    refused = cli("rollout", "--run", run, "--iteration", 0, check=False)
+    assert refused.returncode == 2 and "inputs.prompts" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_prepare_on_an_existing_run_reads_its_run_yaml(tmp_path):
+    """Without --config, prepare starts from the frozen run.yaml (tiny.yaml's pitfalls: avoid), not the defaults."""
+    data, run = twenty_rows(tmp_path / "rubrichub.jsonl"), tmp_path / "run"
+    cli("prepare", "--config", "configs/tiny.yaml", "--run", run, "--data", data)
+    assert "prompts already complete" in cli("prepare", "--run", run, "--data", data).stdout
+    changed = cli("prepare", "--run", run, "template.pitfalls=inline", check=False)
+    assert changed.returncode == 2 and "template.pitfalls: 'avoid' -> 'inline'" in changed.stderr

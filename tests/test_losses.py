@@ -219,5 +219,5 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradients(spec):
     for loss, stats, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0])
         torch.testing.assert_close(stats, results[0][1])
-        for a, b in zip(grads, results[0][2]):
+        for a, b in zip(grads, results[0][2], strict=True):
             torch.testing.assert_close(a, b)

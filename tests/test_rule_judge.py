@@ -60,7 +60,7 @@ def test_verdicts_and_scores_with_pitfalls_empty_answers_and_unjudgeable_criteri
     assert (judge.stats.judged, judge.stats.unjudgeable, judge.stats.unparseable) == (9, 3, 3)
     assert "unparseable predicate" in graded[0][4].explanation
     rows = [{"prompt_id": f"p{i}", "sample_idx": 0, "criterion_idx": j, "points": c.points, "met": v.met}
-            for i, verdicts in enumerate(graded) for j, (c, v) in enumerate(zip(criteria, verdicts))]
+            for i, verdicts in enumerate(graded) for j, (c, v) in enumerate(zip(criteria, verdicts, strict=True))]
     scores = answer_scores(pl.DataFrame(rows))["score"].to_list()
     assert scores == pytest.approx([(4 + 2 - 3) / 6, 0.0, 2 / 6])  # a met pitfall subtracts; no verdict, no points
 

@@ -43,7 +43,7 @@ def test_signals_equal_a_brute_force_teacher_forward_pass(rolled, tmp_path):
     rollouts = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect()
     stored = signals(run, config).lazy().collect()
     assert stored.select("prompt_id", "sample_idx").equals(rollouts.select("prompt_id", "sample_idx"))
-    for rollout, signal in zip(rollouts.iter_rows(named=True), stored.iter_rows(named=True)):
+    for rollout, signal in zip(rollouts.iter_rows(named=True), stored.iter_rows(named=True), strict=True):
         teacher_ids = chat_ids(tokenizer, teacher_messages(prompts[rollout["prompt_id"]], config.template))
         response = rollout["response_token_ids"]
         assert signal["teacher_prompt_len"] == len(teacher_ids)

@@ -93,7 +93,7 @@ def test_the_next_iteration_continues_from_the_fp32_master_weights_not_the_bf16_
     previous = previous_state(checkpoint, iteration=1)
     student = load_student(tiny_path, checkpoint, previous, config)
     Trainer(student, [], config.train, World(), pad_id=0).load(previous)
-    for (name, got), want in zip(student.named_parameters(), trained.parameters()):
+    for (name, got), want in zip(student.named_parameters(), trained.parameters(), strict=True):
         assert got.dtype == torch.float32 and torch.equal(got, want), name
     assert previous_global_step(checkpoint, previous) == 3
 
@@ -233,7 +233,8 @@ def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
     moments = [s["exp_avg"] for s in second.optimizer.state.values()]
     assert moments and all(m.abs().sum() > 0 for m in moments)  # carried over, not fresh
     assert not first.optimizer.state
-    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), second.model.parameters()))  # weights kept
+    kept = zip(first.model.parameters(), second.model.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in kept)  # weights kept
 
 
 @pytest.mark.slow

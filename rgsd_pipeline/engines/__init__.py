@@ -12,10 +12,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from rgsd_pipeline.choices import EngineKind, names
 from rgsd_pipeline.config import ConfigError, EngineConfig, ModelConfig
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores  # noqa: F401
 
-KINDS = ("auto", "vllm", "hf")
+KINDS = ("auto", *names(EngineKind))  # auto: vllm when it imports, else hf
 
 
 def vllm_available() -> bool:
@@ -32,14 +33,16 @@ def resolve_kind(kind: str) -> str:
 
 
 def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig,
-                max_logprobs: int = 0, sampling: Sampling | None = None) -> Engine:
+                max_logprobs: int = 0, sampling: Sampling | None = None, rank_of=None) -> Engine:
     """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for, and
-    `sampling` the settings generate() will be asked to sample with (vLLM fixes its log-prob mode at start)."""
+    `sampling` the settings generate() will be asked to sample with (vLLM fixes its log-prob mode at start).
+    `rank_of` is the data-parallel job (distributed.World) this process is a rank of, if any: on GPUs its vLLM
+    engine then runs inside this process on this rank's GPU."""
     kind = resolve_kind(kind)
     if kind == "vllm":
         from rgsd_pipeline.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, engine_config, model_config, max_logprobs, sampling)
+        return VllmEngine(model_path, engine_config, model_config, max_logprobs, sampling, rank_of=rank_of)
     from rgsd_pipeline.engines.hf_engine import HfEngine
 
     return HfEngine(model_path, engine_config, model_config)

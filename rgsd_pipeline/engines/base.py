@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -50,15 +49,33 @@ class Scores:
     tail_logprob_T: np.ndarray  # float32 [T], log of the mass outside the top-k
 
 
-class Engine(Protocol):
-    kind: str
-    model_path: Path  # the folder whose weights the engine holds now
+class Engine:
+    """What an engine may be asked for; every engine kind derives from this class and overrides what it does.
 
-    def load_weights(self, model_path: Path) -> None: ...
+    Every kind passes the conformance checks of tests/test_engines.py against an independent forward pass."""
+
+    kind: str = ""
+    model_path: Path  # the folder whose weights the engine holds now
+    in_process = False  # True when new weights can be handed over as tensors (load_weights' `weights`)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
-                 on_progress=None) -> list[Generation]: ...
+                 on_progress=None) -> list[Generation]:
+        """One sample per prompt, drawn with its own seed (a prompt's tokens must not depend on its batch)."""
+        raise NotImplementedError(f"the {self.kind} engine does not sample")
 
-    def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None) -> list[Scores]: ...
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None) -> list[Scores]:
+        """The top-k log-probs, the actual token's and the tail's at every position after each prompt."""
+        raise NotImplementedError(f"the {self.kind} engine does not score")
 
-    def close(self) -> None: ...
+    def load_weights(self, model_path: Path, weights: dict | None = None) -> None:
+        """Take another checkpoint of the same architecture in place (from memory when `weights` is given)."""
+        raise NotImplementedError(f"the {self.kind} engine cannot take new weights in place")
+
+    def sleep(self) -> None:
+        """Free what it holds on a shared device while others use it (a no-op unless the kind can)."""
+
+    def wake_up(self) -> None:
+        """Take back what sleep() freed."""
+
+    def close(self) -> None:
+        """Release everything; the engine is not used again."""

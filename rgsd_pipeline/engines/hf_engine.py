@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig
-from rgsd_pipeline.engines.base import Generation, Sampling, Scores
+from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id
 
 
@@ -56,7 +56,7 @@ def process_logits(logits_B_V: torch.Tensor, history_B_T: torch.Tensor, sampling
     return logits_B_V
 
 
-class HfEngine:
+class HfEngine(Engine):
     kind = "hf"
 
     def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig):
@@ -77,7 +77,7 @@ class HfEngine:
         results: list[Generation | None] = [None] * len(prompts)
         for batch in length_buckets([len(p) for p in prompts], self.batch_size):
             for index, generation in zip(batch, self._generate_batch([prompts[i] for i in batch],
-                                                                     [seeds[i] for i in batch], sampling)):
+                                                                     [seeds[i] for i in batch], sampling), strict=True):
                 results[index] = generation
                 if on_progress:
                     on_progress(1, len(generation.token_ids))
@@ -178,13 +178,16 @@ class HfEngine:
             out[index][lo:lo + logp_C_V.shape[0]] = logp_C_V.gather(1, ids_C_K).cpu().numpy()
         return out
 
+    in_process = True  # new weights can be handed over as tensors
+
     @torch.no_grad()
-    def load_weights(self, model_path: Path) -> None:
-        """Take another checkpoint's weights in place (same architecture); tied weights follow their source."""
+    def load_weights(self, model_path: Path, weights: dict | None = None) -> None:
+        """Take another checkpoint's weights in place (same architecture); tied weights follow their source.
+        `weights`, when given, are that checkpoint's tensors already in memory: the folder is not read."""
         from safetensors.torch import load_file
 
-        state = {}
-        for file in sorted(Path(model_path).glob("*.safetensors")):
+        state = dict(weights) if weights is not None else {}
+        for file in sorted(Path(model_path).glob("*.safetensors")) if weights is None else ():
             state.update(load_file(file))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "all_tied_weights_keys", {}))

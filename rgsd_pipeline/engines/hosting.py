@@ -43,25 +43,33 @@ class ResidentEngines(StageEngines):
 
     resident = True
 
-    def __init__(self, engine_kind: str | None = None):
+    def __init__(self, engine_kind: str | None = None, world=None):
         super().__init__(engine_kind)
+        self.world = world  # a rank of a data-parallel job: on GPUs its vLLM engine runs in this process
         self._student: Engine | None = None
         self._teacher: Engine | None = None
         self.weight_loads = 0  # in-place swaps, for the summary
         self.start_seconds = 0.0  # spent building engines
+        self.next_weights: dict | None = None  # the next policy's weights in memory, when the trainer kept them
 
     def student(self, policy: Path, config: RunConfig) -> Engine:
         if self._student is None:
             started = time.perf_counter()
-            self._student = super().student(policy, config)
+            self._student = make_engine(self.engine_kind or config.engine.kind, policy, config.engine, config.model,
+                                        sampling=Sampling.of(config.rollout), rank_of=self.world)
             self.start_seconds += time.perf_counter() - started
         else:
-            if hasattr(self._student, "wake_up"):
-                self._student.wake_up()
+            self._student.wake_up()
             if Path(self._student.model_path) != Path(policy):
-                self._student.load_weights(policy)
+                self._student.load_weights(policy, self.next_weights)
                 self.weight_loads += 1
+        self.next_weights = None
         return self._student
+
+    @property
+    def takes_weights_in_memory(self) -> bool:
+        """Whether the student's engine runs in this process, so new weights reach it without a copy on disk."""
+        return self._student is not None and self._student.in_process
 
     def teacher(self, teacher: Path, config: RunConfig) -> Engine:
         if self._teacher is None:  # its own engine even at iteration 0: the student's weights will change
@@ -71,7 +79,7 @@ class ResidentEngines(StageEngines):
         return self._teacher
 
     def done(self, engine: Engine) -> None:
-        if engine is self._student and hasattr(engine, "sleep"):
+        if engine is self._student:
             engine.sleep()  # a no-op on CPUs
 
     def close(self) -> None:

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig
-from rgsd_pipeline.engines.base import Generation, Sampling, Scores
+from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
 
 
-class VllmEngine:
+class VllmEngine(Engine):
     kind = "vllm"
 
     def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
-                 sampling: Sampling | None = None, in_process: bool = False):
+                 sampling: Sampling | None = None, in_process: bool = False, rank_of=None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
         if (os.cpu_count() or 1) <= 4:
@@ -44,6 +44,16 @@ class VllmEngine:
         # (chunked prefill), which CPU generators cannot do: the engine dies ('CPU Generator does not use
         # offset'). Without chunked prefill every prompt is scheduled whole.
         chunked = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+        # One rank of a data-parallel job on GPUs: vLLM joins the job's process group ("external launcher") and runs
+        # in this process on this rank's GPU, as TRL's colocated mode does; each rank is its own engine (TP = 1).
+        launcher = {}
+        if rank_of is not None and rank_of.size > 1 and torch.cuda.is_available():
+            if engine_config.vllm_tensor_parallel_size != 1:
+                from rgsd_pipeline.config import ConfigError
+
+                raise ConfigError("the data-parallel iterate runs one vLLM engine per GPU rank: set "
+                                  "engine.vllm_tensor_parallel_size=1 (or run rollout and score as stage jobs)")
+            launcher, in_process = {"distributed_executor_backend": "external_launcher"}, True
         # In process (no engine-core process): new weights can be handed over as tensors, without serialising them.
         self.in_process = in_process
         previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -57,7 +67,7 @@ class VllmEngine:
                        tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
                        gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
                        enforce_eager=engine_config.vllm_enforce_eager, use_tqdm_on_load=False,
-                       worker_extension_cls="rgsd_pipeline.engines.vllm_worker.WeightSync",
+                       worker_extension_cls="rgsd_pipeline.engines.vllm_worker.WeightSync", **launcher,
                        logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs", **chunked)
         if in_process:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -80,11 +90,11 @@ class VllmEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         samples = [output.outputs[0] for output in outputs]
         token_ids = [list(sample.token_ids) for sample in samples]
-        drawn = [[float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs)]
-                 for ids, sample in zip(token_ids, samples)]
+        drawn = [[float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs, strict=True)]
+                 for ids, sample in zip(token_ids, samples, strict=True)]
         raw = self._raw_logprobs(prompts, token_ids) if self.processed else drawn
         results = []
-        for ids, sample, raw_logprobs, sampling_logprobs in zip(token_ids, samples, raw, drawn):
+        for ids, sample, raw_logprobs, sampling_logprobs in zip(token_ids, samples, raw, drawn, strict=True):
             results.append(Generation(ids, raw_logprobs, sampling_logprobs,
                                       "stop" if sample.finish_reason == "stop" else "length"))
             if on_progress:
@@ -101,7 +111,7 @@ class VllmEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompts[i]) + responses[i]) for i in todo],
                                     params, use_tqdm=False)
         raw: list[list[float]] = [[] for _ in responses]
-        for i, output in zip(todo, outputs):
+        for i, output in zip(todo, outputs, strict=True):
             flat = output.prompt_logprobs
             starts = flat.start_indices[len(prompts[i]):len(prompts[i]) + len(responses[i])]
             raw[i] = [float(flat.logprobs[start]) for start in starts]  # the actual token comes first
@@ -114,7 +124,7 @@ class VllmEngine:
         params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
         results = []
-        for seq, prompt_len, output in zip(sequences, prompt_lens, outputs):
+        for seq, prompt_len, output in zip(sequences, prompt_lens, outputs, strict=True):
             flat = output.prompt_logprobs
             ids = np.asarray(flat.token_ids, dtype=np.int64)
             values = np.asarray(flat.logprobs, dtype=np.float32)

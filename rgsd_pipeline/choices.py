@@ -1,0 +1,19 @@
+"""Every list of names a user picks from that a module implements, spelled once.
+
+The config's field types, the command-line choices and the implementing modules all read these, so a
+new data format, engine kind or clip mode is its name here plus its branch in the module that implements
+it (docs/architecture.md, "Where to change what"). No imports: config.py and `--help` stay light.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+RowFormat = Literal["rubrichub", "rar", "healthbench", "generic"]  # rows.normalize
+EngineKind = Literal["vllm", "hf"]  # engines.make_engine
+ClipMode = Literal["entry", "soft", "token", "none"]  # losses.distill_per_token
+
+
+def names(literal) -> tuple[str, ...]:
+    """The names a Literal allows, in order."""
+    return get_args(literal)
