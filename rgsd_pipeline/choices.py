@@ -11,7 +11,9 @@ from typing import Literal, get_args
 
 RowFormat = Literal["rubrichub", "rar", "healthbench", "generic"]  # rows.normalize
 EngineKind = Literal["vllm", "hf"]  # engines.make_engine
+TeacherKind = Literal[EngineKind, "server"]  # engines.make_engine; server: engines/server_engine.py, scores only
 ClipMode = Literal["entry", "soft", "token", "none"]  # losses.distill_per_token
+TrackerKind = Literal["none", "tensorboard", "wandb", "mlflow"]  # tracking.KINDS
 
 
 def names(literal) -> tuple[str, ...]:

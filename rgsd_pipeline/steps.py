@@ -23,8 +23,9 @@ from pathlib import Path
 import click
 import polars as pl
 
-from rgsd_pipeline import layout
+from rgsd_pipeline import layout, tracking
 from rgsd_pipeline.config import RunConfig, fingerprint, load_run_config
+from rgsd_pipeline.engines.base import EngineError
 from rgsd_pipeline.fingerprints import tokenizer_fingerprint
 from rgsd_pipeline.inputs import rollout_inputs, score_inputs, train_inputs
 from rgsd_pipeline.models import eos_token_ids, load_tokenizer, pad_token_id, resolve_model
@@ -68,8 +69,12 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
                        f"from {policy}")
             # 3. Generate shard by shard; each shard is published whole.
             started = time.perf_counter()
-            sample_shards(out, shards, engine, tokenizer, config, iteration, seed_round=iteration, unit="sample")
-            click.echo(f"sampling took {time.perf_counter() - started:.1f} s")
+            tokens = sample_shards(out, shards, engine, tokenizer, config, iteration, seed_round=iteration,
+                                   unit="sample")
+            seconds = time.perf_counter() - started
+            click.echo(f"sampling took {seconds:.1f} s")
+            tracking.log_values(run, config, world, {"rollout/seconds": seconds, "rollout/tokens_per_s":
+                                                     tokens / max(seconds, 1e-9)}, tracking.policy_step(policy))
             engines.done(engine)
         complete = out.finalize()
 
@@ -116,7 +121,14 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
                 rows = rollouts.read_shard(index).to_pylist()
                 teacher_in = teacher_inputs(rows, prompts, tokenizer, config.template, config.model.max_model_len)
                 scores = [None] * len(rows)
-                scored = engine.score(teacher_in.sequences, teacher_in.prompt_lens, k, advance)
+                try:
+                    scored = engine.score(teacher_in.sequences, teacher_in.prompt_lens, k, advance)
+                except EngineError as err:
+                    if err.index is None:
+                        raise
+                    key = teacher_in.keys[teacher_in.rows[err.index]]
+                    raise EngineError(f"{err} [{rollouts.files[index]} row {teacher_in.rows[err.index]}: prompt_id "
+                                      f"{key['prompt_id']}, sample {key['sample_idx']}]") from None
                 for row, result in zip(teacher_in.rows, scored, strict=True):
                     scores[row] = result
                 masks = [loss_mask(row["response_token_ids"], eos_ids, think, config.score.eos_in_loss,
@@ -125,7 +137,10 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
                 out.write_shard(index, signals_table(teacher_in.keys, scores, masks, schema, k))
                 advance(len(rows) - len(teacher_in.rows), 0)
             advance.close()
-            click.echo(f"scoring took {time.perf_counter() - started:.1f} s")
+            seconds = time.perf_counter() - started
+            click.echo(f"scoring took {seconds:.1f} s")
+            tracking.log_values(run, config, world, {"score/seconds": seconds, "score/tokens_per_s":
+                                                     advance.tokens / max(seconds, 1e-9)}, tracking.policy_step(policy))
             engines.done(engine)
         complete = out.finalize()
 
@@ -149,30 +164,67 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
     """iter-I/checkpoint/: policy_{I+1}, trained on iter-I/signals. With `kept` (the previous iteration's model and
     optimizer in memory) nothing is reloaded; returns what to keep for the next iteration (with the exported
     weights when `keep_exported`: an engine of this process takes them without reading the checkpoint back)."""
-    import torch
-    from tqdm import tqdm
-
-    from rgsd_pipeline.checkpoints import (
-        exported_weights,
-        load_student,
-        previous_global_step,
-        previous_state,
-        prune_states,
-        warn_without_state,
-        write_checkpoint,
-    )
     from rgsd_pipeline.distributed import World
-    from rgsd_pipeline.examples import load_examples
-    from rgsd_pipeline.trainer import STATE_DIR, Trainer, find_state, full_state_dict
 
-    # 1. Inputs: the frozen config, rollouts and the signals made from exactly those rollouts, the policy.
-    config = load_run_config(run)
     world = world or World()
     out = layout.checkpoint_dir(run, iteration)
     if is_complete(out):
         if world.main:
             click.echo(f"checkpoint already complete in {out}")
         return None
+    session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
+    run_training(session)  # 2. optimizer steps, metrics, trainer state
+    return export_policy(session, keep_exported)  # 3. the checkpoint the next rollout loads
+
+
+@dataclass
+class TrainingSession:
+    """Everything one iteration's training works with, built by set_up_training."""
+
+    run: Path
+    iteration: int
+    config: RunConfig
+    world: object
+    policy: Path
+    trainer: object
+    start: int  # the step to start from (after a killed run's last saved state)
+    started_from: str  # see starting_point
+
+    @property
+    def out(self) -> Path:
+        return layout.checkpoint_dir(self.run, self.iteration)
+
+
+def starting_point(policy: Path, iteration: int, out: Path, kept: Continuation | None) -> tuple[str, Path | None]:
+    """Where iteration I's training starts, in this order, and the trainer state it reads (if any):
+
+    - "resume":   a killed run of this iteration saved a trainer state beside its checkpoint: continue at its step;
+    - "memory":   this process trained iteration I-1 and kept its model and AdamW state;
+    - "state":    iteration I-1's trainer state on disk (fp32 weights, AdamW moments, global step);
+    - "exported": iteration I-1's exported weights alone (model.dtype, fresh AdamW moments: warned), or the base
+                  model at I = 0.
+    """
+    from rgsd_pipeline.checkpoints import find_state, previous_state
+
+    if (state := find_state(out)) is not None:
+        return "resume", state
+    if kept is not None and kept.iteration == iteration - 1:
+        return "memory", None
+    if (previous := previous_state(policy, iteration)) is not None:
+        return "state", previous
+    return "exported", None
+
+
+def set_up_training(run: Path, iteration: int, world, kept: Continuation | None) -> TrainingSession:
+    """The rollouts and the signals made from exactly them, the student in master precision, and its trainer, placed
+    at the starting point."""
+    import torch
+
+    from rgsd_pipeline.checkpoints import load_student, previous_global_step, previous_state, warn_without_state
+    from rgsd_pipeline.examples import load_examples
+    from rgsd_pipeline.trainer import Trainer
+
+    config = load_run_config(run)
     base = resolve_model(config.model.path)
     policy = layout.policy_path(run, iteration, base)
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
@@ -183,60 +235,76 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
     if not examples:
         raise ArtifactError(f"no trainable tokens in {signals.folder}: every rollout was skipped or masked")
 
-    # 2. The student in master precision, continuing the previous iteration (in memory, or from its trainer state).
     torch.manual_seed(config.train.seed)
+    started_from, state = starting_point(policy, iteration, layout.checkpoint_dir(run, iteration), kept)
     previous = previous_state(policy, iteration)
-    state = find_state(out)  # a killed run of this iteration
-    resident = kept is not None and kept.iteration == iteration - 1 and state is None
-    model = kept.model if resident else load_student(base, policy, previous, config)
+    in_memory = started_from == "memory"
+    model = kept.model if in_memory else load_student(base, policy, previous, config)
     trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
                       iteration, previous_global_step(policy, previous), schedule_horizon(run, config),
-                      optimizer=kept.optimizer if resident and config.train.carry_optimizer else None)
+                      optimizer=kept.optimizer if in_memory and config.train.carry_optimizer else None)
     start = 0
-    if state is not None:
+    if started_from == "resume":
         start = trainer.load(state)
-    elif previous is not None and not resident:
-        trainer.load(previous, load_optimizer=config.train.carry_optimizer)
-    elif iteration > 0 and not resident and world.main:
+    elif started_from == "state":
+        trainer.load(state, load_optimizer=config.train.carry_optimizer)
+    elif started_from == "exported" and iteration > 0 and world.main:
         warn_without_state(policy, config)
-    metrics_path = layout.metrics_file(run, iteration)
     if world.main:
-        keep_metrics(metrics_path, start)
+        keep_metrics(layout.metrics_file(run, iteration), start)
         click.echo(f"train iteration {iteration}: {len(examples)} sequences, {trainer.total_steps} steps of "
                    f"{config.train.batch_size} from global step {trainer.first_global_step}, {world.size} "
                    f"process(es), {config.train.master_dtype} weights, from {policy}"
-                   + (" (kept in memory)" if resident else "") + (f", resuming at step {start}" if start else ""))
+                   + (" (kept in memory)" if in_memory else "") + (f", resuming at step {start}" if start else ""))
+    return TrainingSession(run, iteration, config, world, policy, trainer, start, started_from)
 
-    # 3. Optimizer steps; metrics every step, trainer state every save_every steps.
-    bar = tqdm(total=trainer.total_steps, initial=start, unit="step", disable=not world.main, dynamic_ncols=True,
-               mininterval=0.2 if sys.stderr.isatty() else 10)
+
+def run_training(session: TrainingSession) -> None:
+    """The optimizer steps from the starting step: a metrics line per step, trainer state every save_every steps."""
+    from tqdm import tqdm
+
+    trainer, world, config = session.trainer, session.world, session.config
+    metrics_path = layout.metrics_file(session.run, session.iteration)
+    bar = tqdm(total=trainer.total_steps, initial=session.start, unit="step", disable=not world.main,
+               dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10)
     started = time.perf_counter()
-    for step in range(start, trainer.total_steps):
+    for step in range(session.start, trainer.total_steps):
         metrics = trainer.step(step)
         if world.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracking.log_training(session.run, config, world, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", div=f"{metrics['divergence']:.4f}", refresh=False)
         if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
-            trainer.save(out / STATE_DIR, step + 1)  # every process joins: FSDP2 gathers the weights
+            trainer.save(layout.trainer_state_dir(session.out), step + 1)  # every process joins (FSDP2 gathers)
     bar.close()
     if world.main:
-        click.echo(f"training took {time.perf_counter() - started:.1f} s")
+        seconds = time.perf_counter() - started
+        click.echo(f"training took {seconds:.1f} s")
+        tracking.log_values(session.run, config, world, {"train/seconds": seconds},
+                            trainer.first_global_step + trainer.total_steps)
 
-    # 4. The checkpoint the next rollout loads: a plain HF folder in model.dtype, then _SUCCESS.
+
+def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation:
+    """Write the checkpoint (a plain HF folder in model.dtype, then _SUCCESS) from the main process; every process
+    keeps its model and optimizer for the next iteration."""
+    from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, prune_states, write_checkpoint
+
+    trainer, world, config = session.trainer, session.world, session.config
+    model = trainer.model
     weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
     merged = not (config.train.lora and config.train.save_adapters)  # else the checkpoint holds adapters alone
     in_memory = keep_exported and merged
     exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
     if world.main:
-        provenance = {"policy": str(policy), **train_inputs(run, iteration),
+        provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration),
                       "global_step": trainer.first_global_step + trainer.total_steps}
-        write_checkpoint(model, policy, out, config, provenance, exported)
-        prune_states(run, iteration, config.train.keep_states)
-        click.echo(train_summary(metrics_path, out))
+        write_checkpoint(model, session.policy, session.out, config, provenance, exported)
+        prune_states(session.run, session.iteration, config.train.keep_states)
+        click.echo(train_summary(layout.metrics_file(session.run, session.iteration), session.out))
     world.barrier()  # every rank's engine loads this checkpoint next
-    return Continuation(iteration, model, trainer.optimizer, exported if in_memory else None)
+    return Continuation(session.iteration, model, trainer.optimizer, exported if in_memory else None)
 
 
 def schedule_horizon(run: Path, config: RunConfig) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from rgsd_pipeline import inspect as views
-from rgsd_pipeline import layout
+from rgsd_pipeline import layout, tracking
 from rgsd_pipeline.cli_options import judge_options, judge_settings
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.engines import KINDS
@@ -48,12 +48,18 @@ def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | N
 
     # 3. Judge-free diagnostics: length, truncation, repetition, rubric leakage, teacher-policy JSD (none for the
     #    teacher itself, which would be measured against itself).
-    write_diagnostics(layout.diagnostics_file(run, set_name, label), config, prompts, answers.lazy().collect(),
-                      policy, base, with_divergence and label != layout.TEACHER_LABEL)
+    diagnostics = write_diagnostics(layout.diagnostics_file(run, set_name, label), config, prompts,
+                                    answers.lazy().collect(), policy, base,
+                                    with_divergence and label != layout.TEACHER_LABEL)
+    watched = {f"eval/{set_name}/{label}/{key}": diagnostics[key]
+               for key in ("divergence", "mean_length", "truncation_rate", "repetition_rate", "leakage_rate")}
 
     # 4. Rubric scores, when a judge is given.
     if judge is not None:
-        grade_answers(run, set_name, label, prompts, answers, make_grader(judge, run), resamples)
+        grader = make_grader(judge, run)
+        summary = grade_answers(run, set_name, label, prompts, answers, grader, resamples)
+        watched[f"eval/{set_name}/{label}/satisfaction_{grader.name}"] = summary["overall"]["mean"]
+    tracking.log_values(run, config, None, watched, tracking.policy_step(policy))
 
     # 5. Every policy evaluated on this set, side by side.
     click.echo(f"eval set {set_name} ({layout.eval_set_dir(run, set_name)})")

