@@ -1,4 +1,4 @@
-"""The fingerprint chain of an iteration: policy -> rollouts -> signals -> checkpoint.
+"""The fingerprint chain of an iteration: policy -> rollouts -> signals (or rewards) -> checkpoint.
 
 Each complete output records what it was made from (manifest inputs, checkpoint provenance). Before an
 output is reused, its record must match what it would be made from now: a retrained checkpoint changes the
@@ -14,17 +14,23 @@ from pathlib import Path
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.fingerprints import model_fingerprint
-from rgsd_pipeline.inputs import rollout_inputs, score_inputs, train_inputs
+from rgsd_pipeline.inputs import reward_inputs, rollout_inputs, score_inputs, train_inputs
 from rgsd_pipeline.models import resolve_model
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_manifest
 
-STAGES = ("rollout", "score", "train")
+STAGES = ("rollout", "score", "train")  # RGSD: the teacher scores the rollouts
+REWARD_STAGES = ("rollout", "reward", "train")  # the judge-based baseline (train.loss=grpo): a judge grades them
+
+
+def stages_for(config: RunConfig) -> tuple[str, ...]:
+    """The steps of one iteration of this run: RGSD's, or the judge-based baseline's."""
+    return REWARD_STAGES if config.train.loss == "grpo" else STAGES
 
 
 def output_dir(run: Path, iteration: int, stage: str) -> Path:
     """The folder a stage writes in an iteration."""
-    return {"rollout": layout.rollouts_dir, "score": layout.signals_dir, "train": layout.checkpoint_dir}[stage](
-        run, iteration)
+    return {"rollout": layout.rollouts_dir, "score": layout.signals_dir, "reward": layout.rewards_dir,
+            "train": layout.checkpoint_dir}[stage](run, iteration)
 
 
 def _stale(folder: Path, iteration: int, why: str) -> ArtifactError:
@@ -38,16 +44,19 @@ def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> N
     base = resolve_model(config.model.path)
     if stage == "train":
         recorded = json.loads(layout.provenance_file(folder).read_text())
-        wanted = train_inputs(run, iteration)
+        wanted = train_inputs(run, iteration, config)
     else:
         recorded = read_manifest(folder)["inputs"]
-        wanted = (rollout_inputs if stage == "rollout" else score_inputs)(run, iteration, config)
+        wanted = {"rollout": rollout_inputs, "score": score_inputs, "reward": reward_inputs}[stage](run, iteration,
+                                                                                                   config)
     changed = [key for key in wanted if recorded.get(key) != wanted[key]]
     if not changed:
         return
     why = {"prompts": f"it was sampled from other prompts than {layout.prompts_dir(run)} holds now",
            "policy": f"it was sampled from other weights than {layout.policy_path(run, iteration, base)} holds now",
-           "rollouts": f"it scored other rollouts than {layout.rollouts_dir(run, iteration)}",
+           "rollouts": f"it {'graded' if stage == 'reward' else 'scored'} other rollouts than "
+                       f"{layout.rollouts_dir(run, iteration)}",
+           "rewards": f"it was trained on other rewards than {layout.rewards_dir(run, iteration)}",
            "teacher": f"its teacher is not {config.model.path} as it is now",
            "signals": f"it was trained on other signals than {layout.signals_dir(run, iteration)}",
            "config": f"it was made with other settings than {layout.run_config_file(run)}"}
@@ -56,12 +65,14 @@ def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> N
 
 def link(run: Path, iteration: int, config: RunConfig) -> dict:
     """The fingerprints linking a complete iteration to its policy, every output verified first."""
-    for stage in STAGES:
+    stages = stages_for(config)
+    for stage in stages:
         if not is_complete(output_dir(run, iteration, stage)):
             raise ArtifactError(f"{output_dir(run, iteration, stage)} is not complete")
         verify_output(run, iteration, stage, config)
     policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
+    graded = "rewards" if "reward" in stages else "signals"
     return {"iteration": iteration, "policy": str(policy), "policy_fingerprint": model_fingerprint(policy),
             "rollouts": read_manifest(layout.rollouts_dir(run, iteration))["inputs"],
-            "signals": read_manifest(layout.signals_dir(run, iteration))["inputs"],
+            graded: read_manifest(output_dir(run, iteration, stages[1]))["inputs"],
             "checkpoint_fingerprint": model_fingerprint(layout.checkpoint_dir(run, iteration))}

@@ -13,6 +13,8 @@ RowFormat = Literal["rubrichub", "rar", "healthbench", "generic"]  # rows.normal
 EngineKind = Literal["vllm", "hf"]  # engines.make_engine
 TeacherKind = Literal[EngineKind, "server"]  # engines.make_engine; server: engines/server_engine.py, scores only
 ClipMode = Literal["entry", "soft", "token", "none"]  # losses.distill_per_token
+LossKind = Literal["jsd", "sampled_reverse_kl", "grpo"]  # distill._chunk_loss; grpo: policy_gradient.py
+RewardJudge = Literal["rules", "llm"]  # grading.make_grader
 TrackerKind = Literal["none", "tensorboard", "wandb", "mlflow"]  # tracking.KINDS
 
 

@@ -24,7 +24,7 @@ from rgsd_pipeline.errors import UserError
 
 # Command name -> the module whose `command` it is, in the order `--help` lists them.
 STAGES = {name: f"stages.{name}" for name in
-          ("prepare", "rollout", "score", "train", "iterate", "report", "evaluate", "inspect")}
+          ("prepare", "rollout", "score", "reward", "train", "iterate", "report", "evaluate", "inspect")}
 VERBOSE_ENV = "RGSD_VERBOSE"
 
 

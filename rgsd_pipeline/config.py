@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.choices import ClipMode, EngineKind, RowFormat, TeacherKind, TrackerKind
+from rgsd_pipeline.choices import ClipMode, EngineKind, LossKind, RewardJudge, RowFormat, TeacherKind, TrackerKind
 from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.shards import describe_difference, write_text_atomic
 
@@ -157,9 +157,23 @@ class ScoreConfig:
 
 
 @dataclass
+class RewardConfig:
+    judge: RewardJudge = opt("rules", "Who grades rollouts for train.loss=grpo: rules (machine-checkable predicates in "
+                                      "criterion tags) or llm (an OpenAI-compatible judge, reward.judge_url)")
+    judge_url: str = opt("", "judge=llm: base URL of the judge, e.g. http://127.0.0.1:8000/v1")
+    judge_model: str = opt("", "judge=llm: the model name the judge serves")
+    judge_mode: Literal["per-answer", "per-criterion"] = opt("per-answer", "judge=llm: one call per rollout with "
+                                                                           "every criterion, or one per criterion")
+    judge_concurrency: int = opt(8, "judge=llm: calls in flight at once", minimum=1)
+    judge_timeout_s: float = opt(120.0, "judge=llm: seconds per call", minimum=1.0)
+    judge_max_retries: int = opt(4, "judge=llm: retries (with backoff) of a failed call", minimum=0)
+
+
+@dataclass
 class TrainConfig:
-    loss: Literal["jsd", "sampled_reverse_kl"] = opt(
-        "jsd", "jsd (generalized JSD, see beta) or sampled_reverse_kl (on-policy distillation estimator)")
+    loss: LossKind = opt(
+        "jsd", "jsd (generalized JSD, see beta), sampled_reverse_kl (on-policy distillation estimator), or grpo (the "
+               "judge-based baseline: group-normalised rewards from iter-I/rewards, clipped policy gradient)")
     beta: float = opt(0.5, "JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL, 0.5 the paper's JSD",
                       minimum=0.0, maximum=1.0)
     clip: ClipMode = opt(
@@ -171,6 +185,10 @@ class TrainConfig:
     importance_cap: float = opt(2.0, "sampled_reverse_kl: cap of the importance weight pi_theta / pi_behaviour that "
                                      "corrects for stale or tempered rollouts (0 turns the correction off)",
                                 minimum=0.0)
+    grpo_clip: float = opt(0.2, "grpo: the ratio pi_theta / pi_old is clipped to [1 - grpo_clip, 1 + grpo_clip]",
+                           minimum=0.0)
+    kl_coef: float = opt(0.0, "grpo: weight of the KL to the base model (k3 estimate; 0 loads no reference model)",
+                         minimum=0.0)
     reduction: Literal["token", "sequence"] = opt(
         "token", "Average the loss over tokens of the batch, or per sequence then over sequences")
     ce_weight: float = opt(0.0, "Weight of cross-entropy on the sampled tokens mixed into the loss", minimum=0.0)
@@ -221,6 +239,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -298,6 +317,11 @@ def check_combinations(config: RunConfig) -> None:
         raise ConfigError(f"train.distill_temperature={train.distill_temperature} with train.loss=sampled_reverse_kl: "
                           "the sampled-token estimator is defined for the model's own distribution (temperature 1); "
                           "use loss=jsd to distil at another temperature")
+    if train.loss == "grpo" and config.rollout.samples_per_prompt < 2:
+        raise ConfigError("train.loss=grpo needs rollout.samples_per_prompt >= 2: its advantages compare the samples "
+                          "of one prompt (the paper's baseline samples 16)")
+    if config.reward.judge == "llm" and not (config.reward.judge_url and config.reward.judge_model):
+        raise ConfigError("reward.judge=llm needs reward.judge_url and reward.judge_model")
     if config.engine.score_kind == "server" and not config.engine.teacher_urls:
         raise ConfigError("engine.score_kind=server needs engine.teacher_urls: the base URLs of the teacher servers")
     if train.lora and train.parallel == "fsdp":

@@ -21,6 +21,7 @@ from rgsd_pipeline.losses import (
     teacher_buckets,
     temper,
 )
+from rgsd_pipeline.policy_gradient import clipped_policy_gradient
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,21 @@ class LossSpec:
     temperature: float = 1.0
     ce_weight: float = 0.0  # weight of cross-entropy on the sampled tokens, mixed in
     importance_cap: float = 2.0  # sampled_reverse_kl: truncation of the importance weight (0: no correction)
+    ratio_clip: float = 0.2  # grpo: the ratio is clipped to [1 - ratio_clip, 1 + ratio_clip]
+    kl_coef: float = 0.0  # grpo: weight of the k3 estimate of KL(policy || base)
 
     @classmethod
     def of(cls, train_config: TrainConfig) -> LossSpec:
         """The loss settings of a config's `train` section."""
         t = train_config
         return cls(kind=t.loss, beta=t.beta, clip=t.clip, tau=t.tau, temperature=t.distill_temperature,
-                   ce_weight=t.ce_weight, importance_cap=t.importance_cap)
+                   ce_weight=t.ce_weight, importance_cap=t.importance_cap, ratio_clip=t.grpo_clip,
+                   kl_coef=t.kl_coef)
+
+    @property
+    def needs_rewards(self) -> bool:
+        """A policy-gradient loss trains on judge rewards (iter-I/rewards/), not on teacher signals."""
+        return self.kind == "grpo"
 
 
 @dataclass
@@ -52,17 +61,30 @@ class Targets:
     behaviour_token_N: torch.Tensor  # fp32 log-prob of the sampled token under the distribution it was drawn from
     token_ids_N: torch.Tensor  # int64 sampled token at each position
     weight_N: torch.Tensor  # fp32 reduction weights (see losses.position_weights)
+    old_token_N: torch.Tensor | None = None  # fp32 grpo: the sampled token's log-prob under the sampling policy
+    advantage_N: torch.Tensor | None = None  # fp32 grpo: the rollout's group advantage at each of its tokens
+    reference_token_N: torch.Tensor | None = None  # fp32 grpo with kl_coef: the base model's log-prob of the token
 
 
-# Per-chunk sums that distill_loss returns, in this order (metrics divide them by the loss tokens).
+# Per-chunk sums that distill_loss returns, in this order (metrics divide them by the loss tokens). Under grpo:
+# divergence is the k3 KL to the base, clipped the share of tokens whose ratio was clipped, importance_weight the
+# mean ratio, and the tails are 0.
 STAT_NAMES = ("divergence", "clipped", "teacher_tail", "student_tail", "importance_weight")
 
 
 def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_topk_C_K, teacher_tail_C,
-                teacher_token_C, behaviour_token_C, token_ids_C, weight_C, spec: LossSpec):
+                teacher_token_C, behaviour_token_C, token_ids_C, weight_C, old_token_C, advantage_C, reference_C,
+                spec: LossSpec):
     logits_C_V = torch.nn.functional.linear(hidden_C_H, head_weight_V_H, head_bias).float()
     student_C_V = logits_C_V.log_softmax(-1)
     student_token_C = student_C_V.gather(-1, token_ids_C[:, None])[:, 0]
+    if spec.kind == "grpo":
+        loss_C, ratio_C, clipped_C, kl_C = clipped_policy_gradient(student_token_C, old_token_C, advantage_C,
+                                                                   spec.ratio_clip, reference_C, spec.kl_coef)
+        zero = loss_C.new_zeros(())
+        stats = {"divergence": kl_C.sum(), "clipped": clipped_C.float().sum(), "teacher_tail": zero,
+                 "student_tail": zero, "importance_weight": ratio_C.sum()}
+        return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES])
     student_C_K1 = student_buckets(student_C_V, topk_ids_C_K)
     teacher_C_K1 = teacher_buckets(teacher_topk_C_K, teacher_tail_C)
     importance_C = torch.ones_like(student_token_C)
@@ -89,10 +111,12 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
     stats = torch.zeros(len(STAT_NAMES), device=hidden_N_H.device)
     for lo in range(0, hidden_N_H.shape[0], chunk_positions):
         part = slice(lo, lo + chunk_positions)
+        cut = lambda t, part=part: None if t is None else t[part]  # noqa: E731
         chunk_loss, chunk_stats = checkpoint(
             _chunk_loss, hidden_N_H[part], lm_head.weight, lm_head.bias, targets.topk_ids_N_K[part],
             targets.teacher_topk_N_K[part], targets.teacher_tail_N[part], targets.teacher_token_N[part],
-            targets.behaviour_token_N[part], targets.token_ids_N[part], targets.weight_N[part], spec,
+            targets.behaviour_token_N[part], targets.token_ids_N[part], targets.weight_N[part],
+            cut(targets.old_token_N), cut(targets.advantage_N), cut(targets.reference_token_N), spec,
             use_reentrant=False)
         loss = loss + chunk_loss
         stats += chunk_stats.detach()

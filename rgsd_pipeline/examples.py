@@ -23,6 +23,8 @@ class Example:
     tail_logprob: np.ndarray  # float32 [N], the teacher's exact log-mass outside its top-k
     token_logprob: np.ndarray  # float32 [N], the teacher's log-prob of the sampled token
     sampling_logprob: np.ndarray  # float32 [N], the behaviour policy's log-prob of the sampled token
+    response_logprob: np.ndarray | None = None  # float32 [N], the sampling policy's own (temperature 1) log-prob
+    advantage: float = 0.0  # grpo: the rollout's group advantage
 
 
 def synthetic_example(input_ids: np.ndarray, prompt_len: int, topk_ids_N_K: np.ndarray, topk_probs_N_K: np.ndarray,
@@ -73,7 +75,43 @@ def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
                 tail_logprob=signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
                 token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
                 sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions],
+                response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32)[positions],
             ))
+    return examples
+
+
+def load_reward_examples(rollouts: StageData, rewards: StageData) -> list[Example]:
+    """Every rollout with a reward and a response, with its group advantage (policy_gradient.group_advantages) on
+    every response token; the teacher fields are empty. The advantages use every rollout of the iteration."""
+    from rgsd_pipeline.policy_gradient import group_advantages
+
+    if len(rollouts.files) != len(rewards.files):
+        raise ArtifactError(f"{rewards.folder} has {len(rewards.files)} shards but {rollouts.folder} has "
+                            f"{len(rollouts.files)}; rerun `reward` for this iteration")
+    rows = []
+    for index in range(len(rollouts.files)):
+        rollout_rows = rollouts.read_shard(index).to_pylist()
+        reward_rows = rewards.read_shard(index).select(["prompt_id", "sample_idx", "reward"]).to_pylist()
+        if len(reward_rows) != len(rollout_rows):
+            raise ArtifactError(f"{rewards.files[index]} has {len(reward_rows)} rows, its rollouts shard "
+                                f"{rollouts.files[index]} has {len(rollout_rows)}")
+        for row, (rollout, reward) in enumerate(zip(rollout_rows, reward_rows, strict=True)):
+            if (reward["prompt_id"], reward["sample_idx"]) != (rollout["prompt_id"], rollout["sample_idx"]):
+                raise ArtifactError(f"{rewards.files[index]} row {row}: keys differ from {rollouts.files[index]}")
+            rows.append((rollout, reward["reward"]))
+    advantages = group_advantages([r["prompt_id"] for r, _ in rows], [reward for _, reward in rows])
+    examples = []
+    for (rollout, _), advantage in zip(rows, advantages, strict=True):
+        n = len(rollout["response_token_ids"])
+        if advantage is None or n == 0:
+            continue
+        examples.append(Example(
+            input_ids=np.asarray(rollout["prompt_token_ids"] + rollout["response_token_ids"], dtype=np.int64),
+            prompt_len=len(rollout["prompt_token_ids"]), positions=np.arange(n),
+            topk_ids=np.zeros((n, 0), np.int64), topk_logprobs=np.zeros((n, 0), np.float32),
+            tail_logprob=np.zeros(n, np.float32), token_logprob=np.zeros(n, np.float32),
+            sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32),
+            response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32), advantage=float(advantage)))
     return examples
 
 
@@ -86,7 +124,7 @@ class MicroBatch:
     targets: Targets
 
     def to(self, device) -> MicroBatch:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         targets = Targets(*(move(getattr(self.targets, f)) for f in self.targets.__dataclass_fields__))
         return MicroBatch(move(self.input_ids_B_T), move(self.attention_mask_B_T), move(self.rows_N),
                           move(self.columns_N), targets)
@@ -121,5 +159,8 @@ def collate(examples: list[Example], sequence_ids: list[int], reduction: str, nu
         behaviour_token_N=torch.from_numpy(np.concatenate([e.sampling_logprob for e in examples])),
         token_ids_N=token_ids_N,
         weight_N=weight_N,
+        old_token_N=torch.from_numpy(np.concatenate([e.response_logprob if e.response_logprob is not None
+                                                     else e.sampling_logprob for e in examples])),
+        advantage_N=torch.cat([torch.full((len(e.positions),), e.advantage, dtype=torch.float32) for e in examples]),
     )
     return MicroBatch(input_ids_B_T, mask_B_T, rows_N, columns_N, targets)

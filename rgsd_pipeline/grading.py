@@ -87,6 +87,34 @@ def make_grader(judge, run: Path):
     return Judge(judge, VerdictCache(layout.judge_cache(run)))
 
 
+def items_for(rows: list[dict], prompts_by_id: dict[str, dict]) -> list[Item]:
+    """What a grader grades: each rollouts-schema row's text against its prompt's conversation and rubric."""
+    return [Item(prompt_id=r["prompt_id"], messages=tuple(prompts_by_id[r["prompt_id"]]["messages"]),
+                 answer=r["response_text"],
+                 criteria=tuple(Criterion(c["criterion"], float(c["points"]), tuple(c["tags"]))
+                                for c in prompts_by_id[r["prompt_id"]]["rubric"])) for r in rows]
+
+
+def answer_score(points: list[float], met: list[bool | None]) -> float | None:
+    """One answer's score: points of the met criteria (met pitfalls subtract) over the positive points of the graded
+    ones; None when no positive criterion was graded. The same arithmetic as answer_scores."""
+    graded = [(p, m) for p, m in zip(points, met, strict=True) if m is not None]
+    possible = sum(p for p, _ in graded if p > 0)
+    return sum(p for p, m in graded if m) / possible if possible > 0 else None
+
+
+def grader_of(reward_config, run: Path):
+    """The grader a run's reward stage uses (reward.judge), built as evaluate builds its judge."""
+    if reward_config.judge == "rules":
+        return make_grader("rules", run)
+    from rgsd_pipeline.judge import JudgeSettings
+
+    return make_grader(JudgeSettings(url=reward_config.judge_url, model=reward_config.judge_model,
+                                     mode=reward_config.judge_mode, concurrency=reward_config.judge_concurrency,
+                                     timeout_s=reward_config.judge_timeout_s,
+                                     max_retries=reward_config.judge_max_retries), run)
+
+
 def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], answers: StageData, grader,
                   resamples: int) -> dict:
     """verdicts-<judge>/ (one row per answer and criterion) and summary-<judge>.json for one evaluated policy.
@@ -99,10 +127,7 @@ def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], ans
     inputs = {"answers": fingerprint(answers.manifest["shards"]), "judge": fingerprint(grader.identity())}
     with StageOutput(out_dir, EVAL_VERDICTS, inputs, ShardPlan(1)) as out:
         if out.todo():
-            items = [Item(prompt_id=r["prompt_id"], messages=tuple(by_id[r["prompt_id"]]["messages"]),
-                          answer=r["response_text"],
-                          criteria=tuple(Criterion(c["criterion"], float(c["points"]), tuple(c["tags"]))
-                                         for c in by_id[r["prompt_id"]]["rubric"])) for r in answered]
+            items = items_for(answered, by_id)
             click.echo(f"evaluate: grading {len(items)} answers, {sum(len(i.criteria) for i in items)} criteria, "
                        f"with {grader.describe()}")
             advance = TokenProgress(len(items), "answer")

@@ -33,6 +33,16 @@ def score_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str]
                                    "max_model_len": config.model.max_model_len})}
 
 
-def train_inputs(run: Path, iteration: int) -> dict[str, str]:
-    """iter-I/checkpoint/ is made from iter-I/signals/ (and the policy, which the signals' rollouts pin down)."""
+def reward_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str]:
+    """iter-I/rewards/ is made from iter-I/rollouts/, the prompts' rubrics and the judge's settings."""
+    return {"rollouts": fingerprint(read_manifest(layout.rollouts_dir(run, iteration))["shards"]),
+            "prompts": fingerprint(read_manifest(layout.prompts_dir(run))["shards"]),
+            "config": fingerprint({"reward": to_dict(config.reward)})}
+
+
+def train_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str]:
+    """iter-I/checkpoint/ is made from iter-I/signals/, or iter-I/rewards/ for a policy-gradient loss (and the
+    policy, which their rollouts pin down)."""
+    if config.train.loss == "grpo":
+        return {"rewards": fingerprint(read_manifest(layout.rewards_dir(run, iteration))["shards"])}
     return {"signals": fingerprint(read_manifest(layout.signals_dir(run, iteration))["shards"])}

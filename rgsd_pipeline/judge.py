@@ -235,8 +235,9 @@ class Judge:
         self.cache = cache
         self.stats = JudgeStats()
         self.structured = settings.structured != "none"
-        self.client = AsyncOpenAI(base_url=settings.url, api_key=os.environ.get(settings.api_key_env, "EMPTY"),
-                                  timeout=settings.timeout_s, max_retries=settings.max_retries)
+        self.client = None  # one per grade() call: an async client belongs to the event loop it was opened in
+        self._client = lambda: AsyncOpenAI(base_url=settings.url, api_key=os.environ.get(settings.api_key_env, "EMPTY"),
+                                           timeout=settings.timeout_s, max_retries=settings.max_retries)
 
     @property
     def name(self) -> str:
@@ -268,6 +269,7 @@ class Judge:
         return asyncio.run(self._grade_all(items, on_progress))
 
     async def _grade_all(self, items: list[Item], on_progress) -> list[list[Verdict]]:
+        self.client = self._client()
         await self.check()
         gate = asyncio.Semaphore(self.settings.concurrency)
         try:

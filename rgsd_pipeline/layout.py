@@ -1,7 +1,7 @@
 """Where every artifact of a run lives, and how policies are numbered (docs/architecture.md, "Run folder").
 
     runs/<name>/run.yaml, prompts/, chain.json
-    runs/<name>/iter-NNN/{rollouts, signals, checkpoint, metrics.jsonl}
+    runs/<name>/iter-NNN/{rollouts, signals | rewards, checkpoint, metrics.jsonl}
     runs/<name>/eval/<set>/{prompts, quarantine.jsonl, <policy>/{answers, diagnostics.json, verdicts-<judge>,
                                                                   summary-<judge>.json}}
     runs/<name>/eval/judge-cache.sqlite
@@ -67,6 +67,11 @@ def rollouts_dir(run: Path, iteration: int) -> Path:
 
 def signals_dir(run: Path, iteration: int) -> Path:
     return iteration_dir(run, iteration) / "signals"
+
+
+def rewards_dir(run: Path, iteration: int) -> Path:
+    """A judge's verdicts and the reward of every rollout (train.loss=grpo), row-aligned with rollouts/."""
+    return iteration_dir(run, iteration) / "rewards"
 
 
 def checkpoint_dir(run: Path, iteration: int) -> Path:

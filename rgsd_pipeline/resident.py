@@ -31,7 +31,7 @@ from pathlib import Path
 import click
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.chain import STAGES, link, output_dir, verify_output
+from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.shards import is_complete, write_json_atomic
@@ -49,7 +49,7 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
     links = []
     try:
         for iteration in range(iterations):
-            for stage in STAGES:
+            for stage in stages_for(config):
                 if is_complete(output_dir(run, iteration, stage)):
                     verify_output(run, iteration, stage, config)  # reused only while made from the current inputs
                     click.echo(f"{stage} iteration {iteration}: complete")
@@ -61,6 +61,8 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                     steps.rollout(run, iteration, engines, world=world)
                 elif stage == "score":
                     steps.score(run, iteration, engines, world=world)
+                elif stage == "reward":
+                    steps.reward(run, iteration, world=world)
                 else:
                     kept = steps.train(run, iteration, world, kept=kept, keep_exported=engines.takes_weights_in_memory)
                 seconds[stage] += time.perf_counter() - started
@@ -70,7 +72,7 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
     finally:
         engines.close()
     if seconds:
-        spent = ", ".join(f"{stage} {seconds[stage]:.1f} s" for stage in STAGES if stage in seconds)
+        spent = ", ".join(f"{stage} {spent:.1f} s" for stage, spent in seconds.items())
         click.echo(f"in this process: {spent}; engines started once ({engines.start_seconds:.1f} s), policy weights "
                    f"swapped in place {engines.weight_loads} time(s)" + (f", on each of {world.size} ranks"
                                                                            if world.size > 1 else ""))

@@ -1,8 +1,10 @@
-"""The three steps of an RGSD iteration, each writing exactly the artifacts of its stage command.
+"""The steps of an RGSD iteration, each writing exactly the artifacts of its stage command.
 
     rollout(run, I, engines)   iter-I/rollouts/    the student samples its training prompts
     score(run, I, engines)     iter-I/signals/     the rubric-conditioned teacher scores the student's tokens
     train(run, I)              iter-I/checkpoint/  the student learns the teacher's signals
+    reward(run, I)             iter-I/rewards/     the judge-based baseline only (train.loss=grpo): a judge grades
+                                                   each rollout, and train learns from the rewards instead
 
 The stage commands (`rgsd-pipeline rollout | score | train`) run one step with engines built for it
 (engines.hosting.StageEngines); the resident `iterate` runs them all in one process with engines kept
@@ -22,13 +24,14 @@ from pathlib import Path
 
 import click
 import polars as pl
+import pyarrow as pa
 
 from rgsd_pipeline import layout, tracking
 from rgsd_pipeline.config import RunConfig, fingerprint, load_run_config
 from rgsd_pipeline.engines.base import EngineError
 from rgsd_pipeline.fingerprints import tokenizer_fingerprint
-from rgsd_pipeline.inputs import rollout_inputs, score_inputs, train_inputs
-from rgsd_pipeline.models import eos_token_ids, load_tokenizer, pad_token_id, resolve_model
+from rgsd_pipeline.inputs import reward_inputs, rollout_inputs, score_inputs, train_inputs
+from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
 from rgsd_pipeline.sampling import iteration_prompts, optimizer_steps_per_epoch, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,
@@ -40,7 +43,7 @@ from rgsd_pipeline.shards import (
     write_text_atomic,
 )
 from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, teacher_inputs, token_span_ids, topk_bytes
-from schemas import PROMPTS, ROLLOUTS
+from schemas import PROMPTS, REWARDS, ROLLOUTS
 
 
 def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: int = 0, world=None) -> None:
@@ -148,6 +151,78 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
     _finished(out_dir, complete, plan, signals_summary(read_stage(out_dir, schema), k) if complete else "")
 
 
+def reward(run: Path, iteration: int, num_shards: int = 1, shard_index: int = 0, world=None) -> None:
+    """iter-I/rewards/: a judge's verdicts on every rollout and its reward, row-aligned with iter-I/rollouts/ (the
+    judge-based baseline, train.loss=grpo; RGSD never calls a judge in training)."""
+    from rgsd_pipeline.grading import answer_score, grader_of, items_for
+    from rgsd_pipeline.progress import TokenProgress
+
+    # 1. Inputs: the frozen config, the prompts (for their rubrics), this iteration's rollouts, the judge.
+    config = load_run_config(run)
+    prompts = {p["prompt_id"]: p for p in read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect().to_dicts()}
+    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
+    grader = grader_of(config.reward, run)
+    judge = " ".join(grader.identity().values())
+    out_dir = layout.rewards_dir(run, iteration)
+    plan = _plan(len(rollouts.files), num_shards, shard_index, world)
+
+    # 2. One rewards shard per rollouts shard; a shard whose judge calls failed is not written (verdicts already
+    #    obtained stay in the judge's cache, so a rerun asks only for the missing ones).
+    with StageOutput(out_dir, REWARDS, reward_inputs(run, iteration, config), plan) as out:
+        todo = out.todo()
+        if todo:
+            total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
+            click.echo(f"reward iteration {iteration}: {total} rollouts in {len(todo)} shard(s) graded by "
+                       f"{grader.describe()}")
+            advance = TokenProgress(total, "rollout")
+            for index in todo:
+                rows = rollouts.read_shard(index).to_pylist()
+                graded_rows = [r for r in rows if not r["finish_reason"].startswith("skipped")]
+                failed_before = getattr(grader.stats, "failed_calls", 0)
+                verdicts = dict(zip(((r["prompt_id"], r["sample_idx"]) for r in graded_rows),
+                                    grader.grade(items_for(graded_rows, prompts), lambda n: advance(n, 0)),
+                                    strict=True))
+                failed = getattr(grader.stats, "failed_calls", 0) - failed_before
+                if failed:
+                    key = next(k for k, v in verdicts.items() if any(x.met is None and "judge" in x.explanation
+                                                                       for x in v))
+                    raise EngineError(f"{failed} judge call(s) failed while grading {rollouts.files[index]} (first: "
+                                      f"prompt_id {key[0]}, sample {key[1]}) with {grader.describe()}; nothing of this "
+                                      "shard was written: rerun `reward` when the judge answers (verdicts already "
+                                      "given are cached)")
+                out.write_shard(index, rewards_table(rows, verdicts, prompts, judge, answer_score))
+                advance(len(rows) - len(graded_rows), 0)
+            advance.close()
+            click.echo(grader.stats.line())
+        grader.close()
+        complete = out.finalize()
+
+    # 3. Summary.
+    _finished(out_dir, complete, plan, rewards_summary(read_stage(out_dir, REWARDS)) if complete else "")
+
+
+def rewards_table(rows: list[dict], verdicts: dict, prompts: dict, judge: str, score) -> pa.Table:
+    """The rewards rows of one rollouts shard, in its order (skipped rollouts: no verdicts, no reward)."""
+    table = []
+    for row in rows:
+        given = verdicts.get((row["prompt_id"], row["sample_idx"]), [])
+        points = [float(c["points"]) for c in prompts[row["prompt_id"]]["rubric"]][:len(given)]
+        met = [v.met for v in given]
+        table.append({"prompt_id": row["prompt_id"], "sample_idx": row["sample_idx"],
+                      "reward": score(points, met) if given else None,
+                      "verdicts": [{"met": m, "points": p} for m, p in zip(met, points, strict=True)], "judge": judge})
+    return pa.Table.from_pylist(table, schema=REWARDS.arrow)
+
+
+def rewards_summary(stage) -> str:
+    frame = stage.lazy().select("prompt_id", "reward").collect()
+    rewarded = frame.filter(pl.col("reward").is_not_null())
+    spread = rewarded.group_by("prompt_id").agg(pl.col("reward").std().alias("std"))
+    return (f"{frame.height} rollouts, {rewarded.height} with a reward (mean {rewarded['reward'].mean() or 0:.3f}); "
+            f"{spread.filter(pl.col('std') > 0).height} of {spread.height} prompts have rewards that differ (the "
+            "others teach nothing)")
+
+
 @dataclass
 class Continuation:
     """What a resident process keeps after training iteration `iteration`: the model (master weights) and its
@@ -157,6 +232,7 @@ class Continuation:
     model: object
     optimizer: object
     exported: dict | None = None  # the checkpoint's weights in model.dtype, for engines that take them from memory
+    reference: object = None  # grpo with train.kl_coef: the frozen base model
 
 
 def train(run: Path, iteration: int, world=None, kept: Continuation | None = None,
@@ -221,7 +297,7 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None)
     import torch
 
     from rgsd_pipeline.checkpoints import load_student, previous_global_step, previous_state, warn_without_state
-    from rgsd_pipeline.examples import load_examples
+    from rgsd_pipeline.examples import load_examples, load_reward_examples
     from rgsd_pipeline.trainer import Trainer
 
     config = load_run_config(run)
@@ -229,20 +305,31 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None)
     policy = layout.policy_path(run, iteration, base)
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
-    signals = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
-                         expect_inputs={"rollouts": fingerprint(rollouts.manifest["shards"])})
-    examples = load_examples(rollouts, signals)
+    made_from = {"rollouts": fingerprint(rollouts.manifest["shards"])}
+    if config.train.loss == "grpo":  # the judge-based baseline: rewards, not teacher signals
+        graded = read_stage(layout.rewards_dir(run, iteration), REWARDS, expect_inputs=made_from)
+        examples = load_reward_examples(rollouts, graded)
+    else:
+        graded = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
+                            expect_inputs=made_from)
+        examples = load_examples(rollouts, graded)
     if not examples:
-        raise ArtifactError(f"no trainable tokens in {signals.folder}: every rollout was skipped or masked")
+        raise ArtifactError(f"no trainable tokens in {graded.folder}: every rollout was skipped, masked or without a "
+                            "reward")
 
     torch.manual_seed(config.train.seed)
     started_from, state = starting_point(policy, iteration, layout.checkpoint_dir(run, iteration), kept)
     previous = previous_state(policy, iteration)
     in_memory = started_from == "memory"
     model = kept.model if in_memory else load_student(base, policy, previous, config)
+    reference = None
+    if config.train.loss == "grpo" and config.train.kl_coef > 0:  # the frozen base, for the KL term
+        reference = kept.reference if in_memory and kept.reference is not None else \
+            load_model(base, config.train.master_dtype, config.model.trust_remote_code).requires_grad_(False)
     trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
                       iteration, previous_global_step(policy, previous), schedule_horizon(run, config),
-                      optimizer=kept.optimizer if in_memory and config.train.carry_optimizer else None)
+                      optimizer=kept.optimizer if in_memory and config.train.carry_optimizer else None,
+                      reference=reference)
     start = 0
     if started_from == "resume":
         start = trainer.load(state)
@@ -298,13 +385,14 @@ def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation
     in_memory = keep_exported and merged
     exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
     if world.main:
-        provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration),
+        provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
                       "global_step": trainer.first_global_step + trainer.total_steps}
         write_checkpoint(model, session.policy, session.out, config, provenance, exported)
         prune_states(session.run, session.iteration, config.train.keep_states)
         click.echo(train_summary(layout.metrics_file(session.run, session.iteration), session.out))
     world.barrier()  # every rank's engine loads this checkpoint next
-    return Continuation(session.iteration, model, trainer.optimizer, exported if in_memory else None)
+    return Continuation(session.iteration, model, trainer.optimizer, exported if in_memory else None,
+                        trainer.reference)
 
 
 def schedule_horizon(run: Path, config: RunConfig) -> int:

@@ -104,13 +104,15 @@ class Trainer:
 
     `first_global_step` is the run's step count before this iteration and `horizon` the length of the
     learning-rate schedule in global steps (see learning_rate). `optimizer`, when given, is the previous
-    iteration's AdamW over the same model (kept in memory by a resident `iterate`).
+    iteration's AdamW over the same model (kept in memory by a resident `iterate`). `reference`, for grpo with
+    train.kl_coef, is the frozen base model whose log-probs the KL term compares with.
     """
 
     def __init__(self, model, examples: list[Example], config: TrainConfig, world: World, pad_id: int,
-                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0, optimizer=None):
+                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0, optimizer=None, reference=None):
         self.device = device()
         self.model = model.to(self.device)
+        self.reference = reference.to(self.device).eval() if reference is not None else None
         self.examples, self.config, self.world, self.pad_id = examples, config, world, pad_id
         self.first_global_step = first_global_step
         self.spec = LossSpec.of(config)
@@ -123,6 +125,20 @@ class Trainer:
         # A resident process passes the previous iteration's optimizer: its moments continue, as after a reload.
         self.optimizer = optimizer or torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
                                                         weight_decay=config.weight_decay)
+
+    @torch.no_grad()
+    def reference_logprobs(self, micro) -> torch.Tensor:
+        """The reference model's fp32 log-prob of the sampled token at each of the micro-batch's N positions,
+        the LM head applied chunk by chunk."""
+        hidden_B_T_H = self.reference.get_decoder()(input_ids=micro.input_ids_B_T,
+                                                     attention_mask=micro.attention_mask_B_T).last_hidden_state
+        hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
+        head = self.reference.get_output_embeddings()
+        tokens_N = micro.targets.token_ids_N
+        chunks = [slice(lo, lo + self.config.chunk_positions) for lo in range(0, len(tokens_N),
+                                                                          self.config.chunk_positions)]
+        return torch.cat([head(hidden_N_H[c]).float().log_softmax(-1).gather(-1, tokens_N[c, None])[:, 0]
+                          for c in chunks])
 
     def save(self, folder: Path, step: int) -> None:
         save_state(folder, self.model, self.optimizer, step, self.world, self.sharded, self.first_global_step + step)
@@ -151,6 +167,8 @@ class Trainer:
             indices = mine[lo:lo + config.micro_batch_size]
             micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
                             num_tokens, len(batch), self.pad_id).to(self.device)
+            if self.reference is not None:
+                micro.targets.reference_token_N = self.reference_logprobs(micro)
             # The LM head runs under autocast too (it is a quarter of a small model's FLOPs); the loss itself
             # upcasts the logits to fp32.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):

@@ -196,11 +196,30 @@ EVAL_VERDICTS = ArtifactSchema(
     ),
 )
 
+VERDICT = pa.struct([pa.field("met", pa.bool_(), nullable=True), pa.field("points", pa.float32(), nullable=False)])
+
+REWARDS = ArtifactSchema(
+    name="rewards",
+    version=1,
+    doc="Row-aligned 1:1 with rollouts: a judge's verdicts on each rollout and its reward (train.loss=grpo).",
+    arrow=pa.schema(
+        [
+            column("prompt_id", pa.string(), "Key, as in rollouts"),
+            column("sample_idx", pa.int32(), "Key, as in rollouts"),
+            column("reward", pa.float32(), "Points of the met criteria (met pitfalls subtract) over the positive "
+                                           "points of the graded ones; null when none could be graded or the rollout "
+                                           "was skipped", nullable=True),
+            column("verdicts", pa.list_(VERDICT), "Per criterion in rubric order: met (null: no verdict) and points"),
+            column("judge", pa.string(), "Who graded: `rules`, or the judge model and mode"),
+        ]
+    ),
+)
+
 MANIFEST_VERSION = 1
 """manifest.json: `{"manifest_version", "schema": {"name", "version"}, "shards": [{"index", "file", "rows",
 "sha256"}...], "rows", "inputs": {name: fingerprint}}`; a shard's `file` is a plain part-NNNNN.parquet name."""
 
-ARTIFACTS = (PROMPTS, QUARANTINE, ROLLOUTS, signals_schema(20), EVAL_VERDICTS)
+ARTIFACTS = (PROMPTS, QUARANTINE, ROLLOUTS, signals_schema(20), REWARDS, EVAL_VERDICTS)
 
 
 def type_name(type_: pa.DataType) -> str:

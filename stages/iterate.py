@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.chain import STAGES, link, output_dir, verify_output
+from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.engines import KINDS
 from rgsd_pipeline.shards import is_complete, write_json_atomic
@@ -49,12 +49,13 @@ def run_per_stage(run: Path, iterations: int, engine_kind: str | None) -> None:
     engine = ["--engine", engine_kind] if engine_kind else []
     links = []
     for iteration in range(iterations):
-        for stage in STAGES:
+        for stage in stages_for(config):
             if is_complete(output_dir(run, iteration, stage)):
                 verify_output(run, iteration, stage, config)  # reused only while made from the current inputs
                 click.echo(f"{stage} iteration {iteration}: complete")
             else:
-                run_stage(stage, "--run", run, "--iteration", iteration, *(engine if stage != "train" else []))
+                run_stage(stage, "--run", run, "--iteration", iteration,
+                          *(engine if stage in ("rollout", "score") else []))
         links.append(link(run, iteration, config))
         write_json_atomic(layout.chain_file(run), links)
 

@@ -99,7 +99,9 @@ def test_every_named_list_is_spelled_once_and_handled_where_it_is_implemented():
     assert allowed(typing.get_type_hints(DataConfig)["format"]) == ("auto", *formats) == ("auto", *rows.FORMATS)
     assert tuple(next(p for p in prepare.params if p.name == "fmt").type.choices) == ("auto", *formats)
     engine = typing.get_type_hints(EngineConfig)
-    assert allowed(engine["kind"]) == KINDS == ("auto", *kinds) and allowed(engine["score_kind"]) == ("", *KINDS)
+    teachers = choices.names(choices.TeacherKind)
+    assert allowed(engine["kind"]) == KINDS == ("auto", *kinds) and allowed(engine["score_kind"]) == ("", "auto",
+                                                                                                   *teachers)
     assert allowed(typing.get_type_hints(TrainConfig)["clip"]) == CLIP_MODES == clips
     row = {"prompt": [{"role": "user", "content": "q"}], "question": "q", "rubrics": [{"criterion": "c", "points": 1}],
            "Rubrics": [{"criterion": "c", "points": 1}], "rubric": [{"description": "c", "weight": 1}]}
@@ -107,7 +109,7 @@ def test_every_named_list_is_spelled_once_and_handled_where_it_is_implemented():
         row_of = {"rubrichub": ("prompt", "Rubrics"), "rar": ("question", "rubric"),
                   "healthbench": ("prompt", "rubrics"), "generic": ("prompt", "rubric")}[fmt]
         assert rows.normalize({k: row[k] for k in row_of}, fmt)["rubric"][0]["criterion"] == "c"
-    for kind in kinds:
+    for kind in teachers:
         assert resolve_kind(kind) == kind
     buckets = torch.log_softmax(torch.randn(3, 5), -1)
     for clip in clips:
