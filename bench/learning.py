@@ -1,26 +1,30 @@
 """Benchmark: does RGSD raise rubric satisfaction? SmolLM2 on builtin:checkable, graded by the rule judge, on a CPU.
 
-    make proof                                          # = python bench/learning.py (SmolLM2, under an hour)
+    make proof                                          # = python bench/learning.py (every arm, SmolLM2)
+    python bench/learning.py --arms rubric,placebo,grpo --iterations 4 --eval-every 4   # some arms, fewer steps
     python bench/learning.py --quick --out /tmp/proof   # the tiny model, one iteration: what the tests run
 
-Three runs of configs/proof-cpu.yaml on the same prompts and split, each training `--iterations`
+Runs of configs/proof-cpu.yaml on the same prompts and split ("arms"), each training `--iterations`
 iterations of one optimizer step of 16 prompts with the resident `iterate`:
 
 - rubric: the paper's raw-rubric teacher, shown every criterion;
 - chosen: the same teacher shown only the criterion kinds it meets more often than the base when it
-  answers itself (measured first, before any training: template.only_tags); grading still counts every
-  criterion;
-- reference: the reference-answer teacher of the paper's ablation (template.teacher=reference; the data
-  set's reference answers state the two prompt-specific criteria as key points, so this teacher knows
-  the content but not the format the generic criteria ask for).
+  answers itself (measured first, before any training: template.only_tags); grading counts every criterion;
+- reference: the reference-answer teacher of the paper's ablation (template.teacher=reference);
+- placebo: the control for noise: the teacher reads exactly what the student reads (template.teacher=student),
+  signals stored as float32 (uint8 codes would leave a gradient an identity teacher does not have);
+- lr: the raw-rubric teacher at 3e-6, the paper's 1e-6 scaled for a 135M model's larger gradients' noise;
+- grpo: the paper's baseline, GRPO with the rule judge as reward, 4 rollouts per prompt and one optimizer step
+  over all 64 of them per iteration (the same number of steps and prompts per step as the RGSD arms).
 
 On the held-out prompts, every policy answers `--samples` times per prompt with the same seeds (paired
 samples) and the rule judge grades every criterion: the base model, the teacher itself (the base model
-reading the rubric: the ceiling RGSD distils from), the rubric-trained policy every `--eval-every`
-iterations, and the reference-trained policy at the end. Reported per policy: rubric satisfaction (points
-met over positive points, clipped mean over prompts, 95% bootstrap interval), per domain, the rate of each
-criterion kind, held-out teacher-policy JSD, mean answer length and rubric leakage. Writes learning.md (the
-table), learning.png (the plot) and the numbers to bench/results.json.
+reading what each arm's teacher reads: the ceiling RGSD distils from), the rubric arm every `--eval-every`
+iterations and the other arms at the end. Reported per policy: rubric satisfaction (points met over
+positive points, clipped mean over prompts, 95% bootstrap interval), per domain, the rate of each criterion
+kind, held-out teacher-policy JSD, mean answer length, rubric leakage, and what the arm cost in training:
+rollouts sampled and judge calls (criteria graded). A finished arm is reused: rerun with `--arms` to add
+one. Writes learning.md (the table), learning.png (the plot) and the numbers to bench/results.json.
 """
 
 from __future__ import annotations
@@ -40,6 +44,19 @@ CLI = [sys.executable, "-m", "rgsd_pipeline"]
 FIGURES = ROOT / "docs" / "figures"
 QUICK = ["model.path=builtin:tiny", "engine.kind=hf", "rollout.max_new_tokens=24", "rollout.prompts_per_iteration=8",
          "train.batch_size=8", "data.rows_per_shard=16"]
+# Arm -> (what it is, its overrides of the recipe). The chosen arm's overrides are decided after the base and the
+# teacher are measured. grpo's batch is every rollout of an iteration: one optimizer step, like the RGSD arms'.
+ARMS = {
+    "rubric": ("raw-rubric teacher, every criterion", []),
+    "chosen": ("raw-rubric teacher, chosen kinds only", None),
+    "reference": ("reference-answer teacher", ["template.teacher=reference"]),
+    "placebo": ("placebo: teacher reads the student's view, float32 signals",
+                ["template.teacher=student", "score.value_dtype=float32"]),
+    "lr": ("raw-rubric teacher, lr 3e-6", ["train.learning_rate=3e-6"]),
+    "grpo": ("GRPO, rule-judge reward, 4 rollouts per prompt",
+             ["train.loss=grpo", "rollout.samples_per_prompt=4", "train.batch_size=64", "train.micro_batch_size=8"]),
+}
+QUICK_GRPO = ["train.batch_size=32"]  # 8 prompts x 4 rollouts
 
 
 def cli(*args) -> str:
@@ -138,20 +155,21 @@ def markdown(rows: list[dict], chosen: list[str]) -> str:
     domains = sorted({k for r in rows for k in r if k.startswith("domain:")})
     fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
     head = ["policy", "teacher", "rubric satisfaction [95% CI]", f"on {'+'.join(chosen) or 'no kind'} [95% CI]",
-            *(d[7:] for d in domains), *(k[5:] for k in kinds), "held-out JSD", "length", "leaked 4-grams"]
+            *(d[7:] for d in domains), *(k[5:] for k in kinds), "held-out JSD", "length", "leaked 4-grams",
+            "rollouts", "judge calls"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["policy"], r["arm"], f"{fmt(r['satisfaction'])} [{fmt(r['low'])}, {fmt(r['high'])}]",
                  f"{fmt(r['chosen'])} [{fmt(r['chosen_low'])}, {fmt(r['chosen_high'])}]",
                  *(fmt(r.get(d)) for d in domains), *(fmt(r.get(k), ".2f") for k in kinds),
-                 fmt(r["heldout_jsd"], ".4f"), fmt(r["mean_length"], ".0f"), fmt(r["leakage_rate"], ".2f")]
+                 fmt(r["heldout_jsd"], ".4f"), fmt(r["mean_length"], ".0f"), fmt(r["leakage_rate"], ".2f"),
+                 fmt(r.get("rollouts"), ",d"), fmt(r.get("judge_calls"), ",d")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-ARM_STYLE = {"rubric": ("tab:blue", "raw-rubric teacher, every criterion"),
-             "chosen": ("tab:green", "raw-rubric teacher, chosen kinds only"),
-             "reference": ("tab:orange", "reference-answer teacher")}
+ARM_STYLE = {"rubric": "tab:blue", "chosen": "tab:green", "reference": "tab:orange", "placebo": "tab:gray",
+             "lr": "tab:purple", "grpo": "tab:red"}
 
 
 def plot(rows: list[dict], path: Path, title: str, chosen: list[str]) -> None:
@@ -162,14 +180,15 @@ def plot(rows: list[dict], path: Path, title: str, chosen: list[str]) -> None:
 
     base = next(r for r in rows if r["policy"] == "base")
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for arm, (colour, name) in ARM_STYLE.items():
+    for arm, colour in ARM_STYLE.items():
+        name = ARMS[arm][0]
         curve = [base, *sorted((r for r in rows if r["arm"] == arm and r["policy"] not in ("base", "teacher")),
                                key=lambda r: r["iteration"])]
         if len(curve) > 1:
             left.errorbar([r["iteration"] for r in curve], [r["satisfaction"] for r in curve],
                           yerr=[[r["satisfaction"] - r["low"] for r in curve],
                                 [r["high"] - r["satisfaction"] for r in curve]],
-                          marker="o", capsize=3, color=colour, label=f"RGSD, {name}")
+                          marker="o", capsize=3, color=colour, label=name if arm == "grpo" else f"RGSD, {name}")
             if chosen and arm == "chosen":
                 left.plot([r["iteration"] for r in curve], [r["chosen"] for r in curve], ls=":", marker=".",
                           color=colour, label=f"  the same, scored on {'+'.join(chosen)} only")
@@ -195,58 +214,92 @@ def plot(rows: list[dict], path: Path, title: str, chosen: list[str]) -> None:
     figure.savefig(path, dpi=110)
 
 
+def training_cost(run: Path, iterations: int) -> tuple[int, int]:
+    """(rollouts sampled, judge calls made) over an arm's first `iterations` iterations: a judge call is one graded
+    criterion of one rollout (the reward stage of grpo; RGSD calls no judge in training)."""
+    import polars as pl
+
+    from rgsd_pipeline import layout
+    from rgsd_pipeline.shards import is_complete, read_stage
+    from schemas import REWARDS, ROLLOUTS
+
+    rollouts = calls = 0
+    for i in range(iterations):
+        rollouts += read_stage(layout.rollouts_dir(run, i), ROLLOUTS, verify=False).rows
+        if is_complete(layout.rewards_dir(run, i)):
+            rewards = read_stage(layout.rewards_dir(run, i), REWARDS, verify=False).lazy()
+            calls += int(rewards.select(pl.col("verdicts").list.len().sum()).collect().item())
+    return rollouts, calls
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/proof-cpu.yaml")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=4, help="evaluate the rubric arm every N iterations")
     parser.add_argument("--samples", type=int, default=1, help="answers per held-out prompt and policy")
     parser.add_argument("--max-prompts", type=int, default=0, help="held-out prompts evaluated (0: all)")
     parser.add_argument("--out", type=Path, default=FIGURES)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "proof")
     parser.add_argument("--quick", action="store_true", help="the tiny model for one iteration (the tests)")
     args = parser.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        parser.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
     overrides = QUICK if args.quick else []
     if args.quick:
         args.iterations, args.eval_every, args.samples, args.max_prompts = 1, 1, 1, args.max_prompts or 6
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    rubric, chosen_run, reference = args.runs / "rubric", args.runs / "chosen", args.runs / "reference"
-    for run, teacher in ((rubric, "rubric"), (reference, "reference")):
-        if not (run / "run.yaml").exists():
-            cli("prepare", "--config", args.config, "--run", run, *overrides, f"template.teacher={teacher}")
+    runs = {arm: args.runs / arm for arm in ARMS}
+    # The chosen arm is decided from the raw-rubric teacher's own answers, so it needs the rubric run prepared; the
+    # base model is evaluated once, on that run or the first arm's (every arm has the same prompts and split).
+    measured = (["rubric"] if "chosen" in arms and "rubric" not in arms else []) + arms
+    anchor = runs["rubric"] if "rubric" in measured else runs[arms[0]]
 
-    # (a) the base model and (b) the teacher itself, before any training; the kinds the teacher leads on.
-    rows = []
-    for run, arm, policy in ((rubric, "rubric", "base"), (rubric, "rubric", "teacher"),
-                             (reference, "reference", "teacher")):
-        evaluate(run, policy, args.samples, args.max_prompts)
-        rows.append(policy_row(run, policy, arm, 0))
-        print(f"{policy} ({arm}): satisfaction {rows[-1]['satisfaction']:.3f}", flush=True)
-    kinds = chosen_kinds(rows[0], rows[1])
-    print(f"kinds the teacher itself leads the base on: {', '.join(kinds) or 'none'}", flush=True)
-    shown = [f"kind:{k}" for k in kinds if k not in PITFALL_KINDS]
-    if not (chosen_run / "run.yaml").exists():
-        cli("prepare", "--config", args.config, "--run", chosen_run, *overrides,
-            f"template.only_tags={json.dumps(shown)}")
-    evaluate(chosen_run, "teacher", args.samples, args.max_prompts)
-    rows.insert(2, policy_row(chosen_run, "teacher", "chosen", 0))
+    def prepare(arm: str, extra: list[str]) -> None:
+        if not (runs[arm] / "run.yaml").exists():
+            grpo = QUICK_GRPO if args.quick and arm == "grpo" else []
+            cli("prepare", "--config", args.config, "--run", runs[arm], *overrides, *extra, *grpo)
 
-    # (c) the rubric and chosen-kinds runs at the paper's cadence, evaluated every --eval-every iterations.
-    for run, arm in ((rubric, "rubric"), (chosen_run, "chosen")):
-        for stop in range(args.eval_every, args.iterations + 1, args.eval_every):
-            iterate(run, stop)
-            evaluate(run, str(stop - 1), args.samples, args.max_prompts)
-            rows.append(policy_row(run, f"iter-{stop - 1:03d}", arm, stop))
-            print(f"{arm} iteration {stop}: satisfaction {rows[-1]['satisfaction']:.3f}", flush=True)
-    # The ablation: the reference-answer teacher on the same budget.
-    iterate(reference, args.iterations)
-    evaluate(reference, str(args.iterations - 1), args.samples, args.max_prompts)
-    rows.append(policy_row(reference, f"iter-{args.iterations - 1:03d}", "reference", args.iterations))
+    # (a) the base model and (b) the teacher of each arm whose teacher reads something, before any training.
+    for arm in measured:
+        if arm != "chosen":
+            prepare(arm, ARMS[arm][1])
+    evaluate(anchor, "base", args.samples, args.max_prompts)
+    rows = [policy_row(anchor, "base", "rubric" if anchor == runs["rubric"] else arms[0], 0)]
+    print(f"base: satisfaction {rows[-1]['satisfaction']:.3f}", flush=True)
+    kinds = []
+    if "rubric" in measured:
+        evaluate(runs["rubric"], "teacher", args.samples, args.max_prompts)
+        rows.append(policy_row(runs["rubric"], "teacher", "rubric", 0))
+        kinds = chosen_kinds(rows[0], rows[-1])
+        print(f"kinds the teacher itself leads the base on: {', '.join(kinds) or 'none'}", flush=True)
+        if "rubric" not in arms:
+            rows.pop()
+    if "chosen" in arms:
+        prepare("chosen", [f"template.only_tags={json.dumps([f'kind:{k}' for k in kinds if k not in PITFALL_KINDS])}"])
+    for arm in ("chosen", "reference"):
+        if arm in arms:
+            evaluate(runs[arm], "teacher", args.samples, args.max_prompts)
+            rows.append(policy_row(runs[arm], "teacher", arm, 0))
 
-    runs = {"rubric": rubric, "chosen": chosen_run, "reference": reference}
+    # (c) every arm at the paper's cadence; the rubric arm evaluated every --eval-every iterations, the rest at the end.
+    for arm in arms:
+        stops = range(args.eval_every, args.iterations + 1, args.eval_every) if arm == "rubric" else [args.iterations]
+        for stop in stops:
+            iterate(runs[arm], stop)
+            evaluate(runs[arm], str(stop - 1), args.samples, args.max_prompts)
+            row = policy_row(runs[arm], f"iter-{stop - 1:03d}", arm, stop)
+            row["rollouts"], row["judge_calls"] = training_cost(runs[arm], stop)
+            rows.append(row)
+            print(f"{arm} iteration {stop}: satisfaction {row['satisfaction']:.3f}", flush=True)
+
     for row in rows:
-        chosen = selected_satisfaction(runs[row["arm"]], row["policy"], kinds) if kinds else {}
+        run = anchor if row["policy"] == "base" else runs[row["arm"]]
+        chosen = selected_satisfaction(run, row["policy"], kinds) if kinds else {}
         row.update({"chosen": chosen.get("mean"), "chosen_low": chosen.get("low"), "chosen_high": chosen.get("high")})
     minutes = (time.perf_counter() - started) / 60
     table = markdown(rows, kinds)
@@ -259,10 +312,12 @@ def main():
         sys.path.insert(0, str(Path(__file__).parent))
         from common import record
 
-        record("learning / SmolLM2 on builtin:checkable", {
+        record(f"learning / SmolLM2 on builtin:checkable, arms {'+'.join(arms)}", {
             "minutes": minutes, **{f"{r['policy']} ({r['arm']}): satisfaction": r["satisfaction"] for r in rows},
             **{f"{r['policy']} ({r['arm']}): interval": f"[{r['low']:.3f}, {r['high']:.3f}]" for r in rows},
-            **{f"{r['policy']} ({r['arm']}): on chosen kinds": r["chosen"] for r in rows}, "chosen kinds": kinds})
+            **{f"{r['policy']} ({r['arm']}): rollouts, judge calls": f"{r.get('rollouts')}, {r.get('judge_calls')}"
+               for r in rows if "rollouts" in r},
+            "chosen kinds": kinds})
 
 
 if __name__ == "__main__":

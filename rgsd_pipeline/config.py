@@ -84,7 +84,9 @@ DEFAULT_REFERENCE_TEMPLATE = (
 
 @dataclass
 class TemplateConfig:
-    teacher: Literal["rubric", "reference"] = opt("rubric", "What the teacher sees beside the question")
+    teacher: Literal["rubric", "reference", "student"] = opt(
+        "rubric", "What the teacher sees beside the question: the rubric, a reference answer, or nothing (student: the "
+                  "placebo control, where the teacher reads exactly what the student reads)")
     rubric_template: str = opt(DEFAULT_TEACHER_TEMPLATE,
                                "Teacher user message; {question} and {criteria} are filled in")
     criterion_format: str = opt("{index}. {criterion}", "One criterion line; fields: index, criterion, points")
@@ -439,11 +441,3 @@ def reference_markdown() -> str:
         shown = "(see configs)" if len(default) > 40 else default
         rows.append(f"| `{key}` | `{shown}` | {help_text.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
-
-
-def fingerprint(obj) -> str:
-    """sha256 of an object's canonical JSON: equal configs give equal fingerprints."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -19,9 +19,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from rgsd_pipeline.config import RunConfig, fingerprint
-from rgsd_pipeline.engines import Sampling
-from rgsd_pipeline.engines.hf_engine import HfEngine
+from rgsd_pipeline.config import RunConfig
+from rgsd_pipeline.engines import Engine, Sampling
+from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.losses import divergence_terms, teacher_buckets, with_tail
 from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
 from rgsd_pipeline.shards import write_json_atomic
@@ -37,7 +37,7 @@ class HeldoutReport:
     answers: list[str]  # the policy's responses, in prompt order
 
 
-def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], responses: list[list[int]],
+def divergence(policy: Engine, teacher: Engine, prompts: list[dict], responses: list[list[int]],
                config: RunConfig, top_k: int = 20, beta: float = 0.5) -> np.ndarray:
     """Per-token JSD(β) of teacher vs policy at every position of every response, concatenated."""
     tokenizer = policy.tokenizer
@@ -55,7 +55,7 @@ def divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], respons
     return np.concatenate(per_token) if per_token else np.zeros(0)
 
 
-def heldout_divergence(policy: HfEngine, teacher: HfEngine, prompts: list[dict], config: RunConfig, seeds: list[int],
+def heldout_divergence(policy: Engine, teacher: Engine, prompts: list[dict], config: RunConfig, seeds: list[int],
                        top_k: int = 20, beta: float = 0.5) -> HeldoutReport:
     """Sample the policy on `prompts`, score the samples with the teacher, and average the per-token divergence."""
     tokenizer = policy.tokenizer
@@ -112,8 +112,11 @@ def write_diagnostics(path: Path, config: RunConfig, prompts: list[dict], answer
     }
     if with_divergence and rows:
         click.echo("evaluate: teacher–policy divergence on the answers (HF engine)")
-        teacher = HfEngine(base, config.engine, config.model)
-        student = teacher if policy == base else HfEngine(policy, config.engine, config.model)
+        from rgsd_pipeline.engines.hosting import StageEngines
+
+        engines = StageEngines("hf")  # the divergence needs log-probs of the teacher's ids: transformers
+        teacher = engines.teacher(base, config)
+        student = teacher if policy == base else engines.student(policy, config)
         per_token = divergence(student, teacher, [by_id[r["prompt_id"]] for r in rows],
                                [r["response_token_ids"] for r in rows], config, config.score.top_k, config.train.beta)
         result["divergence"] = float(per_token.mean()) if len(per_token) else None

@@ -66,9 +66,9 @@ class Targets:
     reference_token_N: torch.Tensor | None = None  # fp32 grpo with kl_coef: the base model's log-prob of the token
 
 
-# Per-chunk sums that distill_loss returns, in this order (metrics divide them by the loss tokens). Under grpo:
-# divergence is the k3 KL to the base, clipped the share of tokens whose ratio was clipped, importance_weight the
-# mean ratio, and the tails are 0.
+# Per-chunk sums that distill_loss returns, in this order (metrics divide them by the loss tokens). Under grpo the
+# slots hold the k3 KL to the base, the tokens whose ratio was clipped and the ratio (the trainer names them
+# kl_to_base, ratio_clip_fraction, ratio_mean), and the tails are 0.
 STAT_NAMES = ("divergence", "clipped", "teacher_tail", "student_tail", "importance_weight")
 
 

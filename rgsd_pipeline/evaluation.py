@@ -17,9 +17,9 @@ import polars as pl
 import pyarrow as pa
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import RunConfig, fingerprint, to_dict
-from rgsd_pipeline.engines import Sampling, make_engine
-from rgsd_pipeline.fingerprints import model_fingerprint
+from rgsd_pipeline.config import RunConfig, to_dict
+from rgsd_pipeline.engines.hosting import StageEngines
+from rgsd_pipeline.fingerprints import fingerprint, model_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import load_tokenizer, resolve_model
 from rgsd_pipeline.render import student_messages, teacher_messages
@@ -118,8 +118,7 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
-            engine = make_engine(engine_kind or config.engine.kind, policy, config.engine, config.model,
-                                 sampling=Sampling.of(config.rollout))
+            engine = StageEngines(engine_kind).student(policy, config)
             click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}"
                        + (" reading the rubric (the teacher itself)" if reads_rubric else ""))
             tokenizer = load_tokenizer(policy, config.model.trust_remote_code)

@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from rgsd_pipeline.cache import cache_dir
 from rgsd_pipeline.shards import sha256_file, write_json_atomic, write_text_atomic
 
 WEIGHTS_RECORD = "rgsd-weights.json"
@@ -25,9 +26,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "vocab.json", "merges.txt")
 
 
-def _cache_dir() -> Path:
-    from rgsd_pipeline.models import cache_dir
+def fingerprint(obj) -> str:
+    """sha256 of an object's canonical JSON: equal configs (or manifests, or lists of ids) give equal fingerprints."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
+
+def _cache_dir() -> Path:
     return cache_dir() / "weight-hashes"
 
 

@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import fingerprint
+from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.judge import Criterion, Item
 from rgsd_pipeline.progress import TokenProgress
 from rgsd_pipeline.shards import ShardPlan, StageData, StageOutput, read_stage, write_json_atomic

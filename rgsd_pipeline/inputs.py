@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import RunConfig, fingerprint, to_dict
-from rgsd_pipeline.fingerprints import model_fingerprint
+from rgsd_pipeline.config import RunConfig, to_dict
+from rgsd_pipeline.fingerprints import fingerprint, model_fingerprint
 from rgsd_pipeline.models import resolve_model
 from rgsd_pipeline.shards import read_manifest
 

@@ -2,11 +2,11 @@
 
     from rgsd_pipeline import inspect
     t = inspect.tokens("runs/demo", 0)            # LazyFrame, one row per response token
-    t.sort("divergence", descending=True).head(20).collect()
+    t.sort("logprob_gap", descending=True).head(20).collect()
     inspect.rollouts("runs/demo", 0).collect()    # one row per rollout
     inspect.iterations("runs/demo")               # one row per policy: rollouts, training, evaluation
 
-`divergence` of a token is log π_student(y_t) − log π_teacher(y_t) for the token the student sampled:
+`logprob_gap` of a token is log π_student(y_t) − log π_teacher(y_t) for the token the student sampled:
 the one-sample estimate of the reverse KL at that position. It is large where the student was sure of a
 token that the rubric-conditioned teacher found unlikely. The student's log-prob is the policy's own
 (temperature 1) recorded at sampling; the teacher's comes from the signals shards. The teacher's top-k
@@ -87,8 +87,8 @@ def _decoded(column: str, tail: str, encoding: dict) -> pl.Expr:
 def tokens(run: Path, iteration: int) -> pl.LazyFrame:
     """One row per response token of iteration `iteration` that the teacher scored.
 
-    Columns: prompt_id, sample_idx, position, token_id, token, behaviour_logprob (the policy's own, temperature
-    1), sampling_logprob (the distribution it was drawn from), teacher_logprob, divergence, mask,
+    Columns: prompt_id, sample_idx, position, token_id, token, policy_logprob (the policy's own, temperature
+    1), sampling_logprob (the distribution it was drawn from), teacher_logprob, logprob_gap, mask,
     teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list, decoded and
     rescaled), teacher_tail_mass.
     """
@@ -107,10 +107,10 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
         .with_columns(position=pl.int_ranges(0, pl.col("response_token_ids").list.len()))
         .explode(["position", "response_token_ids", "response_logprobs", "sampling_logprobs", "token_logprob",
                   "tail_logprob", "loss_mask", "teacher_topk_ids", "teacher_topk_logprobs"])
-        .rename({"response_token_ids": "token_id", "response_logprobs": "behaviour_logprob",
+        .rename({"response_token_ids": "token_id", "response_logprobs": "policy_logprob",
                  "sampling_logprobs": "sampling_logprob", "token_logprob": "teacher_logprob", "loss_mask": "mask"})
         .with_columns(pl.col("token_id").cast(pl.Int64),
-                      divergence=pl.col("behaviour_logprob") - pl.col("teacher_logprob"),
+                      logprob_gap=pl.col("policy_logprob") - pl.col("teacher_logprob"),
                       teacher_top1_id=pl.col("teacher_topk_ids").list.first(),
                       teacher_topk_logprobs=_decoded("teacher_topk_logprobs", "tail_logprob", encoding),
                       teacher_tail_mass=pl.col("tail_logprob").exp())
@@ -118,22 +118,22 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
     frame = (frame.join(vocab, on="token_id", how="left")
              .join(vocab.rename({"token_id": "teacher_top1_id", "token": "teacher_top1"}), on="teacher_top1_id",
                    how="left"))
-    return frame.select("prompt_id", "sample_idx", "position", "token_id", "token", "behaviour_logprob",
-                        "sampling_logprob", "teacher_logprob", "divergence", "mask", "teacher_top1_id", "teacher_top1",
+    return frame.select("prompt_id", "sample_idx", "position", "token_id", "token", "policy_logprob",
+                        "sampling_logprob", "teacher_logprob", "logprob_gap", "mask", "teacher_top1_id", "teacher_top1",
                         "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")
 
 
 def rollouts(run: Path, iteration: int) -> pl.LazyFrame:
-    """One row per rollout: text, length, finish reason, scoring status and its mean divergence over the loss mask."""
+    """One row per rollout: text, length, finish reason, scoring status and its mean log-prob gap over the loss mask."""
     run = Path(run)
     rows = rollouts_stage(run, iteration).lazy().select(
         "prompt_id", "sample_idx", "response_text", "finish_reason",
         pl.col("response_token_ids").list.len().alias("length"),
-        pl.col("response_logprobs").list.mean().alias("behaviour_logprob_mean"))
+        pl.col("response_logprobs").list.mean().alias("policy_logprob_mean"))
     status = _signals(run, iteration).select("prompt_id", "sample_idx", "status")
     per_token = tokens(run, iteration).filter(pl.col("mask")).group_by("prompt_id", "sample_idx").agg(
         masked_tokens=pl.len(), teacher_logprob_mean=pl.col("teacher_logprob").mean(),
-        divergence_mean=pl.col("divergence").mean())
+        logprob_gap_mean=pl.col("logprob_gap").mean())
     return (rows.join(status, on=["prompt_id", "sample_idx"], how="left")
             .join(per_token, on=["prompt_id", "sample_idx"], how="left")
             .with_columns(pl.col("masked_tokens").fill_null(0)))
@@ -159,12 +159,14 @@ def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
                 (pl.col("finish_reason") == "length").mean().alias("rollout_truncation")).collect().row(0, named=True))
             if is_complete(layout.signals_dir(run, policy)):
                 row.update(tokens(run, policy).filter(pl.col("mask")).select(
-                    pl.col("divergence").mean().alias("sampled_divergence"),
+                    pl.col("logprob_gap").mean().alias("sampled_logprob_gap"),
                     pl.col("teacher_logprob").mean().alias("teacher_logprob")).collect().row(0, named=True))
         metrics_path = layout.metrics_file(run, policy)
         if sampled_in_run and metrics_path.exists():
-            steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            if steps:
+            from rgsd_pipeline.training import read_metrics
+
+            steps = read_metrics(metrics_path)
+            if steps and "divergence" in steps[0]:
                 row.update(train_steps=len(steps), train_divergence_first=steps[0]["divergence"],
                            train_divergence_last=steps[-1]["divergence"])
         diagnostics = layout.diagnostics_file(run, eval_set, label)
@@ -183,7 +185,7 @@ def iterations(run: Path, eval_set: str = "heldout") -> pl.DataFrame:
 
 
 TABLE_COLUMNS = {"policy": "policy", "rollouts": "rollouts", "rollout_length": "length", "rollout_truncation": "trunc",
-                 "sampled_divergence": "sampled div", "train_divergence_first": "train div first",
+                 "sampled_logprob_gap": "sampled gap", "train_divergence_first": "train div first",
                  "train_divergence_last": "train div last", "heldout_divergence": "held-out JSD",
                  "eval_length": "eval length", "eval_truncation": "eval trunc", "eval_repetition": "eval repeat",
                  "eval_leakage": "eval leak"}

@@ -18,6 +18,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from rgsd_pipeline.cache import cache_dir
 from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.fingerprints import record_weight_hashes
 from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
@@ -35,10 +36,6 @@ TINY_VOCAB = 1024
 
 class ModelError(UserError, ValueError):
     """A model name or folder cannot be used; the message says why and what to do."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RGSD_CACHE_DIR", Path.home() / ".cache" / "rgsd-pipeline"))
 
 
 def resolve_model(name: str) -> Path:

@@ -28,7 +28,7 @@ def plot_iterations(frame: pl.DataFrame, out: Path, title: str) -> None:
             values = [float("nan") if v is None else v for v in frame[column].to_list()]
             ax.plot(x, values, marker="o", label=label, **style)
 
-    line(axes[0], "sampled_divergence", "training rollouts: log π_student − log π_teacher")
+    line(axes[0], "sampled_logprob_gap", "training rollouts: log π_student − log π_teacher")
     line(axes[0], "heldout_divergence", "held-out answers: JSD(β) teacher vs policy")
     axes[0].set_title("teacher–student divergence per token")
     line(axes[1], "rollout_length", "training rollouts")

@@ -48,6 +48,8 @@ def teacher_messages(row: dict, template: TemplateConfig) -> list[dict]:
     """The conversation the teacher scores with: the last user turn carries the rubric (or reference)."""
     messages = student_messages(row, template)
     question = messages[-1]["content"]
+    if template.teacher == "student":
+        return messages  # the placebo: the teacher sees what the student sees, so it can only pull back to the base
     if template.teacher == "reference":
         if not row.get("reference_answer"):
             raise ConfigError("template.teacher=reference needs a reference_answer for every prompt")

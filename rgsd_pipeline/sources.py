@@ -53,7 +53,7 @@ def source_path(spec: str) -> Path:
 
 def source_fingerprint(spec: str) -> str:
     """sha256 of a data file (or of every file of a datasets folder)."""
-    from rgsd_pipeline.config import fingerprint
+    from rgsd_pipeline.fingerprints import fingerprint
     from rgsd_pipeline.shards import sha256_file
 
     path = source_path(spec)

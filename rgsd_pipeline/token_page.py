@@ -1,6 +1,6 @@
 """One self-contained HTML page of an iteration's rollouts, each token coloured by the teacher–student gap.
 
-Red: the student was surer of its token than the teacher (divergence > 0); blue: the teacher liked the
+Red: the student was surer of its token than the teacher (log-prob gap > 0); blue: the teacher liked the
 token more. Hovering a token shows both log-probs and the teacher's top alternatives. Tokens outside
 the loss mask are grey and underlined. No scripts, no external resources: the page opens anywhere.
 """
@@ -26,12 +26,12 @@ h1 { font-size: 1.3em; } h2 { font-size: 1em; margin: 1.6em 0 .3em; color: #555;
 """
 
 
-def colour(divergence: float, scale: float = 3.0) -> str:
-    """Background for a token: red when divergence > 0, blue when < 0, alpha growing with |divergence| / scale."""
-    if divergence is None or math.isnan(divergence):
+def colour(gap: float, scale: float = 3.0) -> str:
+    """Background for a token: red when its log-prob gap > 0, blue when < 0, alpha growing with |gap| / scale."""
+    if gap is None or math.isnan(gap):
         return "transparent"
-    alpha = min(abs(divergence) / scale, 1.0) * 0.75
-    return f"rgba(214,39,40,{alpha:.2f})" if divergence > 0 else f"rgba(31,119,180,{alpha:.2f})"
+    alpha = min(abs(gap) / scale, 1.0) * 0.75
+    return f"rgba(214,39,40,{alpha:.2f})" if gap > 0 else f"rgba(31,119,180,{alpha:.2f})"
 
 
 def _visible(text: str) -> str:
@@ -39,8 +39,8 @@ def _visible(text: str) -> str:
 
 
 def _tip(row: dict, vocab: dict[int, str], alternatives: int) -> str:
-    lines = [f"student log-prob {row['behaviour_logprob']:.3f}   teacher log-prob {row['teacher_logprob']:.3f}",
-             f"divergence {row['divergence']:+.3f}{'' if row['mask'] else '   (not in the loss)'}",
+    lines = [f"student log-prob {row['policy_logprob']:.3f}   teacher log-prob {row['teacher_logprob']:.3f}",
+             f"log-prob gap {row['logprob_gap']:+.3f}{'' if row['mask'] else '   (not in the loss)'}",
              "teacher's top tokens:"]
     pairs = zip(row["teacher_topk_ids"], row["teacher_topk_logprobs"], strict=True)
     for token_id, logprob in list(pairs)[:alternatives]:
@@ -50,7 +50,7 @@ def _tip(row: dict, vocab: dict[int, str], alternatives: int) -> str:
 
 def render(title: str, token_rows: pl.DataFrame, rollout_rows: pl.DataFrame, vocab: dict[int, str],
            alternatives: int = 5) -> str:
-    """The page for the given rollouts (`rollout_rows`: prompt_id, sample_idx, divergence_mean, ...) and their
+    """The page for the given rollouts (`rollout_rows`: prompt_id, sample_idx, logprob_gap_mean, ...) and their
     tokens."""
     by_rollout = token_rows.sort("prompt_id", "sample_idx", "position").partition_by(
         "prompt_id", "sample_idx", as_dict=True, maintain_order=True)
@@ -63,11 +63,12 @@ def render(title: str, token_rows: pl.DataFrame, rollout_rows: pl.DataFrame, voc
         for t in rows.iter_rows(named=True):
             css = "t" if t["mask"] else "t masked"
             text, tip = html.escape(_visible(t["token"] or "")), _tip(t, vocab, alternatives)
-            spans.append(f'<span class="{css}" data-pos="{t["position"]}" style="background:{colour(t["divergence"])}">'
+            background = colour(t["logprob_gap"])
+            spans.append(f'<span class="{css}" data-pos="{t["position"]}" style="background:{background}">'
                          f'{text}<span class="tip">{tip}</span></span>')
-        mean = r.get("divergence_mean")
+        mean = r.get("logprob_gap_mean")
         sections.append(f'<h2>{html.escape(r["prompt_id"])} · sample {r["sample_idx"]} · {rows.height} tokens · '
-                        f'mean divergence {"-" if mean is None else format(mean, "+.3f")} · '
+                        f'mean log-prob gap {"-" if mean is None else format(mean, "+.3f")} · '
                         f'{html.escape(str(r.get("finish_reason", "")))}</h2>'
                         f'<div class="response">{"".join(spans)}</div>')
     legend = (f'<p class="legend"><span style="background:{colour(3)}">student surer than teacher</span> '

@@ -191,8 +191,13 @@ class Trainer:
         loss, *sums = totals.tolist()
         per_token = {name: value / max(num_tokens, 1) for name, value in zip(STAT_NAMES, sums, strict=True)}
         processed = sum(len(self.examples[i].input_ids) for i in batch)
-        return {"step": step + 1, "global_step": global_step + 1, "loss": loss, "divergence": per_token["divergence"],
-                "clip_fraction": per_token["clipped"], "teacher_tail_mass": per_token["teacher_tail"],
-                "student_tail_mass": per_token["student_tail"], "importance_weight": per_token["importance_weight"],
+        if self.spec.needs_rewards:  # the policy-gradient baseline: one name per quantity
+            measured = {"kl_to_base": per_token["divergence"], "ratio_clip_fraction": per_token["clipped"],
+                        "ratio_mean": per_token["importance_weight"]}
+        else:
+            measured = {"divergence": per_token["divergence"], "clip_fraction": per_token["clipped"],
+                        "teacher_tail_mass": per_token["teacher_tail"], "student_tail_mass": per_token["student_tail"],
+                        "importance_weight": per_token["importance_weight"]}
+        return {"step": step + 1, "global_step": global_step + 1, "loss": loss, **measured,
                 "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], "sequences": len(batch),
                 "loss_tokens": num_tokens, "tokens_per_s": processed / elapsed}

@@ -215,6 +215,32 @@ REWARDS = ArtifactSchema(
     ),
 )
 
+# metrics.jsonl: one JSON object per optimizer step (not Parquet: appended as training goes). Every line has the
+# common fields; a distillation loss adds its own, the policy-gradient baseline (train.loss=grpo) its own.
+METRICS_DOC = "One JSON object per optimizer step of an iteration, appended as training goes."
+METRICS_COMMON = {
+    "step": "Optimizer step within the iteration (1-based)",
+    "global_step": "Optimizer steps of the run so far, this one included (the schedule's step)",
+    "loss": "The loss of the global batch (clipped, weighted, summed over processes)",
+    "grad_norm": "Gradient norm before clipping (train.max_grad_norm)",
+    "lr": "Learning rate of the step",
+    "sequences": "Sequences in the global batch",
+    "loss_tokens": "Positions in the loss",
+    "tokens_per_s": "Tokens through the model per second of the step (prompt and response)",
+}
+METRICS_DISTILL = {
+    "divergence": "JSD(beta) between teacher and student per loss token, before clipping (the quantity RGSD lowers)",
+    "clip_fraction": "Share of loss tokens where tau bit (train.clip)",
+    "teacher_tail_mass": "Teacher's mass outside its top-k, per loss token",
+    "student_tail_mass": "Student's mass outside the teacher's top-k, per loss token",
+    "importance_weight": "Mean truncated importance weight (sampled_reverse_kl; 1 otherwise)",
+}
+METRICS_POLICY_GRADIENT = {
+    "kl_to_base": "k3 estimate of KL(policy || base) per token (0 without train.kl_coef)",
+    "ratio_clip_fraction": "Share of tokens whose ratio pi_theta / pi_old was clipped (train.grpo_clip)",
+    "ratio_mean": "Mean ratio pi_theta / pi_old (1 on the first step of an iteration: on-policy)",
+}
+
 MANIFEST_VERSION = 1
 """manifest.json: `{"manifest_version", "schema": {"name", "version"}, "shards": [{"index", "file", "rows",
 "sha256"}...], "rows", "inputs": {name: fingerprint}}`; a shard's `file` is a plain part-NNNNN.parquet name."""
@@ -243,4 +269,8 @@ def column_reference() -> str:
             description = (field.metadata or {}).get(DESCRIPTION_KEY, b"").decode()
             nullable = " (nullable)" if field.nullable else ""
             parts[-1] += f"\n| `{field.name}` | `{type_name(field.type)}`{nullable} | {description} |"
+    parts.append(f"**metrics.jsonl**: {METRICS_DOC}\n\n| field | on | meaning |\n| --- | --- | --- |")
+    for fields, on in ((METRICS_COMMON, "every line"), (METRICS_DISTILL, "distillation losses"),
+                       (METRICS_POLICY_GRADIENT, "train.loss=grpo")):
+        parts[-1] += "".join(f"\n| `{name}` | {on} | {meaning} |" for name, meaning in fields.items())
     return "\n\n".join(parts) + "\n"

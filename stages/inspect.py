@@ -2,7 +2,7 @@
 
     rgsd-pipeline inspect runs/demo --iteration 0                      # top tokens + per-policy table
     rgsd-pipeline inspect runs/demo --iteration 0 --html tokens.html   # every token coloured by the gap
-    rgsd-pipeline inspect runs/demo --plot run.png                     # divergence, length, score per policy
+    rgsd-pipeline inspect runs/demo --plot run.png                     # log-prob gap, length, score per policy
 
 The same frames are a Python API: `from rgsd_pipeline import inspect` (see rgsd_pipeline/inspect.py).
 """
@@ -21,9 +21,9 @@ from rgsd_pipeline.shards import ArtifactError, is_complete, write_text_atomic
 
 
 def disagreements(run: Path, iteration: int, top: int, context: int, alternatives: int = 3) -> str:
-    """The `top` masked tokens with the largest divergence, each with its context and the teacher's picks."""
+    """The `top` masked tokens with the largest log-prob gap, each with its context and the teacher's picks."""
     worst = (views.tokens(run, iteration).filter(pl.col("mask"))
-             .sort("divergence", descending=True, nulls_last=True).head(top).collect())
+             .sort("logprob_gap", descending=True, nulls_last=True).head(top).collect())
     if worst.is_empty():
         return f"iteration {iteration}: no scored tokens"
     keys = worst.select("prompt_id", "sample_idx").unique()
@@ -34,7 +34,7 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
     vocab = dict(views.vocabulary(run).iter_rows())
     text = lambda ids: "".join(vocab.get(i, "?") for i in ids).replace("\n", "↵")  # noqa: E731
     lines = [f"iteration {iteration}: the {worst.height} tokens the student was surest of and the teacher least "
-             "(divergence = log π_student − log π_teacher of the sampled token)"]
+             "(log-prob gap = log π_student − log π_teacher of the sampled token)"]
     for t in worst.iter_rows(named=True):
         ids = responses[(t["prompt_id"], t["sample_idx"])]
         pos = t["position"]
@@ -42,9 +42,9 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
                           for i, lp in list(zip(t["teacher_topk_ids"], t["teacher_topk_logprobs"],
                                                 strict=True))[:alternatives])
         before, token, after = ids[max(0, pos - context):pos], [t["token_id"]], ids[pos + 1:pos + 1 + context // 2]
-        lines.append(f"  {t['prompt_id'][:10]}/{t['sample_idx']} @{pos:<4d} {t['divergence']:+6.2f}  "
+        lines.append(f"  {t['prompt_id'][:10]}/{t['sample_idx']} @{pos:<4d} {t['logprob_gap']:+6.2f}  "
                      f"…{text(before)}⟦{text(token)}⟧{text(after)}…")
-        lines.append(f"      student {t['behaviour_logprob']:.2f}, teacher {t['teacher_logprob']:.2f}; "
+        lines.append(f"      student {t['policy_logprob']:.2f}, teacher {t['teacher_logprob']:.2f}; "
                      f"teacher prefers {picks}")
     return "\n".join(lines)
 
@@ -53,11 +53,11 @@ def write_html(run: Path, iteration: int, out: Path, rollouts: int) -> None:
     from rgsd_pipeline.token_page import render
 
     chosen = (views.rollouts(run, iteration).filter(pl.col("status") == "ok")
-              .sort("divergence_mean", descending=True, nulls_last=True).head(rollouts).collect())
+              .sort("logprob_gap_mean", descending=True, nulls_last=True).head(rollouts).collect())
     tokens = (views.tokens(run, iteration).join(chosen.lazy().select("prompt_id", "sample_idx"),
                                                 on=["prompt_id", "sample_idx"]).collect())
     vocab = dict(views.vocabulary(run).iter_rows())
-    page = render(f"{run} · iteration {iteration} · {chosen.height} rollouts, highest mean divergence first",
+    page = render(f"{run} · iteration {iteration} · {chosen.height} rollouts, highest mean log-prob gap first",
                   tokens, chosen, vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, page)

@@ -20,13 +20,12 @@ import pyarrow as pa
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import (
-    fingerprint,
     freeze_or_check,
     load_config,
     load_run_config,
     to_dict,
 )
-from rgsd_pipeline.fingerprints import tokenizer_fingerprint
+from rgsd_pipeline.fingerprints import fingerprint, tokenizer_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages

@@ -9,6 +9,7 @@ after, one answer before and after, and where every artifact is.
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import polars as pl
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.diagnostics import heldout_divergence
-from rgsd_pipeline.engines.hf_engine import HfEngine
+from rgsd_pipeline.engines.hosting import StageEngines
 from rgsd_pipeline.models import resolve_model
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_seed
 from rgsd_pipeline.shards import ArtifactError, read_stage
@@ -38,9 +39,11 @@ def report(run: Path, iteration: int, heldout: int) -> None:
     samples, tokens = rollouts.select(pl.len(), pl.col("response_token_ids").list.len().sum()).collect().row(0)
     train_prompts = prompts.filter(pl.col("split") == "train").height
 
-    # 2. Both policies sample the same held-out prompts with the same seeds; the teacher scores both.
-    teacher, trained = HfEngine(base, config.engine, config.model), HfEngine(checkpoint, config.engine, config.model)
-    teacher.batch_size = trained.batch_size = len(held)  # one batch: decoding is step-bound on a CPU
+    # 2. Both policies sample the same held-out prompts with the same seeds; the teacher scores both. Transformers
+    #    engines, each prompt set one batch (decoding is step-bound on a CPU).
+    one_batch = dataclasses.replace(config, engine=dataclasses.replace(config.engine, hf_batch_size=len(held)))
+    engines = StageEngines("hf")
+    teacher, trained = engines.teacher(base, one_batch), engines.student(checkpoint, one_batch)
     seeds = [sample_seed(config.rollout.seed, p["prompt_id"], 0, seed_round=EVAL_SEED_ROUND) for p in held]
     before = heldout_divergence(teacher, teacher, held, config, seeds, config.score.top_k, config.train.beta)
     after = heldout_divergence(trained, teacher, held, config, seeds, config.score.top_k, config.train.beta)

@@ -202,7 +202,8 @@ def test_one_grpo_iteration_end_to_end(data_file, tmp_path):
     chain = json.loads((run / "chain.json").read_text())
     assert "rewards" in chain[0] and "signals" not in chain[0]
     metrics = [json.loads(line) for line in (run / "iter-000" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and metrics[0]["importance_weight"] == pytest.approx(1.0, abs=1e-3)  # on-policy
+    assert len(metrics) == 1 and metrics[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # on-policy
+    assert metrics[0]["kl_to_base"] == pytest.approx(0.0, abs=1e-5) and "divergence" not in metrics[0]
     base = load_file(resolve_model("builtin:tiny") / "model.safetensors")
     trained = load_file(run / "iter-000" / "checkpoint" / "model.safetensors")
     assert max(float((trained[k] - base[k]).abs().max()) for k in base) > 1e-4

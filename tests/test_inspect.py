@@ -39,9 +39,9 @@ def test_token_frame_matches_the_shards(evaluated_run, tiny_path):
         mine = mine.sort("position")
         assert mine["position"].to_list() == list(range(len(rollout["response_token_ids"])))
         assert mine["token_id"].to_list() == rollout["response_token_ids"]
-        np.testing.assert_allclose(mine["behaviour_logprob"].to_numpy(), rollout["response_logprobs"], rtol=0, atol=0)
+        np.testing.assert_allclose(mine["policy_logprob"].to_numpy(), rollout["response_logprobs"], rtol=0, atol=0)
         np.testing.assert_allclose(mine["teacher_logprob"].to_numpy(), signal["token_logprob"], rtol=0, atol=0)
-        np.testing.assert_allclose(mine["divergence"].to_numpy(),
+        np.testing.assert_allclose(mine["logprob_gap"].to_numpy(),
                                    np.array(rollout["response_logprobs"]) - np.array(signal["token_logprob"]),
                                    atol=1e-6)
         assert mine["mask"].to_list() == signal["loss_mask"]
@@ -71,7 +71,7 @@ def test_rollout_frame_and_policy_table(evaluated_run):
         gap = np.array(rollout["response_logprobs"]) - np.array(signal["token_logprob"])
         assert row["length"] == len(rollout["response_token_ids"]) and row["status"] == signal["status"]
         assert row["masked_tokens"] == mask.sum()
-        assert row["divergence_mean"] == pytest.approx(gap[mask].mean(), abs=1e-5)
+        assert row["logprob_gap_mean"] == pytest.approx(gap[mask].mean(), abs=1e-5)
     table = inspect.iterations(evaluated_run)
     assert table["policy"].to_list()[:2] == ["base", "iter-000"]
     base = table.row(0, named=True)
@@ -79,7 +79,7 @@ def test_rollout_frame_and_policy_table(evaluated_run):
     gaps = [(np.array(r["response_logprobs"]) - np.array(s["token_logprob"]), np.array(s["loss_mask"], bool))
             for r, s in zip(rollouts, signals, strict=True) if s["status"] == "ok"]
     masked = np.concatenate([gap[mask] for gap, mask in gaps])
-    assert base["sampled_divergence"] == pytest.approx(masked.mean(), abs=1e-5)
+    assert base["sampled_logprob_gap"] == pytest.approx(masked.mean(), abs=1e-5)
     assert base["train_steps"] >= 1
 
 
@@ -100,7 +100,7 @@ def test_inspect_command_page_in_chromium_and_plot(evaluated_run, tmp_path):
     assert out.count("teacher prefers") == 5
     assert "per policy" in out and "iter-000" in out
 
-    chosen = (inspect.rollouts(evaluated_run, 0).sort("divergence_mean", descending=True, nulls_last=True)
+    chosen = (inspect.rollouts(evaluated_run, 0).sort("logprob_gap_mean", descending=True, nulls_last=True)
               .head(3).collect())
     tokens = inspect.tokens(evaluated_run, 0).join(chosen.lazy().select("prompt_id", "sample_idx"),
                                                    on=["prompt_id", "sample_idx"]).collect()

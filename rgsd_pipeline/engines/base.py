@@ -76,6 +76,11 @@ class Engine:
         """The top-k log-probs, the actual token's and the tail's at every position after each prompt."""
         raise NotImplementedError(f"the {self.kind} engine does not score")
 
+    def logprobs_at(self, sequences: list[list[int]], prompt_lens: list[int], ids_T_K: list[np.ndarray]
+                    ) -> list[np.ndarray]:
+        """This model's log-probs of given ids [T, K] at every position after each prompt (held-out divergence)."""
+        raise NotImplementedError(f"the {self.kind} engine does not give log-probs of chosen ids")
+
     def load_weights(self, model_path: Path, weights: dict | None = None) -> None:
         """Take another checkpoint of the same architecture in place (from memory when `weights` is given)."""
         raise NotImplementedError(f"the {self.kind} engine cannot take new weights in place")

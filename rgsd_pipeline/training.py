@@ -1,0 +1,235 @@
+"""One iteration's training, as the train step runs it: set up, run, export (torchtune's recipe shape).
+
+    session = set_up_training(run, I, world, kept)   inputs, the student, where it starts (starting_point)
+    run_training(session)                            optimizer steps, a metrics line each, trainer state
+    continuation = export_policy(session, ...)       the checkpoint the next rollout loads
+
+The trainer itself (the optimizer step, losses, data-parallel arithmetic) is rgsd_pipeline/trainer.py; the
+files a step reads and writes beside a checkpoint are rgsd_pipeline/checkpoints.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import polars as pl
+
+from rgsd_pipeline import layout, tracking
+from rgsd_pipeline.config import RunConfig, load_run_config
+from rgsd_pipeline.fingerprints import fingerprint
+from rgsd_pipeline.inputs import train_inputs
+from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
+from rgsd_pipeline.sampling import optimizer_steps_per_epoch
+from rgsd_pipeline.shards import ArtifactError, read_stage, write_text_atomic
+from rgsd_pipeline.signals import storage_schema
+from schemas import PROMPTS, REWARDS, ROLLOUTS
+
+
+@dataclass
+class Continuation:
+    """What a resident process keeps after training iteration `iteration`: the model (master weights) and its
+    AdamW optimizer, the same state that iteration's trainer_state/ holds on disk."""
+
+    iteration: int
+    model: object
+    optimizer: object
+    exported: dict | None = None  # the checkpoint's weights in model.dtype, for engines that take them from memory
+    reference: object = None  # grpo with train.kl_coef: the frozen base model
+
+
+@dataclass
+class TrainingSession:
+    """Everything one iteration's training works with, built by set_up_training."""
+
+    run: Path
+    iteration: int
+    config: RunConfig
+    world: object
+    policy: Path
+    trainer: object
+    start: int  # the step to start from (after a killed run's last saved state)
+    started_from: str  # see starting_point
+
+    @property
+    def out(self) -> Path:
+        return layout.checkpoint_dir(self.run, self.iteration)
+
+
+def starting_point(policy: Path, iteration: int, out: Path, kept: Continuation | None) -> tuple[str, Path | None]:
+    """Where iteration I's training starts, in this order, and the trainer state it reads (if any):
+
+    - "resume":   a killed run of this iteration saved a trainer state beside its checkpoint: continue at its step;
+    - "memory":   this process trained iteration I-1 and kept its model and AdamW state;
+    - "state":    iteration I-1's trainer state on disk (fp32 weights, AdamW moments, global step);
+    - "exported": iteration I-1's exported weights alone (model.dtype, fresh AdamW moments: warned), or the base
+                  model at I = 0.
+    """
+    from rgsd_pipeline.checkpoints import find_state, previous_state
+
+    if (state := find_state(out)) is not None:
+        return "resume", state
+    if kept is not None and kept.iteration == iteration - 1:
+        return "memory", None
+    if (previous := previous_state(policy, iteration)) is not None:
+        return "state", previous
+    return "exported", None
+
+
+def set_up_training(run: Path, iteration: int, world, kept: Continuation | None) -> TrainingSession:
+    """The rollouts and the signals made from exactly them, the student in master precision, and its trainer, placed
+    at the starting point."""
+    import torch
+
+    from rgsd_pipeline.checkpoints import load_student, previous_global_step, previous_state, warn_without_state
+    from rgsd_pipeline.examples import load_examples, load_reward_examples
+    from rgsd_pipeline.trainer import Trainer
+
+    config = load_run_config(run)
+    base = resolve_model(config.model.path)
+    policy = layout.policy_path(run, iteration, base)
+    tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+    rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
+    made_from = {"rollouts": fingerprint(rollouts.manifest["shards"])}
+    if config.train.loss == "grpo":  # the judge-based baseline: rewards, not teacher signals
+        graded = read_stage(layout.rewards_dir(run, iteration), REWARDS, expect_inputs=made_from)
+        examples = load_reward_examples(rollouts, graded)
+    else:
+        graded = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
+                            expect_inputs=made_from)
+        examples = load_examples(rollouts, graded)
+    if not examples:
+        raise ArtifactError(f"no trainable tokens in {graded.folder}: every rollout was skipped, masked or without a "
+                            "reward")
+
+    torch.manual_seed(config.train.seed)
+    started_from, state = starting_point(policy, iteration, layout.checkpoint_dir(run, iteration), kept)
+    previous = previous_state(policy, iteration)
+    in_memory = started_from == "memory"
+    model = kept.model if in_memory else load_student(base, policy, previous, config)
+    reference = None
+    if config.train.loss == "grpo" and config.train.kl_coef > 0:  # the frozen base, for the KL term
+        reference = kept.reference if in_memory and kept.reference is not None else \
+            load_model(base, config.train.master_dtype, config.model.trust_remote_code).requires_grad_(False)
+    trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
+                      iteration, previous_global_step(policy, previous), schedule_horizon(run, config),
+                      optimizer=kept.optimizer if in_memory and config.train.carry_optimizer else None,
+                      reference=reference)
+    start = 0
+    if started_from == "resume":
+        start = trainer.load(state)
+    elif started_from == "state":
+        trainer.load(state, load_optimizer=config.train.carry_optimizer)
+    elif started_from == "exported" and iteration > 0 and world.main:
+        warn_without_state(policy, config)
+    if world.main:
+        truncate_metrics(layout.metrics_file(run, iteration), start)
+        click.echo(f"train iteration {iteration}: {len(examples)} sequences, {trainer.total_steps} steps of "
+                   f"{config.train.batch_size} from global step {trainer.first_global_step}, {world.size} "
+                   f"process(es), {config.train.master_dtype} weights, from {policy}"
+                   + (" (kept in memory)" if in_memory else "") + (f", resuming at step {start}" if start else ""))
+    return TrainingSession(run, iteration, config, world, policy, trainer, start, started_from)
+
+
+def run_training(session: TrainingSession) -> None:
+    """The optimizer steps from the starting step: a metrics line per step, trainer state every save_every steps."""
+    from tqdm import tqdm
+
+    trainer, world, config = session.trainer, session.world, session.config
+    metrics_path = layout.metrics_file(session.run, session.iteration)
+    bar = tqdm(total=trainer.total_steps, initial=session.start, unit="step", disable=not world.main,
+               dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10)
+    started = time.perf_counter()
+    for step in range(session.start, trainer.total_steps):
+        metrics = trainer.step(step)
+        if world.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tracking.log_training(session.run, config, world, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
+            trainer.save(layout.trainer_state_dir(session.out), step + 1)  # every process joins (FSDP2 gathers)
+    bar.close()
+    if world.main:
+        seconds = time.perf_counter() - started
+        click.echo(f"training took {seconds:.1f} s")
+        tracking.log_values(session.run, config, world, {"train/seconds": seconds},
+                            trainer.first_global_step + trainer.total_steps)
+
+
+def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation:
+    """Write the checkpoint (a plain HF folder in model.dtype, then _SUCCESS) from the main process; every process
+    keeps its model and optimizer for the next iteration."""
+    from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, prune_states, write_checkpoint
+
+    trainer, world, config = session.trainer, session.world, session.config
+    model = trainer.model
+    weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
+    merged = not (config.train.lora and config.train.save_adapters)  # else the checkpoint holds adapters alone
+    in_memory = keep_exported and merged
+    exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
+    if world.main:
+        provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
+                      "global_step": trainer.first_global_step + trainer.total_steps}
+        write_checkpoint(model, session.policy, session.out, config, provenance, exported)
+        prune_states(session.run, session.iteration, config.train.keep_states)
+        click.echo(train_summary(layout.metrics_file(session.run, session.iteration), session.out))
+    world.barrier()  # every rank's engine loads this checkpoint next
+    return Continuation(session.iteration, model, trainer.optimizer, exported if in_memory else None,
+                        trainer.reference)
+
+
+def schedule_horizon(run: Path, config: RunConfig) -> int:
+    """Global steps the cosine schedule spans: train.total_steps, else one pass over the training prompts."""
+    if config.train.schedule == "constant":
+        return 0
+    if config.train.total_steps:
+        return config.train.total_steps
+    prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().filter(pl.col("split") == "train")
+    return optimizer_steps_per_epoch(prompts.select(pl.len()).collect().item(), config.rollout, config.train)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl, each checked against schemas.METRICS_*: ArtifactError naming the line."""
+    from schemas import METRICS_COMMON, METRICS_DISTILL, METRICS_POLICY_GRADIENT
+
+    known = METRICS_COMMON.keys() | METRICS_DISTILL.keys() | METRICS_POLICY_GRADIENT.keys()
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{path} line {number} is not JSON ({err.msg}); delete the iteration's checkpoint "
+                                "folder and metrics.jsonl to train it again") from None
+        missing, unknown = METRICS_COMMON.keys() - row.keys(), row.keys() - known
+        if not isinstance(row, dict) or missing or unknown:
+            raise ArtifactError(f"{path} line {number}: fields {sorted(missing)} missing, {sorted(unknown)} unknown "
+                                "(schemas.METRICS_*)")
+        rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, steps: int) -> None:
+    """Drop metric lines past `steps` (written after the last saved state of a killed run)."""
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(path) if row["step"] <= steps]
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def train_summary(metrics_path: Path, out: Path) -> str:
+    rows = read_metrics(metrics_path)
+    first, last = rows[0], rows[-1]
+    if "divergence" in last:
+        moved = (f"divergence {first['divergence']:.4f} -> {last['divergence']:.4f}, clip fraction "
+                 f"{last['clip_fraction']:.2f}")
+    else:
+        moved = f"loss {first['loss']:.4f} -> {last['loss']:.4f}, KL to the base {last['kl_to_base']:.4f}"
+    return f"{len(rows)} steps (global step {last['global_step']}); {moved}; checkpoint in {out}"
