@@ -99,10 +99,12 @@ bench: setup $(BENCH_VENV)/.installed
 	$(PY) bench/trl_compare.py
 	$(PY) bench/table.py
 
-# Does RGSD raise rubric satisfaction? SmolLM2 on builtin:checkable, graded by the rule judge (under an hour on a
-# 2-core CPU); writes docs/figures/learning.md and learning.png.
+# Does RGSD raise rubric satisfaction? SmolLM2 on builtin:checkable, graded by the rule judge, every arm (RGSD with
+# the rubric, chosen-kinds and reference teachers, the placebo and learning-rate controls, judge-based GRPO; a few
+# hours on a 2-core CPU; ARMS=rubric,placebo,grpo for some, finished arms are reused); writes docs/figures/learning.*.
+ARMS ?= rubric,chosen,reference,placebo,lr,grpo
 proof: setup
-	$(PY) bench/learning.py
+	$(PY) bench/learning.py --arms $(ARMS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache
