@@ -40,43 +40,50 @@ def synthetic_example(input_ids: np.ndarray, prompt_len: int, topk_ids_N_K: np.n
                    token_logprob=np.full(n, token_logprob, np.float32), sampling_logprob=np.full(n, -2.0, np.float32))
 
 
-def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
-    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out."""
-    if len(rollouts.files) != len(signals.files):
-        raise ArtifactError(f"{signals.folder} has {len(signals.files)} shards but {rollouts.folder} has "
-                            f"{len(rollouts.files)}; rerun `score` for this iteration")
-    examples = []
+def _aligned_rows(rollouts: StageData, graded: StageData, stage: str):
+    """(rollout row, the graded stage's shard table, row index) for every row of two row-aligned outputs (signals or
+    rewards beside rollouts), after checking shard counts, row counts and keys; `stage` writes `graded`."""
+    if len(rollouts.files) != len(graded.files):
+        raise ArtifactError(f"{graded.folder} has {len(graded.files)} shards but {rollouts.folder} has "
+                            f"{len(rollouts.files)}; rerun `{stage}` for this iteration")
     for index in range(len(rollouts.files)):
         rollout_rows = rollouts.read_shard(index).to_pylist()
-        signal_table = signals.read_shard(index)
-        if signal_table.num_rows != len(rollout_rows):
-            raise ArtifactError(f"{signals.files[index]} has {signal_table.num_rows} rows, its rollouts shard "
+        table = graded.read_shard(index)
+        if table.num_rows != len(rollout_rows):
+            raise ArtifactError(f"{graded.files[index]} has {table.num_rows} rows, its rollouts shard "
                                 f"{rollouts.files[index]} has {len(rollout_rows)}")
-        for row, rollout in enumerate(rollout_rows):
-            signal = {name: signal_table.column(name)[row] for name in signal_table.column_names}
-            key = (signal["prompt_id"].as_py(), signal["sample_idx"].as_py())
-            if key != (rollout["prompt_id"], rollout["sample_idx"]):
-                raise ArtifactError(f"{signals.files[index]} row {row}: keys differ from {rollouts.files[index]}")
-            if signal["status"].as_py() != "ok":
-                continue
-            mask = np.asarray(signal["loss_mask"].values, dtype=bool)
-            if not mask.any():
-                continue
-            k = signal["topk_ids"].type.value_type.list_size
-            ids = signal["topk_ids"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            values = signal["topk_logprobs"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            positions = np.nonzero(mask)[0]
-            examples.append(Example(
-                input_ids=np.asarray(rollout["prompt_token_ids"] + rollout["response_token_ids"], dtype=np.int64),
-                prompt_len=len(rollout["prompt_token_ids"]),
-                positions=positions,
-                topk_ids=ids[positions].astype(np.int64),
-                topk_logprobs=decode_logprobs(values[positions]),
-                tail_logprob=signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
-                token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
-                sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions],
-                response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32)[positions],
-            ))
+        keys = table.select(["prompt_id", "sample_idx"]).to_pylist()
+        for row, (rollout, key) in enumerate(zip(rollout_rows, keys, strict=True)):
+            if (key["prompt_id"], key["sample_idx"]) != (rollout["prompt_id"], rollout["sample_idx"]):
+                raise ArtifactError(f"{graded.files[index]} row {row}: keys differ from {rollouts.files[index]}")
+            yield rollout, table, row
+
+
+def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
+    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out."""
+    examples = []
+    for rollout, table, row in _aligned_rows(rollouts, signals, "score"):
+        signal = {name: table.column(name)[row] for name in table.column_names}
+        if signal["status"].as_py() != "ok":
+            continue
+        mask = np.asarray(signal["loss_mask"].values, dtype=bool)
+        if not mask.any():
+            continue
+        k = signal["topk_ids"].type.value_type.list_size
+        ids = signal["topk_ids"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        values = signal["topk_logprobs"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        positions = np.nonzero(mask)[0]
+        examples.append(Example(
+            input_ids=np.asarray(rollout["prompt_token_ids"] + rollout["response_token_ids"], dtype=np.int64),
+            prompt_len=len(rollout["prompt_token_ids"]),
+            positions=positions,
+            topk_ids=ids[positions].astype(np.int64),
+            topk_logprobs=decode_logprobs(values[positions]),
+            tail_logprob=signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
+            token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
+            sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions],
+            response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32)[positions],
+        ))
     return examples
 
 
@@ -85,20 +92,8 @@ def load_reward_examples(rollouts: StageData, rewards: StageData) -> list[Exampl
     every response token; the teacher fields are empty. The advantages use every rollout of the iteration."""
     from rgsd_pipeline.policy_gradient import group_advantages
 
-    if len(rollouts.files) != len(rewards.files):
-        raise ArtifactError(f"{rewards.folder} has {len(rewards.files)} shards but {rollouts.folder} has "
-                            f"{len(rollouts.files)}; rerun `reward` for this iteration")
-    rows = []
-    for index in range(len(rollouts.files)):
-        rollout_rows = rollouts.read_shard(index).to_pylist()
-        reward_rows = rewards.read_shard(index).select(["prompt_id", "sample_idx", "reward"]).to_pylist()
-        if len(reward_rows) != len(rollout_rows):
-            raise ArtifactError(f"{rewards.files[index]} has {len(reward_rows)} rows, its rollouts shard "
-                                f"{rollouts.files[index]} has {len(rollout_rows)}")
-        for row, (rollout, reward) in enumerate(zip(rollout_rows, reward_rows, strict=True)):
-            if (reward["prompt_id"], reward["sample_idx"]) != (rollout["prompt_id"], rollout["sample_idx"]):
-                raise ArtifactError(f"{rewards.files[index]} row {row}: keys differ from {rollouts.files[index]}")
-            rows.append((rollout, reward["reward"]))
+    rows = [(rollout, table.column("reward")[row].as_py())
+            for rollout, table, row in _aligned_rows(rollouts, rewards, "reward")]
     advantages = group_advantages([r["prompt_id"] for r, _ in rows], [reward for _, reward in rows])
     examples = []
     for (rollout, _), advantage in zip(rows, advantages, strict=True):

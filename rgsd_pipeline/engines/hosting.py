@@ -26,9 +26,11 @@ class StageEngines:
     def __init__(self, engine_kind: str | None = None):
         self.engine_kind = engine_kind
 
+    world = None  # a rank of a data-parallel job: on GPUs its vLLM engine runs in this process
+
     def student(self, policy: Path, config: RunConfig) -> Engine:
         return make_engine(self.engine_kind or config.engine.kind, policy, config.engine, config.model,
-                           sampling=Sampling.of(config.rollout))
+                           sampling=Sampling.of(config.rollout), rank_of=self.world)
 
     def teacher(self, teacher: Path, config: RunConfig) -> Engine:
         kind = self.engine_kind or config.engine.score_kind or config.engine.kind
@@ -45,7 +47,7 @@ class ResidentEngines(StageEngines):
 
     def __init__(self, engine_kind: str | None = None, world=None):
         super().__init__(engine_kind)
-        self.world = world  # a rank of a data-parallel job: on GPUs its vLLM engine runs in this process
+        self.world = world
         self._student: Engine | None = None
         self._teacher: Engine | None = None
         self.weight_loads = 0  # in-place swaps, for the summary
@@ -55,8 +57,7 @@ class ResidentEngines(StageEngines):
     def student(self, policy: Path, config: RunConfig) -> Engine:
         if self._student is None:
             started = time.perf_counter()
-            self._student = make_engine(self.engine_kind or config.engine.kind, policy, config.engine, config.model,
-                                        sampling=Sampling.of(config.rollout), rank_of=self.world)
+            self._student = super().student(policy, config)
             self.start_seconds += time.perf_counter() - started
         else:
             self._student.wake_up()
