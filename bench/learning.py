@@ -144,6 +144,7 @@ def policy_row(run: Path, label: str, arm: str, iteration: int) -> dict:
     diagnostics = json.loads(layout.diagnostics_file(run, HELDOUT, label).read_text())
     return {"policy": label, "arm": arm, "iteration": iteration, "satisfaction": summary["overall"]["mean"],
             "low": summary["overall"]["low"], "high": summary["overall"]["high"], "prompts": summary["overall"]["n"],
+            "finished": summary["finished"]["mean"], "finished_answers": summary["finished"]["answers"],
             **{f"domain:{d}": v["mean"] for d, v in summary["domains"].items()},
             **{f"kind:{k}": v for k, v in kind_rates(run, label).items()},
             "heldout_jsd": diagnostics.get("divergence"), "mean_length": diagnostics.get("mean_length"),
@@ -154,12 +155,14 @@ def markdown(rows: list[dict], chosen: list[str]) -> str:
     kinds = sorted({k for r in rows for k in r if k.startswith("kind:")})
     domains = sorted({k for r in rows for k in r if k.startswith("domain:")})
     fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
-    head = ["policy", "teacher", "rubric satisfaction [95% CI]", f"on {'+'.join(chosen) or 'no kind'} [95% CI]",
+    head = ["policy", "teacher", "rubric satisfaction [95% CI]", "on finished answers (n)",
+            f"on {'+'.join(chosen) or 'no kind'} [95% CI]",
             *(d[7:] for d in domains), *(k[5:] for k in kinds), "held-out JSD", "length", "leaked 4-grams",
             "rollouts", "judge calls"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["policy"], r["arm"], f"{fmt(r['satisfaction'])} [{fmt(r['low'])}, {fmt(r['high'])}]",
+                 f"{fmt(r['finished'])} ({r['finished_answers']})",
                  f"{fmt(r['chosen'])} [{fmt(r['chosen_low'])}, {fmt(r['chosen_high'])}]",
                  *(fmt(r.get(d)) for d in domains), *(fmt(r.get(k), ".2f") for k in kinds),
                  fmt(r["heldout_jsd"], ".4f"), fmt(r["mean_length"], ".0f"), fmt(r["leakage_rate"], ".2f"),

@@ -1,11 +1,15 @@
-"""Build `builtin:checkable`: rubric prompts whose every criterion also carries a machine-checkable predicate.
+"""Build `builtin:checkable` and `builtin:howto`: rubric prompts whose every criterion carries a machine-checkable
+predicate.
 
-    python bench/make_checkable.py            # writes rgsd_pipeline/data/checkable.jsonl
-    python bench/make_checkable.py --check    # exits 1 when the committed file differs from what this builds
+    python bench/make_checkable.py            # writes rgsd_pipeline/data/{checkable,howto}.jsonl
+    python bench/make_checkable.py --check    # exits 1 when a committed file differs from what this builds
 
 Each topic of bench/data/checkable_{medical,science}.txt (written for this project) gives a question and two
-criteria specific to it, with the terms that show each one in an answer. Every prompt also gets two generic
-criterion kinds of its domain, in rotation (so held-out prompts share kinds, not prompts), and two pitfalls.
+criteria specific to it, with the terms that show each one in an answer: alternatives, and groups that must all
+appear, in one sentence ("insulin + make*, no longer") or anywhere ("soap & twenty seconds"), so that a predicate asks
+for what its criterion asks and not for one word of it (hand labels measure how well: bench/agreement.py).
+Every prompt also gets two generic criterion kinds of its domain, in rotation (so held-out prompts share kinds, not
+prompts), and two pitfalls.
 Criteria are ordinary rubric text, which is what the teacher reads; the predicate sits in the criterion's
 tags (`check:{...}`, `kind:...`), which no model ever sees. The rule judge (rgsd_pipeline/rule_judge.py)
 grades the predicates. Each row's reference answer (for the reference-answer teacher of the paper's
@@ -22,32 +26,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = {"medical": ROOT / "bench" / "data" / "checkable_medical.txt",
           "science": ROOT / "bench" / "data" / "checkable_science.txt"}
-OUT = ROOT / "rgsd_pipeline" / "data" / "checkable.jsonl"
+OUT = {"checkable": ROOT / "rgsd_pipeline" / "data" / "checkable.jsonl",
+       "howto": ROOT / "rgsd_pipeline" / "data" / "howto.jsonl"}
 
 CLINICIAN = ["doctor*", "physician*", "clinician*", "GP", "healthcare provider*", "health care provider*",
              "medical attention", "medical advice", "medical help", "pharmacist*", "nurse*", "emergency"]
+# A cut-off answer does not end with a finished sentence, whatever its last line begins with.
+SUMMARY = ("summary", "Ends with a final one-sentence line that begins with 'In summary'.", 2,
+           {"final_sentence_starts": ["In summary"]})
 # (kind, criterion text, points, predicate) of the generic criteria each domain rotates through.
 GENERIC = {
     "medical": [
         ("clinician", "Advises seeing a doctor or other clinician if symptoms persist, worsen or are severe.", 3,
          {"any": CLINICIAN}),
         ("brevity", "Keeps the whole answer under 120 words.", 2, {"max_words": 120}),
-        ("summary", "Ends with a final one-sentence line that begins with 'In summary'.", 2,
-         {"last_line_starts": ["In summary"]}),
+        SUMMARY,
         ("numbered", "Presents the main points as a numbered list (1., 2., ...).", 2, {"numbered_list": 2}),
     ],
     "science": [
         ("example", "Gives a concrete everyday example, introduced with 'for example' or 'for instance'.", 2,
          {"any": ["for example", "for instance"]}),
         ("brevity", "Keeps the whole answer under 120 words.", 2, {"max_words": 120}),
-        ("summary", "Ends with a final one-sentence line that begins with 'In summary'.", 2,
-         {"last_line_starts": ["In summary"]}),
+        SUMMARY,
         ("numbered", "Presents the main points as a numbered list (1., 2., ...).", 2, {"numbered_list": 2}),
     ],
 }
+# builtin:howto: the same questions, each with the same three criteria about how to answer (no content criterion), so
+# that the demo measures the mechanism where the 135M teacher has something to teach: reading these, it keeps to 80
+# words far more often than the base model does (README, "What the demo measures").
+HOWTO = [("brevity", "Keeps the whole answer under 80 words.", 2, {"max_words": 80}),
+         GENERIC["medical"][3], GENERIC["science"][0]]
 PITFALLS = [
+    # Reciting the hidden instructions counts: "a good response should", the 120-word limit, a quoted 'In summary'.
     ("leakage", "Refers to hidden evaluation criteria, a rubric or grading.", -3,
-     {"any": ["rubric*", "criteria", "criterion", "grading"]}),
+     {"or": [{"any": ["rubric*", "criteria", "criterion", "grading", "good response", "120 words"]},
+             {"regex": "[\"'\u201c\u2018]in summary"}]}),
     ("ai_disclaimer", "Describes itself as an AI or a language model.", -2,
      {"any": ["as an AI", "I am an AI", "I'm an AI", "language model"]}),
 ]
@@ -70,7 +83,19 @@ def criterion(kind: str, text: str, points: int, predicate: dict) -> dict:
             "tags": [f"kind:{kind}", "check:" + json.dumps(predicate, sort_keys=True)]}
 
 
-def topics(domain: str) -> list[tuple[str, str, list[str], str, list[str]]]:
+def predicate_of_terms(terms: str) -> dict:
+    """The predicate of a terms field: "a, b" -> any; "a + b, c" -> one sentence with a and (b or c); "a & b" -> both
+    anywhere; parts joined by "&" may themselves be sentence groups."""
+    parts = [[[t.strip() for t in group.split(",")] for group in part.split(" + ")] for part in terms.split(" & ")]
+    if len(parts) == 1:
+        groups = parts[0]
+        return {"any": groups[0]} if len(groups) == 1 else {"sentence": groups}
+    if all(len(groups) == 1 for groups in parts):
+        return {"all_of": [groups[0] for groups in parts]}
+    return {"and": [{"any": groups[0]} if len(groups) == 1 else {"sentence": groups} for groups in parts]}
+
+
+def topics(domain: str) -> list[tuple[str, str, dict, str, dict]]:
     rows = []
     for number, line in enumerate(TOPICS[domain].read_text().splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
@@ -79,8 +104,15 @@ def topics(domain: str) -> list[tuple[str, str, list[str], str, list[str]]]:
         if len(fields) != 5:
             raise SystemExit(f"{TOPICS[domain]}:{number}: expected 5 fields separated by ' | ', got {len(fields)}")
         question, a, terms_a, b, terms_b = fields
-        rows.append((question, a, [t.strip() for t in terms_a.split(",")], b, [t.strip() for t in terms_b.split(",")]))
+        rows.append((question, a, predicate_of_terms(terms_a), b, predicate_of_terms(terms_b)))
     return rows
+
+
+def build_howto() -> list[dict]:
+    """builtin:howto: every question of builtin:checkable with the HOWTO criteria and the pitfalls."""
+    return [{**row, "Rubrics": [criterion(*c) for c in (*HOWTO, *PITFALLS)],
+             "reference_answer": None, "extra_info": {"id": row["extra_info"]["id"].replace("checkable", "howto")}}
+            for row in build()]
 
 
 def build() -> list[dict]:
@@ -89,15 +121,15 @@ def build() -> list[dict]:
     rows = []
     for domain in ("medical", "science"):
         generic = GENERIC[domain]
-        for index, (question, a, terms_a, b, terms_b) in enumerate(topics(domain)):
-            for terms in (terms_a, terms_b):  # a criterion the question already meets would measure nothing
-                met, _ = check({"any": terms}, question)
+        for index, (question, a, check_a, b, check_b) in enumerate(topics(domain)):
+            for predicate in (check_a, check_b):  # a criterion the question already meets would measure nothing
+                met, _ = check(predicate, question)
                 if met:
-                    raise SystemExit(f"{domain} topic {index + 1}: the question itself contains one of {terms}")
+                    raise SystemExit(f"{domain} topic {index + 1}: the question itself meets {predicate}")
             first, second = generic[index % len(generic)], generic[(index + 1 + index // len(generic)) % len(generic)]
             if second == first:
                 second = generic[(index + 1) % len(generic)]
-            rubric = [criterion("concept", a, 4, {"any": terms_a}), criterion("concept", b, 3, {"any": terms_b}),
+            rubric = [criterion("concept", a, 4, check_a), criterion("concept", b, 3, check_b),
                       criterion(*first), criterion(*second), *(criterion(*p) for p in PITFALLS)]
             # The reference answer of the paper's ablation: the content of the two specific criteria, none of the
             # format the generic ones ask for.
@@ -111,13 +143,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")
     args = parser.parse_args()
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in build())
-    if args.check:
-        if OUT.read_text() != text:
-            sys.exit(f"{OUT} differs from what bench/make_checkable.py builds; rerun it")
-        return
-    OUT.write_text(text)
-    print(f"wrote {len(text.splitlines())} prompts to {OUT}")
+    for name, rows in (("checkable", build()), ("howto", build_howto())):
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if args.check:
+            if not OUT[name].exists() or OUT[name].read_text() != text:
+                sys.exit(f"{OUT[name]} differs from what bench/make_checkable.py builds; rerun it")
+            continue
+        OUT[name].write_text(text)
+        print(f"wrote {len(rows)} prompts to {OUT[name]}")
 
 
 if __name__ == "__main__":

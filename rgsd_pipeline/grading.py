@@ -75,6 +75,20 @@ def summarize(verdicts: pl.DataFrame, domains: dict[str, str], resamples: int = 
     return out
 
 
+def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean per-prompt score difference (after - before) over the prompts both policies have a score on, with a
+    percentile bootstrap interval over those prompts: the paired comparison of two policies' verdicts."""
+    a, b = (prompt_scores(answer_scores(v)).drop_nulls("score") for v in (after, before))
+    both = a.join(b, on="prompt_id", suffix="_before")
+    diffs = (both["score"] - both["score_before"]).to_numpy()
+    if not len(diffs):
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    return {"mean": float(diffs.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "n": int(len(diffs))}
+
+
 def make_grader(judge, run: Path):
     """The grader for a judge: "rules" (the rule judge), or JudgeSettings (an LLM judge, its verdicts cached in the
     run's judge cache)."""
@@ -143,8 +157,13 @@ def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], ans
         out.finalize()
     grader.close()
     verdicts = read_stage(out_dir, EVAL_VERDICTS).lazy().collect()
-    summary = {**grader.identity(), "judge": grader.describe(),
-               **summarize(verdicts, {p["prompt_id"]: p["domain"] or "-" for p in prompts}, resamples),
+    domains = {p["prompt_id"]: p["domain"] or "-" for p in prompts}
+    # Satisfaction on the answers that ended on their own, beside all answers: a cut-off answer cannot end with
+    # the summary a criterion asks for.
+    finished = answers.lazy().filter(pl.col("finish_reason") == "stop").select("prompt_id", "sample_idx").collect()
+    summary = {**grader.identity(), "judge": grader.describe(), **summarize(verdicts, domains, resamples),
+               "finished": {**summarize(verdicts.join(finished, on=["prompt_id", "sample_idx"]), domains,
+                                        resamples)["overall"], "answers": finished.height},
                "calls": dataclasses.asdict(grader.stats)}
     write_json_atomic(layout.summary_file(run, set_name, label, grader.name), summary)
     return summary

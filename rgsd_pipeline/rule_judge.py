@@ -5,12 +5,15 @@ student). Predicates:
 
     {"any": [terms]}                 the answer contains one of the terms
     {"all": [terms]}                 ... all of them
+    {"all_of": [[terms], ...]}       ... one term of every group
+    {"sentence": [[terms], ...]}     one sentence contains one term of every group ("insulin" + "no longer made")
     {"max_words": n}, {"min_words": n}
     {"numbered_list": n}             at least n lines that start "1." / "2)" ...
     {"last_line_starts": [prefixes]} the last non-empty line begins with one of them (markdown emphasis ignored)
+    {"final_sentence_starts": [prefixes]}  ... and is one finished sentence (a cut-off answer does not end in one)
     {"number_with_unit": [units]}    a number followed by one of the units
     {"regex": pattern}               a case-insensitive regular expression matches
-    {"not": predicate}
+    {"not": predicate}, {"and": [predicates]}, {"or": [predicates]}
 
 Terms are case-insensitive and match whole words; a trailing `*` matches any ending ("vaccin*"). A
 criterion with negative points is a pitfall: it is met when the answer does the undesirable thing, and
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 from rgsd_pipeline.judge import Item, Verdict
 
-RULES_VERSION = 1  # bump when a predicate's meaning changes
+RULES_VERSION = 2  # bump when a predicate's meaning changes
 CHECK_TAG = "check:"
 KIND_TAG = "kind:"
 
@@ -55,6 +58,35 @@ def _terms(predicate: dict, key: str) -> list[str]:
     return terms
 
 
+def _groups(predicate: dict, key: str) -> list[list[str]]:
+    groups = predicate[key]
+    if not isinstance(groups, list) or not groups:
+        raise PredicateError(f"{key!r} needs a non-empty list of term lists, got {groups!r}")
+    return [_terms({key: group}, key) for group in groups]
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip().lstrip("*_#> ").strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _one_sentence(line: str) -> bool:
+    """A line that is one finished sentence: it ends a sentence, and ends none before that."""
+    body = line.rstrip("*_ ")
+    return bool(re.search(r"[.!?][\"')\]]*$", body)) and not re.search(r"[.!?][\"')\]]*\s+\S", body)
+
+
+def _predicates(predicate: dict, key: str) -> list[dict]:
+    parts = predicate[key]
+    if not isinstance(parts, list) or not parts:
+        raise PredicateError(f"{key!r} needs a non-empty list of predicates, got {parts!r}")
+    return parts
+
+
 def check(predicate: dict, answer: str) -> tuple[bool, str]:
     """(met, evidence) of one predicate on an answer; PredicateError when the predicate is malformed."""
     text = answer.replace("\u2019", "'")
@@ -65,6 +97,24 @@ def check(predicate: dict, answer: str) -> tuple[bool, str]:
         found = [t for t in _terms(predicate, kind) if _found(t, text)]
         met = bool(found) if kind == "any" else len(found) == len(value)
         return met, f"found {found}" if found else "none of the terms found"
+    if kind == "all_of":
+        found = [next((t for t in group if _found(t, text)), None) for group in _groups(predicate, kind)]
+        return None not in found, f"found {[f for f in found if f]}, {found.count(None)} group(s) missing"
+    if kind == "sentence":
+        groups = _groups(predicate, kind)
+        for sentence in _sentences(text):
+            found = [next((t for t in group if _found(t, sentence)), None) for group in groups]
+            if None not in found:
+                return True, f"found {found} in {sentence.strip()[:60]!r}"
+        return False, "no sentence holds a term of every group"
+    if kind in ("and", "or"):
+        results = [check(part, answer) for part in _predicates(predicate, kind)]
+        met = all(m for m, _ in results) if kind == "and" else any(m for m, _ in results)
+        return met, f"{kind} (" + "; ".join(evidence for _, evidence in results) + ")"
+    if kind == "final_sentence_starts":
+        last = _last_line(text)
+        met = any(last.lower().startswith(p.lower()) for p in _terms(predicate, kind)) and _one_sentence(last)
+        return met, f"last line: {last[:60]!r}"
     if kind in ("max_words", "min_words"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise PredicateError(f"{kind!r} needs a whole number, got {value!r}")
@@ -76,8 +126,7 @@ def check(predicate: dict, answer: str) -> tuple[bool, str]:
         items = len(re.findall(r"^\s*\d+[.)]\s+\S", text, re.MULTILINE))
         return items >= value, f"{items} numbered lines"
     if kind == "last_line_starts":
-        lines = [line.strip().lstrip("*_#> ").strip() for line in text.splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
+        last = _last_line(text)
         met = any(last.lower().startswith(p.lower()) for p in _terms(predicate, kind))
         return met, f"last line: {last[:60]!r}"
     if kind == "number_with_unit":

@@ -18,8 +18,9 @@ from pathlib import Path
 from rgsd_pipeline.errors import UserError
 
 # medsci: 122 medical and science prompts with rubrics; checkable: 221 whose every criterion also carries a
-# machine-checkable predicate for the rule judge (built by bench/make_checkable.py).
-BUILTIN_DATA = {"medsci": "medsci.jsonl", "checkable": "checkable.jsonl"}
+# machine-checkable predicate for the rule judge; howto: the same questions, each with three criteria about how to
+# answer (the demo's data). The last two are built by bench/make_checkable.py.
+BUILTIN_DATA = {"medsci": "medsci.jsonl", "checkable": "checkable.jsonl", "howto": "howto.jsonl"}
 
 
 class SourceError(UserError, ValueError):

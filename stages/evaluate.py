@@ -32,15 +32,28 @@ from rgsd_pipeline.models import resolve_model
 
 def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | None, max_prompts: int, samples: int,
              engine_kind: str | None, judge, with_divergence: bool, resamples: int) -> None:
+    from rgsd_pipeline.evaluation import set_name_for
+
+    set_name = set_name or set_name_for(data_spec)
+    evaluate_policy(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, judge, with_divergence,
+                    resamples)
+    # Every policy evaluated on this set, side by side.
+    click.echo(f"eval set {set_name} ({layout.eval_set_dir(run, set_name)})")
+    click.echo(views.format_policies(views.iterations(run, set_name), evaluated_only=True))
+
+
+def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: str, max_prompts: int, samples: int,
+                    engine_kind: str | None, judge, with_divergence: bool, resamples: int = 1000) -> dict:
+    """One policy on one evaluation set: {label, prompts, answers, diagnostics, summary (None without a judge)}; every
+    piece written under eval/<set>/ and reused when it is there. `report` calls this too."""
     from rgsd_pipeline.diagnostics import write_diagnostics
-    from rgsd_pipeline.evaluation import eval_prompts, evaluated_policy, generate_answers, set_name_for
+    from rgsd_pipeline.evaluation import eval_prompts, evaluated_policy, generate_answers
     from rgsd_pipeline.grading import grade_answers, make_grader
 
     # 1. The policy, and the prompts of the evaluation set.
     config = load_run_config(run)
     base = resolve_model(config.model.path)
     label, policy = evaluated_policy(run, iteration, base)
-    set_name = set_name or set_name_for(data_spec)
     prompts = eval_prompts(run, config, data_spec, set_name, max_prompts)
 
     # 2. Its answers: the same seed per (prompt, sample) for every policy.
@@ -55,15 +68,13 @@ def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | N
                for key in ("divergence", "mean_length", "truncation_rate", "repetition_rate", "leakage_rate")}
 
     # 4. Rubric scores, when a judge is given.
+    summary = None
     if judge is not None:
         grader = make_grader(judge, run)
         summary = grade_answers(run, set_name, label, prompts, answers, grader, resamples)
         watched[f"eval/{set_name}/{label}/satisfaction_{grader.name}"] = summary["overall"]["mean"]
     tracking.log_values(run, config, None, watched, tracking.policy_step(policy))
-
-    # 5. Every policy evaluated on this set, side by side.
-    click.echo(f"eval set {set_name} ({layout.eval_set_dir(run, set_name)})")
-    click.echo(views.format_policies(views.iterations(run, set_name), evaluated_only=True))
+    return {"label": label, "prompts": prompts, "answers": answers, "diagnostics": diagnostics, "summary": summary}
 
 
 def _iteration(value: str) -> str:

@@ -1,15 +1,16 @@
-"""Stage `report`: what an iteration changed, without a judge.
+"""Stage `report`: what an iteration changed, measured on held-out prompts.
 
-    rgsd-pipeline report --run runs/demo --iteration 0 [--heldout 12]
+    rgsd-pipeline report --run runs/demo --iteration 0 [--heldout N]
 
-Samples the base model and iteration I's checkpoint on the same held-out prompts with the same seeds,
-scores both with the rubric-conditioned teacher, and prints the teacher–student divergence before and
-after, one answer before and after, and where every artifact is.
+The base model and iteration I's checkpoint answer the same held-out prompts with the same seeds, through
+`evaluate` (the run's engine, answers and verdicts kept under eval/): the teacher–student divergence before and
+after, and, when every criterion carries a machine-checkable predicate, rubric satisfaction by the rule judge of
+the base model, the teacher itself (the base model reading the rubric) and the trained policy, with the paired
+difference. Then one answer before and after, and where every artifact is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -18,54 +19,123 @@ import polars as pl
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import load_run_config
-from rgsd_pipeline.diagnostics import heldout_divergence
-from rgsd_pipeline.engines.hosting import StageEngines
-from rgsd_pipeline.models import resolve_model
-from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_seed
 from rgsd_pipeline.shards import ArtifactError, read_stage
 from schemas import PROMPTS, ROLLOUTS
 
 
+def rules_can_grade(prompts: list[dict]) -> bool:
+    """Whether the rule judge can grade every criterion of these prompts (each carries a predicate)."""
+    from rgsd_pipeline.rule_judge import CHECK_TAG
+
+    return all(any(t.startswith(CHECK_TAG) for t in c["tags"]) for p in prompts for c in p["rubric"])
+
+
+def met_by_kind(run: Path, set_name: str, label: str, prompts: list[dict]) -> dict[str, float]:
+    """Share of answers meeting each criterion kind (the criterion's text where it has no kind)."""
+    from rgsd_pipeline.rule_judge import kind_of
+    from schemas import EVAL_VERDICTS
+
+    kinds = pl.DataFrame([{"prompt_id": p["prompt_id"], "criterion_idx": i,
+                           "kind": kind_of(c["tags"]) or c["criterion"]}
+                          for p in prompts for i, c in enumerate(p["rubric"])])
+    verdicts = read_stage(layout.verdicts_dir(run, set_name, label, "rules"), EVAL_VERDICTS).lazy().collect()
+    rates = (verdicts.join(kinds, on=["prompt_id", "criterion_idx"]).filter(pl.col("met").is_not_null())
+             .group_by("kind", maintain_order=True).agg(pl.col("met").mean()))
+    return dict(rates.iter_rows())
+
+
+def ci(value: dict, signed: bool = False) -> str:
+    if value.get("mean") is None:
+        return "–"
+    form = "+.3f" if signed else ".3f"
+    return f"{value['mean']:{form}} [{value['low']:{form}}, {value['high']:{form}}]"
+
+
+def satisfaction_table(run: Path, set_name: str, results: dict[str, dict]) -> str:
+    """The rule judge's satisfaction of each evaluated policy, the paired difference after - base, and per kind."""
+    from rgsd_pipeline.grading import paired_difference
+    from schemas import EVAL_VERDICTS
+
+    names = {"base": "base model", "teacher": "teacher itself (base reading the rubric)"}
+    rows = [("policy", "all answers [95% CI]", "finished answers [95% CI]")]
+    for label, result in results.items():
+        summary = result["summary"]
+        finished = summary["finished"]
+        rows.append((names.get(label, f"after ({label})"), ci(summary["overall"]),
+                     f"{ci(finished)} ({finished['answers']} of {summary['answers']})"))
+    verdicts = {label: read_stage(layout.verdicts_dir(run, set_name, label, "rules"), EVAL_VERDICTS).lazy().collect()
+                for label in results}
+    trained = list(results)[-1]
+    rows.append((f"{trained} - base, paired by prompt", ci(paired_difference(verdicts[trained], verdicts["base"]),
+                                                           signed=True), ""))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)).rstrip() for row in rows]
+    prompts = results["base"]["prompts"]
+    kinds = {label: met_by_kind(run, set_name, label, prompts) for label in results}
+    lines += ["", "share of answers meeting each kind of criterion: " + " / ".join(kinds)]
+    lines += [f"  {kind:<16}" + " / ".join(f"{kinds[label].get(kind, float('nan')):.2f}" for label in kinds)
+              for kind in kinds["base"]]
+    return "\n".join("    " + line if line else "" for line in lines)
+
+
 def report(run: Path, iteration: int, heldout: int) -> None:
-    # 1. Inputs: the held-out prompts, the base model (teacher and "before"), iteration I's checkpoint ("after").
+    from stages.evaluate import evaluate_policy
+
+    # 1. Inputs: the run's prompts and iteration I's rollouts.
     config = load_run_config(run)
     prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect()
-    held = prompts.filter(pl.col("split") == "heldout").head(heldout).to_dicts()
+    held = prompts.filter(pl.col("split") == "heldout").to_dicts()
     if not held:
         raise ArtifactError(f"{layout.prompts_dir(run)} has no held-out prompts; set data.heldout_fraction > 0")
-    base = resolve_model(config.model.path)
-    checkpoint = layout.policy_path(run, iteration + 1, base)
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS).lazy()
     samples, tokens = rollouts.select(pl.len(), pl.col("response_token_ids").list.len().sum()).collect().row(0)
     train_prompts = prompts.filter(pl.col("split") == "train").height
 
-    # 2. Both policies sample the same held-out prompts with the same seeds; the teacher scores both. Transformers
-    #    engines, each prompt set one batch (decoding is step-bound on a CPU).
-    one_batch = dataclasses.replace(config, engine=dataclasses.replace(config.engine, hf_batch_size=len(held)))
-    engines = StageEngines("hf")
-    teacher, trained = engines.teacher(base, one_batch), engines.student(checkpoint, one_batch)
-    seeds = [sample_seed(config.rollout.seed, p["prompt_id"], 0, seed_round=EVAL_SEED_ROUND) for p in held]
-    before = heldout_divergence(teacher, teacher, held, config, seeds, config.score.top_k, config.train.beta)
-    after = heldout_divergence(trained, teacher, held, config, seeds, config.score.top_k, config.train.beta)
+    # 2. The base model, the teacher itself (when the rule judge can grade the rubric) and the trained policy answer
+    #    the held-out prompts with the same seeds, through `evaluate`: its answers, diagnostics and verdicts.
+    set_name = "heldout" if not heldout or heldout >= len(held) else f"heldout-first-{heldout}"
+    judge = "rules" if rules_can_grade(held) else None
+    policies = ["base", *(["teacher"] if judge else []), str(iteration)]
+    results = {}
+    for policy in policies:
+        result = evaluate_policy(run, policy, None, set_name, 0 if set_name == "heldout" else heldout, 1, None, judge,
+                                 with_divergence=policy != "teacher")
+        results[result["label"]] = result
+    before, after = results["base"], results[layout.policy_label(iteration + 1)]
 
     # 3. The report.
-    wrap = lambda text: textwrap.indent(textwrap.fill(text.strip()[:600] or "(empty)", 100), "    ")  # noqa: E731
-    how = f"β={config.train.beta}, {len(held)} prompts, teacher top-{config.score.top_k} + tail"
+    def wrap(text: str) -> str:
+        return textwrap.indent(textwrap.fill(text.strip()[:600] or "(empty)", 100), "    ")
+
+    def answer(result: dict) -> str:
+        return result["answers"].lazy().sort("prompt_id", "sample_idx").filter(
+            pl.col("prompt_id") == first["prompt_id"]).collect()["response_text"][0]
+
+    first = results["base"]["prompts"][0]
+    n = len(results["base"]["prompts"])
+    how = f"β={config.train.beta}, {n} prompts, teacher top-{config.score.top_k} + tail"
+    jsd = lambda r: "–" if r["diagnostics"]["divergence"] is None else f"{r['diagnostics']['divergence']:.4f}"  # noqa: E731
+    length = lambda r: f"{r['diagnostics']['mean_length']:.1f}"  # noqa: E731
+    satisfaction = (f"\n  rubric satisfaction, rule judge, {n} held-out prompts (bench/agreement.py: its agreement "
+                    f"with hand labels)\n{satisfaction_table(run, set_name, results)}\n" if judge else
+                    "\n  rubric satisfaction: some criteria carry no machine-checkable predicate; grade with an LLM "
+                    "judge (evaluate --judge-url ...)\n")
     folder = layout.iteration_dir(run, iteration)
     click.echo(f"""
 RGSD report — {run}, iteration {iteration}
   prompts            {train_prompts} train, {prompts.height - train_prompts} held out
   rollouts           {samples} samples, {tokens} response tokens
-  held-out JSD       before {before.divergence:.4f} -> after {after.divergence:.4f} per token ({how})
-  mean answer length before {before.mean_length:.1f} -> after {after.mean_length:.1f} tokens
-
-  question: {held[0]['messages'][-1]['content']}
+  held-out JSD       before {jsd(before)} -> after {jsd(after)} per token ({how})
+  mean answer length before {length(before)} -> after {length(after)} tokens
+{satisfaction}
+  question: {first['messages'][-1]['content']}
   before:
-{wrap(before.answers[0])}
+{wrap(answer(before))}
   after:
-{wrap(after.answers[0])}
+{wrap(answer(after))}
 
   artifacts          {layout.prompts_dir(run)}  {folder}/{{rollouts,signals,checkpoint,metrics.jsonl}}
+                     {layout.eval_set_dir(run, set_name)}/{{base,teacher,{after['label']}}}/{{answers,verdicts-rules}}
   inspect            rgsd-pipeline inspect {run} --iteration {iteration} --html tokens.html --plot run.png
                      or in Python: from rgsd_pipeline import inspect; inspect.tokens("{run}", {iteration}).collect()
   evaluate           rgsd-pipeline evaluate --run {run} --iteration {iteration} [--judge rules | --judge-url URL ...]
@@ -75,7 +145,7 @@ RGSD report — {run}, iteration {iteration}
 @click.command("report")
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose checkpoint to compare.")
-@click.option("--heldout", default=12, type=click.IntRange(min=1), help="Held-out prompts to sample.")
+@click.option("--heldout", default=0, type=click.IntRange(min=0), help="Held-out prompts to answer (0: all).")
 def command(run, iteration, heldout):
-    """Held-out teacher–student divergence before and after an iteration, with a sample answer."""
+    """Held-out divergence and rubric satisfaction before and after an iteration, with a sample answer."""
     report(run, iteration, heldout)

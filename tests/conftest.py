@@ -1,6 +1,7 @@
 """Shared fixtures: no network, a private model cache, the tiny built-in model."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,18 +34,30 @@ def tiny_tokenizer(tiny_path):
     return load_tokenizer(tiny_path)
 
 
-@pytest.fixture(scope="session")
-def evaluated_run(tmp_path_factory, model_cache):
-    """One RGSD iteration of the tiny model on 16 training prompts (12 held out), through the CLI."""
+def one_iteration(tmp_path_factory, name: str, **data) -> Path:
+    """One RGSD iteration of the tiny model (HF engines, one optimizer step of 8) through the CLI; `data` overrides
+    the data section."""
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["engine"]["kind"] = "hf"
-    config["data"].update(max_prompts=16, rows_per_shard=8)
+    config["data"].update(rows_per_shard=8, **data)
     config["train"] = {"batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3}
-    path = tmp_path_factory.mktemp("config") / "eval.yaml"
+    path = tmp_path_factory.mktemp("config") / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = tmp_path_factory.mktemp("evaluated") / "run"
+    run = tmp_path_factory.mktemp(name) / "run"
     cli("iterate", "--config", path, "--run", run, "--iterations", 1)
     return run
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, model_cache):
+    """One RGSD iteration of the tiny model on 16 training prompts (12 held out)."""
+    return one_iteration(tmp_path_factory, "evaluated", max_prompts=16)
+
+
+@pytest.fixture(scope="session")
+def howto_run(tmp_path_factory, model_cache):
+    """One RGSD iteration of the tiny model on builtin:howto, whose every criterion carries a predicate."""
+    return one_iteration(tmp_path_factory, "howto", sources=["builtin:howto"], max_prompts=24, heldout_fraction=0.25)
 
 
 # The paper's cadence at toy scale: 8 of the 16 training prompts per iteration, one optimizer step each, so two

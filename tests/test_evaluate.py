@@ -125,3 +125,45 @@ def test_judge_through_vllm_serve(evaluated_run, vllm_judge, mode, prompts, max_
     assert asked <= calls <= 2 * asked
     if unparsed == 0:
         assert json.loads((folder / f"summary-tiny-judge-{mode}.json").read_text())["overall"] == summary["overall"]
+
+
+def reported(out: str, row: str) -> tuple[float, float, float]:
+    match = re.search(rf"^\s+{re.escape(row)}\s+(-?[+]?\d\.\d{{3}}) \[(-?[+]?\d\.\d{{3}}), (-?[+]?\d\.\d{{3}})\]",
+                      out, re.M)
+    assert match, out
+    return tuple(float(g) for g in match.groups())
+
+
+@pytest.mark.slow
+def test_report_satisfaction_is_what_evaluate_judge_rules_measures(howto_run, tmp_path):
+    """The report's table of base, teacher and trained satisfaction: the numbers `evaluate --judge rules` writes for
+    each policy, measured again from scratch on a copy of the run without the report's evaluations."""
+    import shutil
+
+    import numpy as np
+    import polars as pl
+
+    from rgsd_pipeline.grading import paired_difference
+
+    out = cli("report", "--run", howto_run, "--iteration", 0).stdout
+    assert "rubric satisfaction, rule judge" in out and "share of answers meeting each kind" in out
+    fresh = tmp_path / "fresh"
+    shutil.copytree(howto_run, fresh, ignore=shutil.ignore_patterns("eval"))
+    rows = {"base": "base model", "teacher": "teacher itself (base reading the rubric)", "0": "after (iter-000)"}
+    verdicts = {}
+    for policy, row in rows.items():
+        cli("evaluate", "--run", fresh, "--iteration", policy, "--judge", "rules", "--no-divergence")
+        label = "iter-000" if policy == "0" else policy
+        summary = json.loads((fresh / "eval" / "heldout" / label / "summary-rules.json").read_text())["overall"]
+        assert reported(out, row) == pytest.approx((summary["mean"], summary["low"], summary["high"]), abs=5e-4)
+        verdicts[label] = read_stage(fresh / "eval" / "heldout" / label / "verdicts-rules", EVAL_VERDICTS
+                                     ).lazy().collect()
+    difference = paired_difference(verdicts["iter-000"], verdicts["base"])
+    assert reported(out, "iter-000 - base, paired by prompt") == pytest.approx(
+        (difference["mean"], difference["low"], difference["high"]), abs=5e-4)
+    # The paired difference is the mean over prompts of the per-prompt score differences.
+    scores = {label: dict(pl.DataFrame(v).group_by("prompt_id", "sample_idx").agg(
+        (pl.col("points").filter(pl.col("met")).sum() / pl.col("points").filter(pl.col("points") > 0).sum())
+        .alias("score")).select("prompt_id", "score").iter_rows()) for label, v in verdicts.items()}
+    assert difference["mean"] == pytest.approx(np.mean([scores["iter-000"][p] - scores["base"][p]
+                                                        for p in scores["base"]]))
