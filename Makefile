@@ -1,5 +1,5 @@
 # rgsd-pipeline: set-up, tests and the demo.
-#   make demo    one RGSD iteration of SmolLM2-135M-Instruct on the bundled data (CPU)
+#   make demo    one RGSD iteration of SmolLM2-135M-Instruct on builtin:howto, then satisfaction before and after (CPU)
 #   make test    the test suite (CPU, no network)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -73,7 +73,8 @@ $(foreach i,$(shell seq 0 $$(($(ITERS) - 1))),$(eval $(call ITERATION,$(i))))
 .PHONY: iterate
 iterate: $(RUN)/iter-$(call iter,$(call previous,$(ITERS)))/checkpoint/_SUCCESS
 
-# The demo: one iteration of SmolLM2-135M-Instruct on the bundled data, then the before/after report.
+# The demo: one iteration of SmolLM2-135M-Instruct on builtin:howto, then `report`: held-out JSD and rule-judge
+# satisfaction of the base model, the teacher itself and the trained policy.
 demo: setup
 	$(MAKE) --no-print-directory iterate CONFIG=configs/smollm2-cpu.yaml RUN=$(RUN) ITERS=1
 	$(CLI) report --run $(RUN) --iteration 0

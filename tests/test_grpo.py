@@ -13,7 +13,7 @@ import torch
 from helpers import cli, copy_run, kill_after_first_shard
 
 from rgsd_pipeline.policy_gradient import clipped_policy_gradient, group_advantages
-from rgsd_pipeline.rule_judge import check, predicate_of
+from rgsd_pipeline.rule_judge import RULES_VERSION, check, predicate_of
 from rgsd_pipeline.shards import read_stage
 from schemas import PROMPTS, REWARDS, ROLLOUTS
 
@@ -104,7 +104,7 @@ def test_rule_rewards_equal_the_rule_judge_applied_by_hand(rolled_out, tmp_path)
         achieved = sum(c["points"] for c, m in zip(criteria, met, strict=True) if m)
         assert (reward["prompt_id"], reward["sample_idx"]) == (rollout["prompt_id"], rollout["sample_idx"])
         assert reward["reward"] == pytest.approx(achieved / 3, abs=1e-6)  # positive points: 2 + 1
-        assert [v["met"] for v in reward["verdicts"]] == met and reward["judge"] == "rules predicates-v1"
+        assert [v["met"] for v in reward["verdicts"]] == met and reward["judge"] == f"rules predicates-v{RULES_VERSION}"
     assert len({r["reward"] for r in rewards}) > 1  # the rollouts differ, so the groups have something to teach
 
 
