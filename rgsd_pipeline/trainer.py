@@ -63,6 +63,14 @@ def batch_order(num_examples: int, batch_size: int, epochs: int, seed: int, iter
     return batches
 
 
+def micro_batches(indices: list[int], lengths: dict[int, int], size: int) -> list[list[int]]:
+    """A process's share of a global batch as micro-batches of `size`, longest sequences first, so that sequences
+    of similar length are padded together. Each micro-batch's loss is its share of the global batch's sum, so the
+    order changes the gradient only by float rounding."""
+    ordered = sorted(indices, key=lambda i: -lengths[i])
+    return [ordered[lo:lo + size] for lo in range(0, len(ordered), size)]
+
+
 class DistillForward(torch.nn.Module):
     """The loss of one micro-batch: decoder, then the chunked LM head and distillation loss.
 
@@ -163,8 +171,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         totals = torch.zeros(1 + len(STAT_NAMES), device=self.device)  # the loss, then the distill stats
-        for lo in range(0, len(mine), config.micro_batch_size):
-            indices = mine[lo:lo + config.micro_batch_size]
+        lengths = {i: len(self.examples[i].input_ids) for i in mine}
+        for indices in micro_batches(mine, lengths, config.micro_batch_size):
             micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
                             num_tokens, len(batch), self.pad_id).to(self.device)
             if self.reference is not None:

@@ -16,7 +16,7 @@ from rgsd_pipeline.checkpoints import load_student, trainable
 from rgsd_pipeline.config import TrainConfig, load_config
 from rgsd_pipeline.examples import synthetic_example
 from rgsd_pipeline.models import load_model
-from rgsd_pipeline.trainer import Trainer, World
+from rgsd_pipeline.trainer import Trainer, World, micro_batches
 
 PREPARE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.max_prompts=24", "data.rows_per_shard=8",
            "train.batch_size=4", "train.micro_batch_size=2", "train.learning_rate=1e-3", "train.save_every=2",
@@ -72,6 +72,33 @@ def test_a_bf16_recipe_trains_fp32_master_weights_like_a_float64_adamw(tiny_path
             trained = grads[0][name].abs().sum(-1) > 0  # embedding rows of tokens never seen get no gradient
             moved = (param.detach().double() != initial[name])[trained].float().mean()
             assert moved >= 0.99, (name, float(moved))
+
+
+def test_micro_batches_group_similar_lengths_and_keep_the_full_batch_gradient(tiny_path):
+    """A step's micro-batches are cut from its sequences sorted longest first: here 224 padded positions instead of
+    the 396 of batch order, and the gradient is the full batch's in one micro-batch (to float rounding)."""
+    lengths = {0: 10, 1: 100, 2: 12, 3: 98}
+    layout = micro_batches([0, 1, 2, 3], lengths, 2)
+    assert layout == [[1, 3], [2, 0]]
+    assert sum(max(lengths[i] for i in m) * len(m) for m in layout) == 224  # batch order: 2*100 + 2*98 = 396
+
+    rng = np.random.default_rng(1)
+    examples = [synthetic_example(rng.integers(3, 1000, n), n // 2, rng.integers(3, 1000, (n - n // 2, 4)),
+                                  np.tile([0.4, 0.3, 0.2, 0.05], (n - n // 2, 1))) for n in (12, 40, 14, 38)]
+    grads = {}
+    for micro in (2, 4):
+        config = load_config(ROOT / "configs" / "tiny.yaml", ["train.batch_size=4", f"train.micro_batch_size={micro}",
+                                                              "train.learning_rate=1e-3"])
+        model = load_student(tiny_path, tiny_path, None, config)
+        trainer = Trainer(model, examples, config.train, World(), pad_id=0)
+        params = trainable(model)
+        seen = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda *_, params=params, seen=seen: seen.append({n: p.grad.detach().clone() for n, p in params.items()}))
+        trainer.step(0)
+        grads[micro] = seen[0]
+    for name in grads[4]:
+        torch.testing.assert_close(grads[2][name], grads[4][name], atol=1e-6, rtol=1e-4)
 
 
 def test_the_next_iteration_continues_from_the_fp32_master_weights_not_the_bf16_export(tiny_path, tmp_path):
