@@ -46,17 +46,20 @@ def clipped_mean(values: np.ndarray) -> float:
     return float(np.clip(values.mean(), 0.0, 1.0)) if len(values) else float("nan")
 
 
-def interval(values: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Clipped mean with a percentile bootstrap interval over the given per-prompt scores."""
+def interval(values: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+             clip: bool = True) -> dict:
+    """Mean with a percentile bootstrap interval over the given per-prompt values, clipped to [0, 1] for scores
+    (`clip=False` for differences of scores)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
     if not len(values):
         return {"mean": None, "low": None, "high": None, "n": 0}
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(values), size=(resamples, len(values)))
-    means = np.clip(values[draws].mean(axis=1), 0.0, 1.0)
+    means = values[draws].mean(axis=1)
+    means = np.clip(means, 0.0, 1.0) if clip else means
     tail = (1 - level) / 2 * 100
-    return {"mean": clipped_mean(values), "low": float(np.percentile(means, tail)),
+    return {"mean": clipped_mean(values) if clip else float(values.mean()), "low": float(np.percentile(means, tail)),
             "high": float(np.percentile(means, 100 - tail)), "n": int(len(values))}
 
 
@@ -80,13 +83,7 @@ def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int 
     percentile bootstrap interval over those prompts: the paired comparison of two policies' verdicts."""
     a, b = (prompt_scores(answer_scores(v)).drop_nulls("score") for v in (after, before))
     both = a.join(b, on="prompt_id", suffix="_before")
-    diffs = (both["score"] - both["score_before"]).to_numpy()
-    if not len(diffs):
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
-    return {"mean": float(diffs.mean()), "low": float(np.percentile(means, 2.5)),
-            "high": float(np.percentile(means, 97.5)), "n": int(len(diffs))}
+    return interval((both["score"] - both["score_before"]).to_numpy(), resamples, seed, clip=False)
 
 
 def make_grader(judge, run: Path):

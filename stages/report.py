@@ -30,15 +30,8 @@ def rules_can_grade(prompts: list[dict]) -> bool:
     return all(any(t.startswith(CHECK_TAG) for t in c["tags"]) for p in prompts for c in p["rubric"])
 
 
-def met_by_kind(run: Path, set_name: str, label: str, prompts: list[dict]) -> dict[str, float]:
-    """Share of answers meeting each criterion kind (the criterion's text where it has no kind)."""
-    from rgsd_pipeline.rule_judge import kind_of
-    from schemas import EVAL_VERDICTS
-
-    kinds = pl.DataFrame([{"prompt_id": p["prompt_id"], "criterion_idx": i,
-                           "kind": kind_of(c["tags"]) or c["criterion"]}
-                          for p in prompts for i, c in enumerate(p["rubric"])])
-    verdicts = read_stage(layout.verdicts_dir(run, set_name, label, "rules"), EVAL_VERDICTS).lazy().collect()
+def met_by_kind(verdicts: pl.DataFrame, kinds: pl.DataFrame) -> dict[str, float]:
+    """Share of answers meeting each criterion kind."""
     rates = (verdicts.join(kinds, on=["prompt_id", "criterion_idx"]).filter(pl.col("met").is_not_null())
              .group_by("kind", maintain_order=True).agg(pl.col("met").mean()))
     return dict(rates.iter_rows())
@@ -54,6 +47,7 @@ def ci(value: dict, signed: bool = False) -> str:
 def satisfaction_table(run: Path, set_name: str, results: dict[str, dict]) -> str:
     """The rule judge's satisfaction of each evaluated policy, the paired difference after - base, and per kind."""
     from rgsd_pipeline.grading import paired_difference
+    from rgsd_pipeline.rule_judge import kind_of
     from schemas import EVAL_VERDICTS
 
     names = {"base": "base model", "teacher": "teacher itself (base reading the rubric)"}
@@ -65,13 +59,16 @@ def satisfaction_table(run: Path, set_name: str, results: dict[str, dict]) -> st
                      f"{ci(finished)} ({finished['answers']} of {summary['answers']})"))
     verdicts = {label: read_stage(layout.verdicts_dir(run, set_name, label, "rules"), EVAL_VERDICTS).lazy().collect()
                 for label in results}
+    # Each criterion's kind (its text where it has none), the same for every policy.
+    criteria = pl.DataFrame([{"prompt_id": p["prompt_id"], "criterion_idx": i,
+                              "kind": kind_of(c["tags"]) or c["criterion"]}
+                             for p in results["base"]["prompts"] for i, c in enumerate(p["rubric"])])
     trained = list(results)[-1]
     rows.append((f"{trained} - base, paired by prompt", ci(paired_difference(verdicts[trained], verdicts["base"]),
                                                            signed=True), ""))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)).rstrip() for row in rows]
-    prompts = results["base"]["prompts"]
-    kinds = {label: met_by_kind(run, set_name, label, prompts) for label in results}
+    kinds = {label: met_by_kind(verdicts[label], criteria) for label in results}
     lines += ["", "share of answers meeting each kind of criterion: " + " / ".join(kinds)]
     lines += [f"  {kind:<16}" + " / ".join(f"{kinds[label].get(kind, float('nan')):.2f}" for label in kinds)
               for kind in kinds["base"]]
