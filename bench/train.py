@@ -65,11 +65,12 @@ def bytes_per_parameter(model_name: str) -> dict:
     import numpy as np
     import torch
 
-    from rgsd_pipeline.checkpoints import load_student, trainable, write_checkpoint
+    from rgsd_pipeline.checkpoints import load_student, write_checkpoint
     from rgsd_pipeline.config import load_config
     from rgsd_pipeline.examples import synthetic_example
     from rgsd_pipeline.models import resolve_model
     from rgsd_pipeline.trainer import Trainer, World
+    from rgsd_pipeline.trainer_state import trainable
 
     path = resolve_model(model_name)
     rng = np.random.default_rng(0)

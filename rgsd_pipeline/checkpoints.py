@@ -17,156 +17,29 @@ exported folder the base with the adapters merged in.
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import shutil
 from pathlib import Path
 
 import click
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import ConfigError, RunConfig, TrainConfig
-from rgsd_pipeline.distributed import World
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
-from rgsd_pipeline.shards import ArtifactError, mark_complete, remove_leftovers, write_json_atomic
-
-
-def trainable(model) -> dict[str, torch.nn.Parameter]:
-    """The parameters the optimizer updates, by name (a tied weight once)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; for an FSDP2 shard (DTensor) a collective every process must join."""
-    if hasattr(tensor, "full_tensor"):
-        tensor = tensor.full_tensor()
-    return tensor.detach().cpu().contiguous()
+from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
+from rgsd_pipeline.trainer_state import final_state, full_tensor, state_global_step
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's whole state dict on the CPU (a collective under FSDP2)."""
-    return {name: _full(value) for name, value in model.state_dict().items()}
+    return {name: full_tensor(value) for name, value in model.state_dict().items()}
 
 
 def cast_floating(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """The state dict with every floating-point tensor in `dtype` (the engines' dtype, for export)."""
     target = getattr(torch, dtype)
     return {name: t.to(target) if t.is_floating_point() else t for name, t in weights.items()}
-
-
-def _optimizer_file(world: World, sharded: bool) -> str:
-    return f"optimizer-{world.rank}-of-{world.size}.pt" if sharded else "optimizer.pt"
-
-
-def _local_state(state):
-    """Optimizer state with FSDP2 shards as plain local tensors (what a weights_only load accepts)."""
-    if isinstance(state, dict):
-        return {k: _local_state(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_local_state(v) for v in state]
-    return state.to_local() if hasattr(state, "to_local") else state
-
-
-def _sharded_like(optimizer, saved: dict) -> dict:
-    """Saved local optimizer shards turned back into DTensors placed like their parameters."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, entry in saved["state"].items():
-        param = params[int(index)]
-        if isinstance(param, DTensor):
-            for key, value in entry.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    entry[key] = DTensor.from_local(value, param.device_mesh, param.placements,
-                                                    shape=param.shape, stride=param.stride())
-    return saved
-
-
-def save_state(folder: Path, model, optimizer, step: int, world: World = World(), sharded: bool = False,
-               global_step: int | None = None) -> None:
-    """Write trainer state to a temporary folder and swap it in, so a kill never leaves half a state.
-
-    Every process calls it: under FSDP2 each writes its optimizer shard, and gathering the weights is a
-    collective; otherwise only the main process writes."""
-    if not (sharded or world.main):
-        return
-    weights = {n: _full(p) for n, p in trainable(model).items()}
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if sharded:
-        dist.barrier()
-    torch.save({"optimizer": _local_state(optimizer.state_dict()), "torch_rng": torch.get_rng_state()},
-               tmp / _optimizer_file(world, sharded))
-    if sharded:
-        dist.barrier()
-    if not world.main:
-        return
-    save_file(weights, tmp / "weights.safetensors")
-    state = {"step": step, "global_step": step if global_step is None else global_step,
-             "processes": world.size if sharded else 1}
-    (tmp / "state.json").write_text(json.dumps(state))
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_state(folder: Path, model, optimizer, load_weights: bool = True, world: World = World(),
-               sharded: bool = False, load_optimizer: bool = True) -> int:
-    """Restore trainer state saved by save_state (the weights in the model's own dtype); returns its step."""
-    if not folder.exists() and folder.with_name(f".{folder.name}.old").exists():
-        folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
-    saved_processes = json.loads((folder / "state.json").read_text()).get("processes", 1)
-    if saved_processes != (world.size if sharded else 1):
-        how = (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
-               else "train.parallel=ddp or one process")
-        raise ArtifactError(f"{folder} holds the optimizer state of {saved_processes} process(es) "
-                            f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with {how}, "
-                            "or delete it to restart this iteration")
-    if load_weights:
-        weights = load_file(folder / "weights.safetensors")
-        with torch.no_grad():
-            for name, param in trainable(model).items():
-                if hasattr(param, "device_mesh"):
-                    from torch.distributed.tensor import distribute_tensor
-
-                    param.copy_(distribute_tensor(weights[name].to(param.dtype), param.device_mesh, param.placements))
-                else:
-                    param.copy_(weights[name])
-    if not load_optimizer:
-        return json.loads((folder / "state.json").read_text())["step"]
-    path = folder / _optimizer_file(world, sharded)
-    try:
-        bundle = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ArtifactError(f"{path} holds more than tensors and plain containers; it is not unpickled "
-                            f"(weights_only=True). Delete {folder} to train this iteration from its start") from err
-    optimizer.load_state_dict(_sharded_like(optimizer, bundle["optimizer"]) if sharded else bundle["optimizer"])
-    torch.set_rng_state(bundle["torch_rng"])
-    return json.loads((folder / "state.json").read_text())["step"]
-
-
-def find_state(checkpoint: Path) -> Path | None:
-    """The trainer state saved beside a checkpoint (or the one a kill left between two renames), if any."""
-    state = layout.trainer_state_dir(checkpoint)
-    for candidate in (state, state.with_name(f".{state.name}.old")):
-        if (candidate / "state.json").exists():
-            return candidate
-    return None
-
-
-def state_global_step(state: Path) -> int:
-    """The run's global step at which a trainer state was saved."""
-    saved = json.loads((state / "state.json").read_text())
-    return saved.get("global_step", saved["step"])
 
 
 def with_lora(model, train_config: TrainConfig):
@@ -183,8 +56,9 @@ def with_lora(model, train_config: TrainConfig):
 
 
 def previous_state(policy: Path, iteration: int) -> Path | None:
-    """The trainer state iteration `iteration` continues from (None at iteration 0, or when it was deleted)."""
-    return find_state(policy) if iteration > 0 else None
+    """The trainer state iteration `iteration` continues from: the one policy_I was exported from (None at iteration
+    0, when it was deleted, or when a kill left it unwritten or at an earlier step)."""
+    return final_state(policy) if iteration > 0 else None
 
 
 def load_student(base: Path, policy: Path, previous: Path | None, config: RunConfig):
@@ -205,34 +79,18 @@ def load_student(base: Path, policy: Path, previous: Path | None, config: RunCon
 
 
 def previous_global_step(policy: Path, previous: Path | None) -> int:
-    """The run's optimizer steps before this iteration: from the previous trainer state, else the checkpoint's
-    provenance, else 0 (the base model)."""
-    if previous is not None:
-        return state_global_step(previous)
+    """The run's optimizer steps before this iteration: from the checkpoint's provenance, else the previous trainer
+    state, else 0 (the base model)."""
     provenance = layout.provenance_file(policy)
-    return json.loads(provenance.read_text()).get("global_step", 0) if provenance.exists() else 0
+    recorded = json.loads(provenance.read_text()).get("global_step") if provenance.exists() else None
+    if recorded is not None:
+        return recorded
+    return state_global_step(previous) if previous is not None else 0
 
 
 def warn_without_state(policy: Path, config: RunConfig) -> None:
     click.secho(f"warning: {policy} has no trainer state; this iteration continues from its exported "
                 f"{config.model.dtype} weights with fresh AdamW moments", fg="yellow", err=True)
-
-
-def prune_states(run: Path, iteration: int, keep: int) -> list[Path]:
-    """Delete the trainer states of iterations before the last `keep` (0 keeps all); returns what was deleted.
-
-    At one optimizer step per iteration a 7B model leaves ~84 GB of fp32 weights and AdamW moments per
-    iteration; only the latest is needed to continue. A deleted state makes retraining that iteration's
-    successor start from the exported weights (with a warning)."""
-    if keep == 0:
-        return []
-    deleted = []
-    for older in range(iteration - keep + 1):
-        state = find_state(layout.checkpoint_dir(run, older))
-        if state is not None:
-            shutil.rmtree(state)
-            deleted.append(state)
-    return deleted
 
 
 def merged_lora_weights(model) -> dict:
@@ -258,6 +116,18 @@ def exported_weights(model, config: RunConfig, weights: dict | None = None) -> d
     for tied in getattr(model, "all_tied_weights_keys", {}):
         weights.pop(tied, None)
     return weights
+
+
+def largest_difference(weights: dict[str, torch.Tensor], checkpoint: Path) -> float:
+    """The largest absolute difference between `weights` (what exported_weights returns) and the weights files of a
+    checkpoint, tensor by tensor (inf when their names or shapes differ)."""
+    from safetensors.torch import load_file
+
+    saved = {name: tensor for file in sorted(Path(checkpoint).glob("*.safetensors")) for name, tensor in
+             load_file(file).items()}
+    if saved.keys() != weights.keys() or any(saved[n].shape != t.shape for n, t in weights.items()):
+        return float("inf")
+    return max((saved[n].double() - t.double()).abs().max().item() for n, t in weights.items())
 
 
 def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,

@@ -213,7 +213,8 @@ class TrainConfig:
     chunk_positions: int = opt(512, "Positions per LM-head chunk in the loss", minimum=1)
     save_every: int = opt(20, "Save resumable trainer state every N optimizer steps", minimum=1)
     keep_states: int = opt(2, "Trainer states (master weights, AdamW moments) kept on disk: those of the last N "
-                              "iterations, older ones deleted when a checkpoint completes (0 keeps all)", minimum=0)
+                              "iterations, older ones deleted when a checkpoint completes and a newer state is "
+                              "whole (0 keeps all)", minimum=0)
     carry_optimizer: bool = opt(True, "Continue the previous iteration's AdamW moments (off: fresh moments each "
                                       "iteration)")
     parallel: Literal["ddp", "fsdp"] = opt(

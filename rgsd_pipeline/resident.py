@@ -35,6 +35,7 @@ from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.shards import is_complete, write_json_atomic
+from rgsd_pipeline.trainer_state import wait_for_writes
 
 
 def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: World) -> dict[str, float]:
@@ -69,6 +70,7 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
             links.append(link(run, iteration, config))
             if world.main:
                 write_json_atomic(layout.chain_file(run), links)
+        wait_for_writes()  # the last trainer state, written while the last checkpoint was exported
     finally:
         engines.close()
     if seconds:

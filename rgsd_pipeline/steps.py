@@ -236,7 +236,7 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
         return None
     session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
     run_training(session)  # 2. optimizer steps, metrics, trainer state
-    return export_policy(session, keep_exported)  # 3. the checkpoint the next rollout loads
+    return export_policy(session, keep_exported)  # 3. the checkpoint the next rollout loads, then the final state
 
 
 def _plan(total: int, num_shards: int, shard_index: int, world) -> ShardPlan:

@@ -20,9 +20,9 @@ norm, a tied or untied LM head) are sharded across the processes; gradients are 
 instead of summed in full, and the optimizer state lives only as shards. The update is the same.
 
 Trainer state (trainable weights, optimizer, step, RNG) is saved every `save_every` steps under
-checkpoint/trainer_state/ (rgsd_pipeline/checkpoints.py: safetensors and weights_only torch files, one
-optimizer file per process under FSDP2); a killed run resumes from it and reaches the same final
-weights as an uninterrupted run.
+checkpoint/trainer_state/ (rgsd_pipeline/trainer_state.py: safetensors and weights_only torch files, one
+optimizer file per process under FSDP2), in the background while the next steps compute; a killed run
+resumes from it and reaches the same final weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rgsd_pipeline.checkpoints import load_state, save_state, trainable
 from rgsd_pipeline.config import TrainConfig
 from rgsd_pipeline.distill import STAT_NAMES, LossSpec, distill_loss
 from rgsd_pipeline.distributed import World, device, init_world  # noqa: F401 (the trainer's world)
 from rgsd_pipeline.examples import Example, collate
+from rgsd_pipeline.trainer_state import load_state, save_state, trainable, wait_for_writes
 
 
 def learning_rate(global_step: int, horizon: int, config: TrainConfig) -> float:
@@ -148,8 +148,10 @@ class Trainer:
         return torch.cat([head(hidden_N_H[c]).float().log_softmax(-1).gather(-1, tokens_N[c, None])[:, 0]
                           for c in chunks])
 
-    def save(self, folder: Path, step: int) -> None:
-        save_state(folder, self.model, self.optimizer, step, self.world, self.sharded, self.first_global_step + step)
+    def save(self, folder: Path, step: int, background: bool = False) -> None:
+        """Trainer state after `step` steps of this iteration; with `background`, written while the next steps run."""
+        save_state(folder, self.model, self.optimizer, step, self.world, self.sharded, self.first_global_step + step,
+                   background)
 
     def load(self, folder: Path, load_weights: bool = True, load_optimizer: bool = True) -> int:
         return load_state(folder, self.model, self.optimizer, load_weights, self.world, self.sharded, load_optimizer)
@@ -194,6 +196,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        wait_for_writes()  # a state being saved from these tensors must be on disk before they change
         self.optimizer.step()
         elapsed = time.perf_counter() - started
         loss, *sums = totals.tolist()

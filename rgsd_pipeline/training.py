@@ -2,10 +2,10 @@
 
     session = set_up_training(run, I, world, kept)   inputs, the student, where it starts (starting_point)
     run_training(session)                            optimizer steps, a metrics line each, trainer state
-    continuation = export_policy(session, ...)       the checkpoint the next rollout loads
+    continuation = export_policy(session, ...)       the checkpoint the next rollout loads, then the final state
 
 The trainer itself (the optimizer step, losses, data-parallel arithmetic) is rgsd_pipeline/trainer.py; the
-files a step reads and writes beside a checkpoint are rgsd_pipeline/checkpoints.py.
+files a step reads and writes beside a checkpoint are rgsd_pipeline/checkpoints.py and trainer_state.py.
 """
 
 from __future__ import annotations
@@ -54,41 +54,85 @@ class TrainingSession:
     trainer: object
     start: int  # the step to start from (after a killed run's last saved state)
     started_from: str  # see starting_point
+    replaying: bool = False  # trained again only to rebuild its trainer state: metrics are already on disk
 
     @property
     def out(self) -> Path:
         return layout.checkpoint_dir(self.run, self.iteration)
 
 
-def starting_point(policy: Path, iteration: int, out: Path, kept: Continuation | None) -> tuple[str, Path | None]:
+def starting_point(run: Path, policy: Path, iteration: int, kept: Continuation | None) -> tuple[str, Path | None]:
     """Where iteration I's training starts, in this order, and the trainer state it reads (if any):
 
     - "resume":   a killed run of this iteration saved a trainer state beside its checkpoint: continue at its step;
     - "memory":   this process trained iteration I-1 and kept its model and AdamW state;
     - "state":    iteration I-1's trainer state on disk (fp32 weights, AdamW moments, global step);
+    - "replay":   iteration I-1's checkpoint is complete but a kill landed before its final trainer state was on
+                  disk: train I-1 again from where it can start on disk (replay_iteration), in memory;
     - "exported": iteration I-1's exported weights alone (model.dtype, fresh AdamW moments: warned), or the base
                   model at I = 0.
     """
-    from rgsd_pipeline.checkpoints import find_state, previous_state
+    from rgsd_pipeline.checkpoints import previous_state
+    from rgsd_pipeline.trainer_state import find_state
 
-    if (state := find_state(out)) is not None:
+    if (state := find_state(layout.checkpoint_dir(run, iteration))) is not None:
         return "resume", state
     if kept is not None and kept.iteration == iteration - 1:
         return "memory", None
     if (previous := previous_state(policy, iteration)) is not None:
         return "state", previous
+    if iteration > 0 and can_replay(run, iteration - 1):
+        return "replay", None
     return "exported", None
 
 
-def set_up_training(run: Path, iteration: int, world, kept: Continuation | None) -> TrainingSession:
+def can_replay(run: Path, iteration: int) -> bool:
+    """Whether iteration I's training can run again from its own start on disk: an earlier step's state of I, the
+    base model (I = 0), or the final state of I-1. One iteration back only: the trainer states are written so that
+    a kill leaves at most one iteration to replay (trainer_state.py); a user who deleted more gets the exported
+    weights, with a warning, rather than hours of silent retraining."""
+    from rgsd_pipeline.checkpoints import previous_state
+    from rgsd_pipeline.trainer_state import find_state
+
+    checkpoint = layout.checkpoint_dir(run, iteration)
+    return (find_state(checkpoint) is not None or iteration == 0
+            or previous_state(layout.checkpoint_dir(run, iteration - 1), iteration) is not None)
+
+
+def replay_iteration(run: Path, iteration: int, world) -> Continuation:
+    """Iteration I's final trainer state, rebuilt by training I again from its signals (no checkpoint, no metrics
+    written: both are on disk), saved beside its checkpoint and kept in memory. Training is deterministic here, so
+    the replayed weights must equal the checkpoint's; a difference (a device whose kernels are not) is warned."""
+    from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, largest_difference
+    from rgsd_pipeline.trainer_state import wait_for_writes
+
+    session = set_up_training(run, iteration, world, kept=None, replaying=True)
+    run_training(session)
+    save_final_state(session)
+    trainer = session.trainer
+    weights = full_state_dict(trainer.model) if trainer.sharded else None  # a collective under FSDP2
+    if world.main and not (session.config.train.lora and session.config.train.save_adapters):
+        difference = largest_difference(exported_weights(trainer.model, session.config, weights), session.out)
+        if difference > 0:
+            click.secho(f"warning: replaying iteration {iteration} did not reproduce {session.out} bit for bit "
+                        f"(largest weight difference {difference:.3g}); training continues from the replayed "
+                        "state", fg="yellow", err=True)
+    wait_for_writes()
+    return Continuation(iteration, trainer.model, trainer.optimizer, None, trainer.reference)
+
+
+def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
+                    replaying: bool = False) -> TrainingSession:
     """The rollouts and the signals made from exactly them, the student in master precision, and its trainer, placed
-    at the starting point."""
+    at the starting point. `replaying`: iteration I is trained again only to rebuild its trainer state."""
     import torch
 
     from rgsd_pipeline.checkpoints import load_student, previous_global_step, previous_state, warn_without_state
     from rgsd_pipeline.examples import load_examples, load_reward_examples
     from rgsd_pipeline.trainer import Trainer
+    from rgsd_pipeline.trainer_state import wait_for_writes
 
+    wait_for_writes()  # what this process last saved is on disk before anything is read from there
     config = load_run_config(run)
     base = resolve_model(config.model.path)
     policy = layout.policy_path(run, iteration, base)
@@ -106,8 +150,13 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None)
         raise ArtifactError(f"no trainable tokens in {graded.folder}: every rollout was skipped, masked or without a "
                             "reward")
 
+    started_from, state = starting_point(run, policy, iteration, kept)
+    if started_from == "replay":
+        if world.main:
+            click.secho(f"{policy} has no final trainer state (a kill landed while it was being written): training "
+                        f"iteration {iteration - 1} again from its signals", fg="yellow", err=True)
+        kept, started_from = replay_iteration(run, iteration - 1, world), "memory"
     torch.manual_seed(config.train.seed)
-    started_from, state = starting_point(policy, iteration, layout.checkpoint_dir(run, iteration), kept)
     previous = previous_state(policy, iteration)
     in_memory = started_from == "memory"
     model = kept.model if in_memory else load_student(base, policy, previous, config)
@@ -127,16 +176,19 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None)
     elif started_from == "exported" and iteration > 0 and world.main:
         warn_without_state(policy, config)
     if world.main:
-        truncate_metrics(layout.metrics_file(run, iteration), start)
-        click.echo(f"train iteration {iteration}: {len(examples)} sequences, {trainer.total_steps} steps of "
+        if not replaying:
+            truncate_metrics(layout.metrics_file(run, iteration), start)
+        click.echo(f"{'replay' if replaying else 'train'} iteration {iteration}: {len(examples)} sequences, "
+                   f"{trainer.total_steps} steps of "
                    f"{config.train.batch_size} from global step {trainer.first_global_step}, {world.size} "
                    f"process(es), {config.train.master_dtype} weights, from {policy}"
                    + (" (kept in memory)" if in_memory else "") + (f", resuming at step {start}" if start else ""))
-    return TrainingSession(run, iteration, config, world, policy, trainer, start, started_from)
+    return TrainingSession(run, iteration, config, world, policy, trainer, start, started_from, replaying)
 
 
 def run_training(session: TrainingSession) -> None:
-    """The optimizer steps from the starting step: a metrics line per step, trainer state every save_every steps."""
+    """The optimizer steps from the starting step: a metrics line per step, trainer state every save_every steps
+    before the last (written in the background: see trainer_state.py; the last step's is save_final_state's)."""
     from tqdm import tqdm
 
     trainer, world, config = session.trainer, session.world, session.config
@@ -146,26 +198,36 @@ def run_training(session: TrainingSession) -> None:
     started = time.perf_counter()
     for step in range(session.start, trainer.total_steps):
         metrics = trainer.step(step)
-        if world.main:
+        if world.main and not session.replaying:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             tracking.log_training(session.run, config, world, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-        if (step + 1) % config.train.save_every == 0 or step + 1 == trainer.total_steps:
-            trainer.save(layout.trainer_state_dir(session.out), step + 1)  # every process joins (FSDP2 gathers)
+        if (step + 1) % config.train.save_every == 0 and step + 1 < trainer.total_steps:
+            trainer.save(layout.trainer_state_dir(session.out), step + 1, background=True)  # every process joins
     bar.close()
-    if world.main:
+    if world.main and not session.replaying:
         seconds = time.perf_counter() - started
         click.echo(f"training took {seconds:.1f} s")
         tracking.log_values(session.run, config, world, {"train/seconds": seconds},
                             trainer.first_global_step + trainer.total_steps)
 
 
+def save_final_state(session: TrainingSession) -> None:
+    """The trainer state after the iteration's last step, beside its checkpoint, written in the background while the
+    next rollout runs (unless a killed run saved it already). A kill before it is on disk is repaired by the next
+    iteration's training (starting_point: "replay")."""
+    trainer = session.trainer
+    if session.start < trainer.total_steps:
+        trainer.save(layout.trainer_state_dir(session.out), trainer.total_steps, background=True)  # every process
+
+
 def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation:
     """Write the checkpoint (a plain HF folder in model.dtype, then _SUCCESS) from the main process; every process
     keeps its model and optimizer for the next iteration."""
-    from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, prune_states, write_checkpoint
+    from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, write_checkpoint
+    from rgsd_pipeline.trainer_state import prune_states
 
     trainer, world, config = session.trainer, session.world, session.config
     model = trainer.model
@@ -177,6 +239,8 @@ def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
                       "global_step": trainer.first_global_step + trainer.total_steps}
         write_checkpoint(model, session.policy, session.out, config, provenance, exported)
+    save_final_state(session)  # after the export, so that the export has the disk to itself
+    if world.main:
         prune_states(session.run, session.iteration, config.train.keep_states)
         click.echo(train_summary(layout.metrics_file(session.run, session.iteration), session.out))
     world.barrier()  # every rank's engine loads this checkpoint next

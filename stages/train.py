@@ -3,15 +3,16 @@
     rgsd-pipeline train --run runs/t --iteration 0
     torchrun --nproc-per-node 4 -m rgsd_pipeline train --run-dir runs/t --iteration 0     # data parallel
 
-Trains policy_I on iter-I/signals with the clipped generalized JSD (or another loss of train.loss) over
-the teacher's top-k plus a tail bucket. Training runs in train.master_dtype (fp32) and continues the
-previous iteration's weights, AdamW moments and global step from its trainer state (see
-rgsd_pipeline/checkpoints.py). Writes iter-I/checkpoint/: a plain HF folder in model.dtype (config,
-safetensors, tokenizer, chat template, generation config) that transformers and vLLM load directly,
-with trainer_state/ beside it and _SUCCESS last. Metrics go to iter-I/metrics.jsonl, one line per
-optimizer step. Killed, it resumes from the last saved trainer state and ends with the same weights as
-an uninterrupted run. The recipe itself is rgsd_pipeline/steps.py `train`, which the resident `iterate`
-runs too.
+Trains policy_I on iter-I/signals with the clipped generalized JSD (or another loss of train.loss) over the
+teacher's top-k plus a tail bucket. Training runs in train.master_dtype (fp32) and continues the previous
+iteration's weights, AdamW moments and global step from its trainer state (see
+rgsd_pipeline/trainer_state.py). Writes iter-I/checkpoint/: a plain HF folder in model.dtype (config,
+safetensors, tokenizer, chat template, generation config) that transformers and vLLM load directly, _SUCCESS
+last, and trainer_state/ beside it, written in the background while the checkpoint is exported (a kill before
+it is on disk makes the next iteration train this one again from its signals). Metrics go to
+iter-I/metrics.jsonl, one line per optimizer step. Killed, it resumes from the last saved trainer state and
+ends with the same weights as an uninterrupted run. The recipe itself is rgsd_pipeline/steps.py `train`, which
+the resident `iterate` runs too.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def command(run, iteration):
 
     from rgsd_pipeline import steps
     from rgsd_pipeline.trainer import init_world
+    from rgsd_pipeline.trainer_state import wait_for_writes
 
     world = init_world()
     steps.train(run, iteration, world)
+    wait_for_writes()  # the final trainer state, written while the checkpoint was exported
     if world.size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -10,8 +10,8 @@ import torch
 import yaml
 from helpers import ROOT, cli, copy_run
 
-from rgsd_pipeline.checkpoints import load_state, save_state
 from rgsd_pipeline.shards import ArtifactError
+from rgsd_pipeline.trainer_state import load_state, save_state
 
 
 def write_config(tmp_path, **sections):

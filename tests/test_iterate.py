@@ -16,9 +16,9 @@ import torch
 from helpers import CLI, ROOT, cli, copy_run
 from safetensors.torch import load_file
 
-from rgsd_pipeline.checkpoints import find_state, state_global_step
 from rgsd_pipeline.shards import read_stage
 from rgsd_pipeline.signals import storage_schema
+from rgsd_pipeline.trainer_state import find_state, state_global_step
 from schemas import PROMPTS, ROLLOUTS
 
 

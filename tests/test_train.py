@@ -12,11 +12,12 @@ import torch
 from helpers import ROOT, cli, copy_run
 from safetensors.torch import load_file
 
-from rgsd_pipeline.checkpoints import load_student, trainable
+from rgsd_pipeline.checkpoints import load_student
 from rgsd_pipeline.config import TrainConfig, load_config
 from rgsd_pipeline.examples import synthetic_example
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.trainer import Trainer, World, micro_batches
+from rgsd_pipeline.trainer_state import trainable
 
 PREPARE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.max_prompts=24", "data.rows_per_shard=8",
            "train.batch_size=4", "train.micro_batch_size=2", "train.learning_rate=1e-3", "train.save_every=2",
@@ -250,7 +251,7 @@ def test_gradient_checkpointing_and_carried_optimizer(scored, tmp_path):
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
 
-    from rgsd_pipeline.checkpoints import find_state
+    from rgsd_pipeline.trainer_state import find_state
 
     examples = [synthetic_example(np.arange(3, 19), 8, np.tile(np.arange(3, 7), (8, 1)), np.full((8, 4), 0.2))] * 4
     config = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-3)

@@ -1,0 +1,220 @@
+"""Trainer state on disk: what training continues from without losing precision, and what a killed run resumes from.
+
+    iter-I/checkpoint/trainer_state/
+        weights.safetensors   the trainable weights in train.master_dtype (fp32)
+        optimizer.pt          AdamW moments and the torch RNG (weights_only; one file per process under FSDP2)
+        state.json            the iteration's step, the run's global step, how many processes wrote it
+
+A state is written to a temporary folder and swapped in whole, so a kill never leaves half of one.
+
+Writes run in a background thread, one at a time per process, from the tensors training holds (on a CPU, no
+copy): the optimizer step that would change those tensors first waits for the write (`wait_for_writes`), so a
+1.6 GB state of SmolLM2 is written while the next micro-batches, the export and the next rollout run. (Under
+FSDP2 the processes write together, between barriers, in the foreground.) Older iterations' states are deleted
+only while a newer one is on disk. So, whenever a kill lands, the disk holds a state from which the finished
+iterations can be trained again: a checkpoint whose own final state was never written (or holds an earlier
+step) is rebuilt by training that iteration again from its signals (training.replay_iteration).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from rgsd_pipeline import layout
+from rgsd_pipeline.distributed import World
+from rgsd_pipeline.shards import ArtifactError
+
+# One writer thread per process. Python joins it at exit, so a state being written when the process ends normally
+# is finished first; errors are raised by the next wait_for_writes.
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-state")
+_pending: Future | None = None
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates, by name (a tied weight once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU; for an FSDP2 shard (DTensor) a collective every process must join."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _optimizer_file(world: World, sharded: bool) -> str:
+    return f"optimizer-{world.rank}-of-{world.size}.pt" if sharded else "optimizer.pt"
+
+
+def _local_state(state):
+    """Optimizer state with FSDP2 shards as plain local tensors (what a weights_only load accepts)."""
+    if isinstance(state, dict):
+        return {k: _local_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_local_state(v) for v in state]
+    return state.to_local() if hasattr(state, "to_local") else state
+
+
+def _sharded_like(optimizer, saved: dict) -> dict:
+    """Saved local optimizer shards turned back into DTensors placed like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        param = params[int(index)]
+        if isinstance(param, DTensor):
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = DTensor.from_local(value, param.device_mesh, param.placements,
+                                                    shape=param.shape, stride=param.stride())
+    return saved
+
+
+def wait_for_writes() -> None:
+    """Block until the state being written in the background is on disk; raise what its write raised."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is not None:
+        pending.result()
+
+
+def save_state(folder: Path, model, optimizer, step: int, world: World = World(), sharded: bool = False,
+               global_step: int | None = None, background: bool = False) -> None:
+    """Write trainer state to a temporary folder and swap it in, so a kill never leaves half a state.
+
+    Every process calls it: under FSDP2 each writes its optimizer shard, and gathering the weights is a
+    collective; otherwise only the main process writes. With `background`, the write runs in this process's
+    writer thread and this returns at once; the caller must wait_for_writes before changing the model or the
+    optimizer (Trainer.step does)."""
+    global _pending
+    if not (sharded or world.main):
+        return
+    wait_for_writes()
+    weights = {n: full_tensor(p) for n, p in trainable(model).items()}  # a collective under FSDP2
+    bundle = {"optimizer": _local_state(optimizer.state_dict()), "torch_rng": torch.get_rng_state()}
+    state = {"step": step, "global_step": step if global_step is None else global_step,
+             "processes": world.size if sharded else 1}
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if sharded:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        torch.save(bundle, tmp / _optimizer_file(world, sharded))
+        dist.barrier()
+        if world.main:
+            _write(folder, tmp, weights, None, state)
+    elif background:
+        _pending = _writer.submit(_write, folder, tmp, weights, bundle, state)
+    else:
+        _write(folder, tmp, weights, bundle, state)
+
+
+def _write(folder: Path, tmp: Path, weights: dict, bundle: dict | None, state: dict) -> None:
+    """The main process's part of a save: weights, optimizer (unless already written), state.json, then the swap."""
+    if bundle is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(bundle, tmp / "optimizer.pt")
+    save_file(weights, tmp / "weights.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state))
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path, model, optimizer, load_weights: bool = True, world: World = World(),
+               sharded: bool = False, load_optimizer: bool = True) -> int:
+    """Restore trainer state saved by save_state (the weights in the model's own dtype); returns its step."""
+    wait_for_writes()
+    if not folder.exists() and folder.with_name(f".{folder.name}.old").exists():
+        folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
+    saved_processes = json.loads((folder / "state.json").read_text()).get("processes", 1)
+    if saved_processes != (world.size if sharded else 1):
+        how = (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
+               else "train.parallel=ddp or one process")
+        raise ArtifactError(f"{folder} holds the optimizer state of {saved_processes} process(es) "
+                            f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with {how}, "
+                            "or delete it to restart this iteration")
+    if load_weights:
+        weights = load_file(folder / "weights.safetensors")
+        with torch.no_grad():
+            for name, param in trainable(model).items():
+                if hasattr(param, "device_mesh"):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    param.copy_(distribute_tensor(weights[name].to(param.dtype), param.device_mesh, param.placements))
+                else:
+                    param.copy_(weights[name])
+    if not load_optimizer:
+        return json.loads((folder / "state.json").read_text())["step"]
+    path = folder / _optimizer_file(world, sharded)
+    try:
+        bundle = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ArtifactError(f"{path} holds more than tensors and plain containers; it is not unpickled "
+                            f"(weights_only=True). Delete {folder} to train this iteration from its start") from err
+    optimizer.load_state_dict(_sharded_like(optimizer, bundle["optimizer"]) if sharded else bundle["optimizer"])
+    torch.set_rng_state(bundle["torch_rng"])
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+def find_state(checkpoint: Path) -> Path | None:
+    """The trainer state saved beside a checkpoint (or the one a kill left between two renames), if any."""
+    state = layout.trainer_state_dir(checkpoint)
+    for candidate in (state, state.with_name(f".{state.name}.old")):
+        if (candidate / "state.json").exists():
+            return candidate
+    return None
+
+
+def state_global_step(state: Path) -> int:
+    """The run's global step at which a trainer state was saved."""
+    saved = json.loads((state / "state.json").read_text())
+    return saved.get("global_step", saved["step"])
+
+
+def final_state(checkpoint: Path) -> Path | None:
+    """The trainer state a complete checkpoint was exported from: the one beside it, when it was saved at the
+    checkpoint's own global step (rgsd.json). None when it is missing, or holds an earlier step of the iteration (a
+    kill landed while the final state was being written)."""
+    state = find_state(checkpoint)
+    provenance = layout.provenance_file(checkpoint)
+    if state is None or not provenance.exists():
+        return state
+    exported_at = json.loads(provenance.read_text()).get("global_step")
+    return state if exported_at is None or state_global_step(state) == exported_at else None
+
+
+def prune_states(run: Path, iteration: int, keep: int) -> list[Path]:
+    """Delete the trainer states of iterations before the newest `keep` final ones (see final_state) up to
+    `iteration` (0 keeps all); returns what was deleted.
+
+    At one optimizer step per iteration a 7B model leaves ~84 GB of fp32 weights and AdamW moments per
+    iteration; only the latest is needed to continue. A state still being written is not final on disk yet, so
+    the one before it stays until the next prune: training can always continue from the disk, and a resumed
+    iteration starts from what it first started from."""
+    if keep == 0:
+        return []
+    finals = [older for older in range(iteration, -1, -1) if final_state(layout.checkpoint_dir(run, older))]
+    if len(finals) <= keep:
+        return []
+    deleted = []
+    for older in range(finals[keep - 1]):
+        state = find_state(layout.checkpoint_dir(run, older))
+        if state is not None:
+            shutil.rmtree(state)
+            deleted.append(state)
+    return deleted

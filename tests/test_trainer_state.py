@@ -1,0 +1,159 @@
+"""Trainer state written in the background: what a save holds, what pruning keeps, and kill -9 while a state is written.
+
+The resident `iterate` exports a checkpoint while its trainer state is still being written; a kill in that
+window leaves a complete checkpoint without its final state (or with an earlier step's). The next iteration
+trains that one again from its signals, and the run ends as an uninterrupted one does.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import ROOT, cli
+from safetensors.torch import load_file
+from test_iterate import assert_same_run
+
+from rgsd_pipeline import trainer_state
+from rgsd_pipeline.config import TrainConfig
+from rgsd_pipeline.distributed import World
+from rgsd_pipeline.models import load_model
+from rgsd_pipeline.trainer import Trainer
+from rgsd_pipeline.trainer_state import final_state, find_state, prune_states, state_global_step, wait_for_writes
+
+
+def test_a_state_written_in_the_background_holds_its_step_although_the_next_step_follows_at_once(
+        tiny_path, tmp_path, monkeypatch):
+    from test_train import synthetic_example
+
+    examples = [synthetic_example(np.arange(3, 19), 8, np.tile(np.arange(3, 7), (8, 1)), np.full((8, 4), 0.2))] * 4
+    trainer = Trainer(load_model(tiny_path), examples,
+                      TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2), World(), pad_id=0)
+    trainer.step(0)
+    after_first = {name: p.detach().clone() for name, p in trainer_state.trainable(trainer.model).items()}
+    write = trainer_state._write
+
+    def slow_write(*args):
+        time.sleep(1.0)  # the next step's forward, backward and update would land inside the write
+        write(*args)
+
+    monkeypatch.setattr(trainer_state, "_write", slow_write)
+    trainer.save(tmp_path / "trainer_state", 1, background=True)
+    trainer.step(1)
+    wait_for_writes()
+    saved = load_file(tmp_path / "trainer_state" / "weights.safetensors")
+    now = trainer_state.trainable(trainer.model)
+    # The second step moved the weights ...
+    assert any(not torch.equal(now[name], want) for name, want in after_first.items())
+    for name, tensor in after_first.items():
+        assert torch.equal(saved[name], tensor), name  # ... after the state of the first was on disk
+
+
+def fake_state(run, iteration, state_step, exported_step):
+    """A checkpoint exported at global step `exported_step` with a trainer state saved at `state_step`."""
+    checkpoint = run / f"iter-{iteration:03d}" / "checkpoint"
+    (checkpoint / "trainer_state").mkdir(parents=True)
+    (checkpoint / "trainer_state" / "state.json").write_text(json.dumps({"step": 1, "global_step": state_step}))
+    (checkpoint / "rgsd.json").write_text(json.dumps({"global_step": exported_step}))
+    return checkpoint
+
+
+def test_pruning_keeps_the_last_final_state_until_a_newer_one_is_whole(tmp_path):
+    """keep_states=1: while iteration 2's final state is being written (only its first step's state is on disk),
+    iteration 1's stays, so iteration 2 can be trained again from either."""
+    for iteration in (0, 1):
+        fake_state(tmp_path, iteration, iteration + 1, iteration + 1)
+    newest = fake_state(tmp_path, 2, 3, 4)  # two steps, the state of the first on disk
+    assert final_state(newest) is None and find_state(newest) is not None
+    assert prune_states(tmp_path, 2, keep=1) == [tmp_path / "iter-000" / "checkpoint" / "trainer_state"]
+    assert final_state(tmp_path / "iter-001" / "checkpoint") is not None
+    (newest / "trainer_state" / "state.json").write_text(json.dumps({"step": 2, "global_step": 4}))
+    assert prune_states(tmp_path, 2, keep=1) == [tmp_path / "iter-001" / "checkpoint" / "trainer_state"]
+    assert state_global_step(final_state(newest)) == 4
+    assert prune_states(tmp_path, 2, keep=0) == []
+
+
+# Run `iterate` with every background write of a final trainer state (the save at the iteration's last step) stopped
+# after its optimizer file, as if the machine were slow to write it; the test kills the process in that window.
+STALLED_FINAL_WRITE = """
+import sys, time
+import torch
+from rgsd_pipeline import trainer_state
+from rgsd_pipeline.cli import main
+
+write = trainer_state._write
+
+def stalled(folder, tmp, weights, bundle, state):
+    if state["step"] < int(sys.argv[1]):
+        return write(folder, tmp, weights, bundle, state)
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(bundle, tmp / "optimizer.pt")
+    time.sleep(600)
+
+trainer_state._write = stalled
+main(sys.argv[2:])
+"""
+
+
+def killed_while_writing_the_final_state(config, run, steps_per_iteration):
+    """Start `iterate`, SIGKILL it once iteration 0's checkpoint is complete and its final state half written."""
+    checkpoint = run / "iter-000" / "checkpoint"
+    half = checkpoint / ".trainer_state.tmp" / "optimizer.pt"
+    worker = subprocess.Popen([sys.executable, "-c", STALLED_FINAL_WRITE, str(steps_per_iteration), "iterate",
+                               "--config", str(config), "--run", str(run), "--iterations", "2"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None and not ((checkpoint / "_SUCCESS").exists()
+                                                                     and half.exists()):
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert (checkpoint / "_SUCCESS").exists() and half.exists()
+    return final_state(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def two_steps_config(small_config, tmp_path_factory):
+    """The small config with two optimizer steps per iteration (a trainer state after each)."""
+    config = yaml.safe_load(small_config.read_text())
+    config["train"].update(batch_size=4, micro_batch_size=4)
+    path = tmp_path_factory.mktemp("config") / "two-steps.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps_per_iteration", [1, 2], ids=["no-state-on-disk", "an-earlier-step-on-disk"])
+def test_killed_while_the_final_state_is_written_then_rerun_gives_the_same_run(
+        steps_per_iteration, small_config, two_steps_config, two_iterations, tmp_path):
+    """One step per iteration: the kill leaves iteration 0's checkpoint without a trainer state; iteration 1 trains
+    iteration 0 again from the base model. Two: the state of its first step is on disk; the replay resumes there."""
+    config = small_config if steps_per_iteration == 1 else two_steps_config
+    reference = two_iterations
+    if steps_per_iteration == 2:
+        reference = tmp_path / "uninterrupted"
+        cli("iterate", "--config", config, "--run", reference, "--iterations", 2)
+    run = tmp_path / "killed"
+    assert killed_while_writing_the_final_state(config, run, steps_per_iteration) is None
+    on_disk = find_state(run / "iter-000" / "checkpoint")
+    assert (on_disk is None) == (steps_per_iteration == 1)
+    result = cli("iterate", "--run", run, "--iterations", 2)
+    assert "training iteration 0 again from its signals" in result.stderr, result.stderr[-2000:]
+    assert "bit for bit" not in result.stderr  # the replay reproduced the checkpoint exactly
+    assert_same_run(run, reference)
+    for iteration in (0, 1):
+        state = final_state(run / f"iter-{iteration:03d}" / "checkpoint")
+        assert state_global_step(state) == steps_per_iteration * (iteration + 1)
+        want = load_file(find_state(reference / f"iter-{iteration:03d}" / "checkpoint") / "weights.safetensors")
+        got = load_file(state / "weights.safetensors")
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=0)
+    metrics = [json.loads(line) for line in (run / "iter-000" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["global_step"] for m in metrics] == list(range(1, steps_per_iteration + 1))  # written once
+    assert not list(run.rglob(".*.tmp"))
