@@ -11,6 +11,7 @@ complete, so an interrupted build is redone rather than half-used.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from rgsd_pipeline.cache import cache_dir
 from rgsd_pipeline.errors import UserError
-from rgsd_pipeline.fingerprints import record_weight_hashes
+from rgsd_pipeline.fingerprints import record_weight_hashes, tokenizer_fingerprint
 from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
 
 BUILDER_VERSION = 3  # bump when a built-in model's recipe or folder contents change, so caches are rebuilt
@@ -181,14 +182,34 @@ def check_loadable(path: Path, allow_pickle: bool = False, trust_remote_code: bo
         raise _remote_code_refused(path)
 
 
+_tokenizers: dict[tuple, object] = {}  # loaded tokenizers by what defines them (see load_tokenizer)
+# Vocabulary files some tokenizers keep beside (or instead of) tokenizer.json.
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a local model folder, which must carry a chat template.
+
+    Loaded once per process for equal tokenizer files and model type: every checkpoint of a run carries its
+    base model's, and a resident `iterate` would otherwise spend about a second per stage building the same one.
+    Callers share the object and do not change it."""
     from transformers import AutoTokenizer
 
-    with _no_remote_code(path):
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.chat_template is None:
-        raise ModelError(f"{path}: the tokenizer has no chat template; rgsd-pipeline renders prompts with it")
-    return tokenizer
+    config = Path(path) / "config.json"
+    kind = {k: v for k, v in json.loads(config.read_text()).items() if k in ("model_type", "tokenizer_class")} \
+        if config.exists() else {}
+    vocabularies = hashlib.sha256()
+    for name in SENTENCEPIECE_FILES:
+        if (Path(path) / name).exists():
+            vocabularies.update(name.encode() + b"\0" + (Path(path) / name).read_bytes())
+    key = (tokenizer_fingerprint(path), json.dumps(kind, sort_keys=True), vocabularies.hexdigest(), trust_remote_code)
+    if key not in _tokenizers:
+        with _no_remote_code(path):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if tokenizer.chat_template is None:
+            raise ModelError(f"{path}: the tokenizer has no chat template; rgsd-pipeline renders prompts with it")
+        _tokenizers[key] = tokenizer
+    return _tokenizers[key]
 
 
 def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False):

@@ -88,3 +88,23 @@ def test_a_stale_weights_record_is_not_trusted(tiny_path, tmp_path, monkeypatch)
     data[-1] ^= 1  # the last byte of the last tensor
     (copy / "model.safetensors").write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(tiny_path)
+
+
+def test_a_tokenizer_is_loaded_once_per_process_for_equal_files(tiny_path, tmp_path):
+    """A run's checkpoints carry their base's tokenizer files: one object serves them all; a checkpoint whose chat
+    template differs gets its own."""
+    import json
+
+    from rgsd_pipeline.models import load_tokenizer
+
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    for copy in (same, changed):
+        shutil.copytree(tiny_path, copy)
+    config = json.loads((changed / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (changed / "tokenizer_config.json").write_text(json.dumps(config))
+    (changed / "chat_template.jinja").unlink(missing_ok=True)
+    assert load_tokenizer(same) is load_tokenizer(tiny_path)
+    other = load_tokenizer(changed)
+    assert other is not load_tokenizer(tiny_path)
+    assert other.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
