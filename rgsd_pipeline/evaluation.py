@@ -104,8 +104,10 @@ def _data_rows(run: Path, config: RunConfig, data_spec: str, set_name: str, max_
 
 
 def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name: str, label: str, policy: Path,
-                     samples: int, engine_kind: str | None) -> StageData:
-    """eval/<set>/<policy>/answers/: `samples` answers per prompt, seeded per (prompt, sample) alone."""
+                     samples: int, engine_kind: str | None, engines=None) -> StageData:
+    """eval/<set>/<policy>/answers/: `samples` answers per prompt, seeded per (prompt, sample) alone. `engines`, when
+    given, hosts the engine across several policies (engines.hosting.ResidentEngines: one start, weights swapped in
+    place); the caller closes it."""
     work = [(p, s) for p in prompts for s in range(samples)]
     pieces = split_into_shards(work, config.data.rows_per_shard)
     inputs = {"prompts": fingerprint([p["prompt_id"] for p in prompts]), "policy": model_fingerprint(policy),
@@ -118,12 +120,13 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
-            engine = StageEngines(engine_kind).student(policy, config)
+            engine = (engines or StageEngines(engine_kind)).student(policy, config)
             click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}"
                        + (" reading the rubric (the teacher itself)" if reads_rubric else ""))
             tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
             sample_shards(out, shards, engine, tokenizer, config, EVAL_SEED_ROUND, seed_round=EVAL_SEED_ROUND,
                           unit="answer", view=teacher_messages if reads_rubric else student_messages)
-            engine.close()
+            if engines is None:
+                engine.close()
         out.finalize()
     return read_stage(out_dir, ROLLOUTS)

@@ -43,9 +43,10 @@ def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | N
 
 
 def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: str, max_prompts: int, samples: int,
-                    engine_kind: str | None, judge, with_divergence: bool, resamples: int = 1000) -> dict:
+                    engine_kind: str | None, judge, with_divergence: bool, resamples: int = 1000, engines=None) -> dict:
     """One policy on one evaluation set: {label, prompts, answers, diagnostics, summary (None without a judge)}; every
-    piece written under eval/<set>/ and reused when it is there. `report` calls this too."""
+    piece written under eval/<set>/ and reused when it is there. `report` calls this too, with `engines` that keep
+    one engine for all its policies."""
     from rgsd_pipeline.diagnostics import write_diagnostics
     from rgsd_pipeline.evaluation import eval_prompts, evaluated_policy, generate_answers
     from rgsd_pipeline.grading import grade_answers, make_grader
@@ -57,7 +58,7 @@ def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: 
     prompts = eval_prompts(run, config, data_spec, set_name, max_prompts)
 
     # 2. Its answers: the same seed per (prompt, sample) for every policy.
-    answers = generate_answers(run, config, prompts, set_name, label, policy, samples, engine_kind)
+    answers = generate_answers(run, config, prompts, set_name, label, policy, samples, engine_kind, engines)
 
     # 3. Judge-free diagnostics: length, truncation, repetition, rubric leakage, teacher-policy JSD (none for the
     #    teacher itself, which would be measured against itself).

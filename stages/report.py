@@ -76,6 +76,7 @@ def satisfaction_table(run: Path, set_name: str, results: dict[str, dict]) -> st
 
 
 def report(run: Path, iteration: int, heldout: int) -> None:
+    from rgsd_pipeline.engines.hosting import ResidentEngines
     from stages.evaluate import evaluate_policy
 
     # 1. Inputs: the run's prompts and iteration I's rollouts.
@@ -94,10 +95,14 @@ def report(run: Path, iteration: int, heldout: int) -> None:
     judge = "rules" if rules_can_grade(held) else None
     policies = ["base", *(["teacher"] if judge else []), str(iteration)]
     results = {}
-    for policy in policies:
-        result = evaluate_policy(run, policy, None, set_name, 0 if set_name == "heldout" else heldout, 1, None, judge,
-                                 with_divergence=policy != "teacher")
-        results[result["label"]] = result
+    engines = ResidentEngines()  # one engine answers for all three: started once, the trained weights swapped in
+    try:
+        for policy in policies:
+            result = evaluate_policy(run, policy, None, set_name, 0 if set_name == "heldout" else heldout, 1, None,
+                                     judge, with_divergence=policy != "teacher", engines=engines)
+            results[result["label"]] = result
+    finally:
+        engines.close()
     before, after = results["base"], results[layout.policy_label(iteration + 1)]
 
     # 3. The report.
