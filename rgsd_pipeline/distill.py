@@ -2,7 +2,8 @@
 
 The student's [T, V] logits are never held for a whole sequence: positions are processed in chunks,
 each chunk's LM head + log-softmax + loss runs under activation checkpointing, so only a chunk's
-[C, V] exists at once and it is recomputed in backward.
+[C, V] exists at once and it is recomputed in backward (all but the last chunk, whose backward runs
+first: a micro-batch of one chunk computes its LM head once).
 """
 
 from __future__ import annotations
@@ -104,15 +105,25 @@ def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_to
     return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES])
 
 
+def _call(function, *args, use_reentrant=False):
+    """`function(*args)`, called like torch.utils.checkpoint.checkpoint but keeping its activations."""
+    return function(*args)
+
+
 def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Targets, spec: LossSpec,
                  chunk_positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted loss, per-stat sums in STAT_NAMES order) over N positions."""
     loss = hidden_N_H.new_zeros((), dtype=torch.float32)
     stats = torch.zeros(len(STAT_NAMES), device=hidden_N_H.device)
-    for lo in range(0, hidden_N_H.shape[0], chunk_positions):
-        part = slice(lo, lo + chunk_positions)
+    positions = hidden_N_H.shape[0]
+    # The last chunk's backward runs first, while no other chunk's logits are in memory: keeping its activations
+    # costs no more than recomputing them would, so only the chunks before it are recomputed, and the short chunk
+    # (the remainder) comes first.
+    for hi in reversed(range(positions, 0, -chunk_positions)):
+        part = slice(max(hi - chunk_positions, 0), hi)
         cut = lambda t, part=part: None if t is None else t[part]  # noqa: E731
-        chunk_loss, chunk_stats = checkpoint(
+        recompute = hi < positions
+        chunk_loss, chunk_stats = (checkpoint if recompute else _call)(
             _chunk_loss, hidden_N_H[part], lm_head.weight, lm_head.bias, targets.topk_ids_N_K[part],
             targets.teacher_topk_N_K[part], targets.teacher_tail_N[part], targets.teacher_token_N[part],
             targets.behaviour_token_N[part], targets.token_ids_N[part], targets.weight_N[part],
