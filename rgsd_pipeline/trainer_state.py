@@ -114,9 +114,18 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
         if world.main:
             _write(folder, tmp, weights, None, state)
     elif background:
-        _pending = _writer.submit(_write, folder, tmp, weights, bundle, state)
+        _pending = _writer.submit(_write_or_explain, folder, tmp, weights, bundle, state)
     else:
         _write(folder, tmp, weights, bundle, state)
+
+
+def _write_or_explain(folder: Path, tmp: Path, weights: dict, bundle: dict, state: dict) -> None:
+    """_write in the writer thread: its error, raised later by wait_for_writes, names the state it was writing."""
+    try:
+        _write(folder, tmp, weights, bundle, state)
+    except OSError as err:
+        raise ArtifactError(f"writing the trainer state {folder} (step {state['step']}) failed: {err}. Free the space "
+                            "or fix the folder, then rerun: the run continues from what is on disk") from err
 
 
 def _write(folder: Path, tmp: Path, weights: dict, bundle: dict | None, state: dict) -> None:

@@ -23,15 +23,15 @@ from test_iterate import assert_same_run
 from rgsd_pipeline import trainer_state
 from rgsd_pipeline.config import TrainConfig
 from rgsd_pipeline.distributed import World
+from rgsd_pipeline.examples import synthetic_example
 from rgsd_pipeline.models import load_model
+from rgsd_pipeline.shards import ArtifactError
 from rgsd_pipeline.trainer import Trainer
 from rgsd_pipeline.trainer_state import final_state, find_state, prune_states, state_global_step, wait_for_writes
 
 
 def test_a_state_written_in_the_background_holds_its_step_although_the_next_step_follows_at_once(
         tiny_path, tmp_path, monkeypatch):
-    from test_train import synthetic_example
-
     examples = [synthetic_example(np.arange(3, 19), 8, np.tile(np.arange(3, 7), (8, 1)), np.full((8, 4), 0.2))] * 4
     trainer = Trainer(load_model(tiny_path), examples,
                       TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2), World(), pad_id=0)
@@ -53,6 +53,17 @@ def test_a_state_written_in_the_background_holds_its_step_although_the_next_step
     assert any(not torch.equal(now[name], want) for name, want in after_first.items())
     for name, tensor in after_first.items():
         assert torch.equal(saved[name], tensor), name  # ... after the state of the first was on disk
+
+
+def test_a_background_write_that_fails_is_reported_by_the_next_wait_naming_the_state(tiny_path, tmp_path):
+    examples = [synthetic_example(np.arange(3, 19), 8, np.tile(np.arange(3, 7), (8, 1)), np.full((8, 4), 0.2))] * 2
+    trainer = Trainer(load_model(tiny_path), examples, TrainConfig(batch_size=2, micro_batch_size=2), World(), pad_id=0)
+    (tmp_path / "not-a-folder").write_text("")
+    folder = tmp_path / "not-a-folder" / "trainer_state"
+    trainer.save(folder, 1, background=True)
+    with pytest.raises(ArtifactError, match=f"writing the trainer state {folder} \\(step 1\\) failed"):
+        wait_for_writes()
+    wait_for_writes()  # reported once
 
 
 def fake_state(run, iteration, state_step, exported_step):
