@@ -28,7 +28,7 @@ from rgsd_pipeline.config import ConfigError, RunConfig, TrainConfig
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
-from rgsd_pipeline.trainer_state import final_state, full_tensor, state_global_step
+from rgsd_pipeline.trainer_state import exported_global_step, final_state, full_tensor, state_global_step
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -81,8 +81,7 @@ def load_student(base: Path, policy: Path, previous: Path | None, config: RunCon
 def previous_global_step(policy: Path, previous: Path | None) -> int:
     """The run's optimizer steps before this iteration: from the checkpoint's provenance, else the previous trainer
     state, else 0 (the base model)."""
-    provenance = layout.provenance_file(policy)
-    recorded = json.loads(provenance.read_text()).get("global_step") if provenance.exists() else None
+    recorded = exported_global_step(policy)
     if recorded is not None:
         return recorded
     return state_global_step(previous) if previous is not None else 0

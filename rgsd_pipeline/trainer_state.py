@@ -195,15 +195,18 @@ def state_global_step(state: Path) -> int:
     return saved.get("global_step", saved["step"])
 
 
+def exported_global_step(checkpoint: Path) -> int | None:
+    """The run's global step at which a checkpoint was exported (its rgsd.json), if recorded."""
+    provenance = layout.provenance_file(checkpoint)
+    return json.loads(provenance.read_text()).get("global_step") if provenance.exists() else None
+
+
 def final_state(checkpoint: Path) -> Path | None:
     """The trainer state a complete checkpoint was exported from: the one beside it, when it was saved at the
     checkpoint's own global step (rgsd.json). None when it is missing, or holds an earlier step of the iteration (a
     kill landed while the final state was being written)."""
     state = find_state(checkpoint)
-    provenance = layout.provenance_file(checkpoint)
-    if state is None or not provenance.exists():
-        return state
-    exported_at = json.loads(provenance.read_text()).get("global_step")
+    exported_at = exported_global_step(checkpoint) if state is not None else None
     return state if exported_at is None or state_global_step(state) == exported_at else None
 
 
