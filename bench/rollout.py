@@ -87,7 +87,7 @@ def main():
             results[f"{kind}_stage_over_bare"] = statistics.median(ratios)
         if "vllm" in tokens_per_s and "hf" in tokens_per_s:
             results["vllm_over_hf"] = tokens_per_s["vllm"] / tokens_per_s["hf"]
-            demo = Sampling.of(load_config(ROOT / "configs" / "smollm2-cpu.yaml", []).rollout)
+            demo = Sampling.of(load_config(ROOT / "configs" / "smollm2-cpu.yaml", []))
             demo = dataclasses.replace(demo, max_new_tokens=args.tokens)
             rates = {}
             for kind in ("hf", "vllm"):

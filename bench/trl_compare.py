@@ -37,27 +37,32 @@ RECIPES = {"builtin:tiny": ("configs/tiny.yaml", ["engine.kind=hf"]),
            "builtin:smollm2-135m-instruct": ("configs/smollm2-cpu.yaml", ["engine.vllm_cpu_kvcache_gib=1"])}
 
 
-def run_tree(command: list[str], log: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak MB of the process tree's memory, its output). Memory is the summed proportional set size
-    (PSS): pages shared by several processes (vLLM runs three, all mapping torch) are split among them instead of
-    counted once per process, as summed resident sets would."""
+def run_tree(command: list[str], log: Path) -> tuple[float, float, dict, str]:
+    """(wall seconds, peak MB of the process tree's memory, each process's MB at that peak by name, its output).
+    Memory is the summed proportional set size (PSS): pages shared by several processes (vLLM runs three, all
+    mapping torch) are split among them instead of counted once per process, as summed resident sets would."""
     import psutil
 
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        root, peak = psutil.Process(process.pid), 0
+        root, peak, parts = psutil.Process(process.pid), 0, {}
         while process.poll() is None:
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
+                tree = {p.pid: (p.name(), p.memory_full_info().pss)
+                        for p in [root, *root.children(recursive=True)] if p.is_running()}
+                total = sum(pss for _, pss in tree.values())
+                if total > peak:
+                    peak, parts = total, {}
+                    for name, pss in tree.values():
+                        parts[name] = parts.get(name, 0) + round(pss / 2**20)
             except psutil.Error:
                 pass
             time.sleep(0.1)
     wall = time.perf_counter() - started
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}); see {log}")
-    return wall, peak / 2**20, log.read_text()
+    return wall, peak / 2**20, parts, log.read_text()
 
 
 def ours_split(output: str, wall: float) -> dict:
@@ -103,21 +108,21 @@ def compare(model: str, prompts: int, per_iteration: int, tokens: int, batch: in
     sides = [("ours", False)] + ([("ours_per_stage", True)] if per_stage else [])
     for name, staged in sides:
         run = prepared(tmp, model, prompts, tokens, batch, per_iteration)
-        wall, peak, output = run_tree([*CLI, "iterate", "--run", str(run), "--iterations", str(iterations),
-                                       *(["--per-stage"] if staged else [])], tmp / f"{name}.log")
-        values.update({f"{name}_wall_s": wall, f"{name}_peak_mb": peak,
+        wall, peak, parts, output = run_tree([*CLI, "iterate", "--run", str(run), "--iterations", str(iterations),
+                                              *(["--per-stage"] if staged else [])], tmp / f"{name}.log")
+        values.update({f"{name}_wall_s": wall, f"{name}_peak_mb": peak, f"{name}_peak_parts_mb": parts,
                        **{f"{name}_{k}": v for k, v in ours_split(output, wall).items()}})
         values[f"{name}_fixed_s_per_iteration"] = values[f"{name}_fixed_s"] / iterations
         if f"{name}_in_loop_fixed_s" in values:
             values[f"{name}_in_loop_fixed_s_per_iteration"] = values[f"{name}_in_loop_fixed_s"] / iterations
-        print(f"  {name:15s} {wall:7.1f} s  peak {peak:6.0f} MB", flush=True)
+        print(f"  {name:15s} {wall:7.1f} s  peak {peak:6.0f} MB {parts}", flush=True)
     run = prepared(tmp, model, prompts, tokens, batch, per_iteration)
-    wall, peak, output = run_tree([str(BENCH_PYTHON), "bench/trl_sdft.py", "--run", str(run), "--out",
-                                   str(tmp / "trl")], tmp / "trl.log")
-    values.update({"trl_wall_s": wall, "trl_peak_mb": peak, "trl_steps": int(re.search(r"TRL_STEPS (\d+)",
-                                                                                         output).group(1)),
+    wall, peak, parts, output = run_tree([str(BENCH_PYTHON), "bench/trl_sdft.py", "--run", str(run), "--out",
+                                          str(tmp / "trl")], tmp / "trl.log")
+    steps = int(re.search(r"TRL_STEPS (\d+)", output).group(1))
+    values.update({"trl_wall_s": wall, "trl_peak_mb": peak, "trl_peak_parts_mb": parts, "trl_steps": steps,
                    **{f"trl_{k}": v for k, v in trl_split(output, wall).items()}})
-    print(f"  {'TRL SDFTTrainer':15s} {wall:7.1f} s  peak {peak:6.0f} MB", flush=True)
+    print(f"  {'TRL SDFTTrainer':15s} {wall:7.1f} s  peak {peak:6.0f} MB {parts}", flush=True)
     values["wall_ratio_ours_over_trl"] = values["ours_wall_s"] / wall
     values["peak_ratio_ours_over_trl"] = values["ours_peak_mb"] / peak
     return values

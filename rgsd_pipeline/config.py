@@ -139,6 +139,12 @@ class RolloutConfig:
     max_new_tokens: int = opt(256, "Longest response sampled", minimum=1)
     repetition_penalty: float = opt(1.0, "Penalty on tokens already present (1.0 disables)", minimum=0.0)
     seed: int = opt(0, "Base of the per-(prompt, sample, iteration) sampling seeds and of the prompt order")
+    sampling_logprobs: bool = opt(
+        False, "Also record each sampled token's log-prob under the distribution it was drawn from "
+               "(sampling_logprobs). When temperature, top-k, top-p or the repetition penalty change that "
+               "distribution, vLLM measures it with one more prefill pass (about a quarter of the sampling time); "
+               "train.loss=sampled_reverse_kl reads it and turns this on. Otherwise it is the model's own log-prob "
+               "and always recorded")
     too_long: Literal["skip", "truncate"] = opt(
         "skip", "A prompt longer than model.max_model_len - max_new_tokens is skipped (recorded) or left-truncated")
 
@@ -230,6 +236,11 @@ class TrainConfig:
     report_to: TrackerKind = opt("none", "Mirror metrics.jsonl, stage timings and evaluations to TensorBoard, W&B "
                                          "(offline unless WANDB_MODE is set) or MLflow, under runs/<name>/tracking/")
     report_project: str = opt("rgsd-pipeline", "W&B project / MLflow experiment of report_to")
+
+    @property
+    def reads_behaviour_logprobs(self) -> bool:
+        """Whether the loss reads the behaviour policy's log-probs (sampled_reverse_kl's importance weight)."""
+        return self.loss == "sampled_reverse_kl" and self.importance_cap > 0
 
 
 @dataclass

@@ -60,7 +60,7 @@ def heldout_divergence(policy: Engine, teacher: Engine, prompts: list[dict], con
     """Sample the policy on `prompts`, score the samples with the teacher, and average the per-token divergence."""
     tokenizer = policy.tokenizer
     student_ids = [chat_ids(tokenizer, student_messages(p, config.template)) for p in prompts]
-    responses = [g.token_ids for g in policy.generate(student_ids, seeds, Sampling.of(config.rollout))]
+    responses = [g.token_ids for g in policy.generate(student_ids, seeds, Sampling.of(config))]
     per_token = divergence(policy, teacher, prompts, responses, config, top_k, beta)
     return HeldoutReport(divergence=float(per_token.mean()) if len(per_token) else float("nan"),
                          tokens=int(len(per_token)), mean_length=float(np.mean([len(r) for r in responses])),

@@ -59,7 +59,8 @@ class Targets:
     teacher_topk_N_K: torch.Tensor  # fp32 teacher log-probs, as decoded from storage
     teacher_tail_N: torch.Tensor  # fp32 teacher log-mass outside its top-k, exact (measured at score time)
     teacher_token_N: torch.Tensor  # fp32 teacher log-prob of the sampled token
-    behaviour_token_N: torch.Tensor  # fp32 log-prob of the sampled token under the distribution it was drawn from
+    behaviour_token_N: torch.Tensor | None  # fp32 log-prob of the sampled token under the distribution it was drawn
+    # from (sampled_reverse_kl's importance weight; None when the rollouts did not record it)
     token_ids_N: torch.Tensor  # int64 sampled token at each position
     weight_N: torch.Tensor  # fp32 reduction weights (see losses.position_weights)
     old_token_N: torch.Tensor | None = None  # fp32 grpo: the sampled token's log-prob under the sampling policy
@@ -126,7 +127,7 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
         chunk_loss, chunk_stats = (checkpoint if recompute else _call)(
             _chunk_loss, hidden_N_H[part], lm_head.weight, lm_head.bias, targets.topk_ids_N_K[part],
             targets.teacher_topk_N_K[part], targets.teacher_tail_N[part], targets.teacher_token_N[part],
-            targets.behaviour_token_N[part], targets.token_ids_N[part], targets.weight_N[part],
+            cut(targets.behaviour_token_N), targets.token_ids_N[part], targets.weight_N[part],
             cut(targets.old_token_N), cut(targets.advantage_N), cut(targets.reference_token_N), spec,
             use_reentrant=False)
         loss = loss + chunk_loss

@@ -22,7 +22,7 @@ class Example:
     topk_logprobs: np.ndarray  # float32 [N, K], decoded from storage
     tail_logprob: np.ndarray  # float32 [N], the teacher's exact log-mass outside its top-k
     token_logprob: np.ndarray  # float32 [N], the teacher's log-prob of the sampled token
-    sampling_logprob: np.ndarray  # float32 [N], the behaviour policy's log-prob of the sampled token
+    sampling_logprob: np.ndarray | None  # float32 [N], the behaviour policy's log-prob (None: not recorded)
     response_logprob: np.ndarray | None = None  # float32 [N], the sampling policy's own (temperature 1) log-prob
     advantage: float = 0.0  # grpo: the rollout's group advantage
 
@@ -41,8 +41,9 @@ def synthetic_example(input_ids: np.ndarray, prompt_len: int, topk_ids_N_K: np.n
 
 
 def _aligned_rows(rollouts: StageData, graded: StageData, stage: str):
-    """(rollout row, the graded stage's shard table, row index) for every row of two row-aligned outputs (signals or
-    rewards beside rollouts), after checking shard counts, row counts and keys; `stage` writes `graded`."""
+    """(rollout row, the graded stage's shard table, row index, "rollouts shard row i") for every row of two
+    row-aligned outputs (signals or rewards beside rollouts), after checking shard counts, row counts and keys;
+    `stage` writes `graded`."""
     if len(rollouts.files) != len(graded.files):
         raise ArtifactError(f"{graded.folder} has {len(graded.files)} shards but {rollouts.folder} has "
                             f"{len(rollouts.files)}; rerun `{stage}` for this iteration")
@@ -56,13 +57,14 @@ def _aligned_rows(rollouts: StageData, graded: StageData, stage: str):
         for row, (rollout, key) in enumerate(zip(rollout_rows, keys, strict=True)):
             if (key["prompt_id"], key["sample_idx"]) != (rollout["prompt_id"], rollout["sample_idx"]):
                 raise ArtifactError(f"{graded.files[index]} row {row}: keys differ from {rollouts.files[index]}")
-            yield rollout, table, row
+            yield rollout, table, row, f"{rollouts.files[index]} row {row}"
 
 
-def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
-    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out."""
+def load_examples(rollouts: StageData, signals: StageData, behaviour: bool = False) -> list[Example]:
+    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out. `behaviour`:
+    the loss reads the behaviour log-probs, so a rollout without them is an error."""
     examples = []
-    for rollout, table, row in _aligned_rows(rollouts, signals, "score"):
+    for rollout, table, row, where in _aligned_rows(rollouts, signals, "score"):
         signal = {name: table.column(name)[row] for name in table.column_names}
         if signal["status"].as_py() != "ok":
             continue
@@ -81,10 +83,21 @@ def load_examples(rollouts: StageData, signals: StageData) -> list[Example]:
             topk_logprobs=decode_logprobs(values[positions]),
             tail_logprob=signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
             token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
-            sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions],
+            sampling_logprob=_behaviour(rollout, where, behaviour, positions),
             response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32)[positions],
         ))
     return examples
+
+
+def _behaviour(rollout: dict, where: str, required: bool, positions: np.ndarray) -> np.ndarray | None:
+    """A rollout's behaviour log-probs at `positions`; None when the rollout did not record them."""
+    if rollout["sampling_logprobs"] is None:
+        if required:
+            raise ArtifactError(f"{where}: sampling_logprobs is null (the rollout did not record the behaviour "
+                                "log-probs) but train.loss=sampled_reverse_kl weights tokens by them; rerun `rollout` "
+                                "for this iteration with this config (it records them for this loss)")
+        return None
+    return np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions]
 
 
 def load_reward_examples(rollouts: StageData, rewards: StageData) -> list[Example]:
@@ -93,7 +106,7 @@ def load_reward_examples(rollouts: StageData, rewards: StageData) -> list[Exampl
     from rgsd_pipeline.policy_gradient import group_advantages
 
     rows = [(rollout, table.column("reward")[row].as_py())
-            for rollout, table, row in _aligned_rows(rollouts, rewards, "reward")]
+            for rollout, table, row, _ in _aligned_rows(rollouts, rewards, "reward")]
     advantages = group_advantages([r["prompt_id"] for r, _ in rows], [reward for _, reward in rows])
     examples = []
     for (rollout, _), advantage in zip(rows, advantages, strict=True):
@@ -105,7 +118,7 @@ def load_reward_examples(rollouts: StageData, rewards: StageData) -> list[Exampl
             prompt_len=len(rollout["prompt_token_ids"]), positions=np.arange(n),
             topk_ids=np.zeros((n, 0), np.int64), topk_logprobs=np.zeros((n, 0), np.float32),
             tail_logprob=np.zeros(n, np.float32), token_logprob=np.zeros(n, np.float32),
-            sampling_logprob=np.asarray(rollout["sampling_logprobs"], dtype=np.float32),
+            sampling_logprob=_behaviour(rollout, "", False, np.arange(n)),
             response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32), advantage=float(advantage)))
     return examples
 
@@ -151,7 +164,8 @@ def collate(examples: list[Example], sequence_ids: list[int], reduction: str, nu
         teacher_topk_N_K=torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
         teacher_tail_N=torch.from_numpy(np.concatenate([e.tail_logprob for e in examples])),
         teacher_token_N=torch.from_numpy(np.concatenate([e.token_logprob for e in examples])),
-        behaviour_token_N=torch.from_numpy(np.concatenate([e.sampling_logprob for e in examples])),
+        behaviour_token_N=None if any(e.sampling_logprob is None for e in examples) else
+        torch.from_numpy(np.concatenate([e.sampling_logprob for e in examples])),
         token_ids_N=token_ids_N,
         weight_N=weight_N,
         old_token_N=torch.from_numpy(np.concatenate([e.response_logprob if e.response_logprob is not None

@@ -88,13 +88,16 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
     """One row per response token of iteration `iteration` that the teacher scored.
 
     Columns: prompt_id, sample_idx, position, token_id, token, policy_logprob (the policy's own, temperature
-    1), sampling_logprob (the distribution it was drawn from), teacher_logprob, logprob_gap, mask,
+    1), sampling_logprob (the distribution it was drawn from; null where the rollout did not record it),
+    teacher_logprob, logprob_gap, mask,
     teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list, decoded and
     rescaled), teacher_tail_mass.
     """
     run = Path(run)
     rollouts = rollouts_stage(run, iteration).lazy().select(
-        "prompt_id", "sample_idx", "response_token_ids", "response_logprobs", "sampling_logprobs")
+        "prompt_id", "sample_idx", "response_token_ids", "response_logprobs",
+        pl.col("sampling_logprobs").fill_null(  # one null per token, so that the lists explode together
+            pl.col("response_logprobs").list.eval(pl.element() * pl.lit(None, pl.Float32))))
     stage = signals_stage(run, iteration)
     encoding = read_encoding(stage.files[0])
     signals = stage.lazy().filter(pl.col("status") == "ok").select(

@@ -79,7 +79,7 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
     """Rollout rows for (prompt, sample_idx) items: render the view (the student's; render.teacher_messages to
     sample the teacher itself), skip or truncate prompts over the context budget, sample with one seed per
     (seed round, prompt, sample), decode."""
-    sampling = Sampling.of(config.rollout)
+    sampling = Sampling.of(config)
     context_budget = config.model.max_model_len - sampling.max_new_tokens
     rows = [row_for(p, s, iteration, chat_ids(tokenizer, view(p, config.template))) for p, s in items]
     runnable = []

@@ -145,7 +145,7 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     else:
         graded = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
                             expect_inputs=made_from)
-        examples = load_examples(rollouts, graded)
+        examples = load_examples(rollouts, graded, behaviour=config.train.reads_behaviour_logprobs)
     if not examples:
         raise ArtifactError(f"no trainable tokens in {graded.folder}: every rollout was skipped, masked or without a "
                             "reward")

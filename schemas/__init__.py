@@ -92,7 +92,7 @@ QUARANTINE = ArtifactSchema(
 
 ROLLOUTS = ArtifactSchema(
     name="rollouts",
-    version=2,
+    version=3,
     doc="One row per (prompt_id, sample_idx): the student's on-policy sample and its log-probs.",
     arrow=pa.schema(
         [
@@ -105,7 +105,8 @@ ROLLOUTS = ArtifactSchema(
                    "Log-prob of each sampled token under the policy's own distribution (temperature 1)"),
             column("sampling_logprobs", pa.list_(pa.float32()),
                    "Log-prob of each sampled token under the distribution it was drawn from (temperature, top-k, "
-                   "top-p, repetition penalty applied): the behaviour policy"),
+                   "top-p, repetition penalty applied): the behaviour policy. Null when sampling changed the "
+                   "distribution and nothing asked for it (rollout.sampling_logprobs)", nullable=True),
             column("response_text", pa.string(), "The response decoded, special tokens removed"),
             column("finish_reason", pa.string(), "stop, length, or skipped:<why>"),
         ]

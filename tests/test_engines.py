@@ -1,9 +1,12 @@
 """Engines against an independent forward pass of the same model over the same tokens."""
 
+import dataclasses
+
 import pytest
 import torch
+from helpers import ROOT
 
-from rgsd_pipeline.config import EngineConfig, ModelConfig
+from rgsd_pipeline.config import EngineConfig, ModelConfig, load_config
 from rgsd_pipeline.engines import Sampling, make_engine, vllm_available
 from rgsd_pipeline.engines.hf_engine import process_logits
 from rgsd_pipeline.models import load_model
@@ -36,6 +39,7 @@ def check_generation(engine, tiny_path, tiny_tokenizer, atol):
         assert generation.finish_reason in ("stop", "length")
         expected = reference_logprobs(model, prompt, generation.token_ids)
         torch.testing.assert_close(torch.tensor(generation.logprobs), expected, atol=atol, rtol=0)
+        assert generation.sampling_logprobs == generation.logprobs  # the model's own distribution: the same numbers
     # Same seeds give the same tokens whatever else is in the batch, and in another order.
     again = engine.generate(batch[::-1] + batch[:1], [10, 9, 8, 7, 7], sampling)
     assert [g.token_ids for g in again[:4]] == [g.token_ids for g in first[::-1]]
@@ -43,7 +47,8 @@ def check_generation(engine, tiny_path, tiny_tokenizer, atol):
     assert engine.generate(batch[:1], [99], sampling)[0].token_ids != first[0].token_ids
 
 
-TEMPERED = Sampling(temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12)
+TEMPERED = Sampling(temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12,
+                    behaviour_logprobs=True)
 
 
 def reference_sampling_logprobs(model, prompt, response, sampling):
@@ -78,6 +83,14 @@ def check_sampling_logprobs(engine, tiny_path, tiny_tokenizer, atol):
         close(generation.logprobs, raw)
         close(generation.sampling_logprobs, drawn)
         assert (drawn > raw).any()  # a tempered, truncated distribution is sharper than the model's
+
+
+@pytest.mark.parametrize(("overrides", "recorded"), [
+    ([], False), (["rollout.sampling_logprobs=true"], True), (["train.loss=sampled_reverse_kl"], True),
+    (["train.loss=sampled_reverse_kl", "train.importance_cap=0"], False), (["rollout.temperature=1", "rollout.top_p=1",
+                                                                           "rollout.repetition_penalty=1"], True)])
+def test_behaviour_log_probs_are_recorded_when_asked_for_read_by_the_loss_or_free(overrides, recorded):
+    assert Sampling.of(load_config(ROOT / "configs" / "smollm2-cpu.yaml", overrides)).records_behaviour == recorded
 
 
 def hf_engine(tiny_path, batch_size=3):
@@ -153,6 +166,40 @@ def test_vllm_generation_matches_forward_pass_and_seeds(vllm_engine, tiny_path, 
 @pytest.mark.vllm
 def test_vllm_records_the_log_probs_of_the_distribution_it_sampled_from(vllm_engine, tiny_path, tiny_tokenizer):
     check_sampling_logprobs(vllm_engine, tiny_path, tiny_tokenizer, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_draws_the_same_tokens_without_the_behaviour_log_probs(vllm_engine, tiny_path, tiny_tokenizer):
+    """An engine that returns the raw log-probs from its sampling pass (no second pass) draws the tokens that the
+    engine recording the behaviour log-probs draws, with the same raw log-probs."""
+    plain = dataclasses.replace(TEMPERED, behaviour_logprobs=False)
+    engine = make_engine("vllm", tiny_path, EngineConfig(vllm_enforce_eager=True, vllm_cpu_kvcache_gib=1),
+                         ModelConfig(max_model_len=1024), sampling=plain)
+    try:
+        batch = prompts(tiny_tokenizer)
+        fast, full = engine.generate(batch, [1, 2, 3, 4], plain), vllm_engine.generate(batch, [1, 2, 3, 4], TEMPERED)
+    finally:
+        engine.close()
+    assert [g.token_ids for g in fast] == [g.token_ids for g in full]
+    assert all(g.sampling_logprobs is None for g in fast)
+    for a, b in zip(fast, full, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_cpu_engine_hands_its_kv_cache_back_while_asleep(vllm_engine, tiny_tokenizer):
+    """On a CPU, sleep() releases the whole KV cache (engine.vllm_cpu_kvcache_gib) and the engine draws the same
+    tokens with the same log-probs after waking up (generate wakes it)."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU sleep is vLLM's own")
+    batch = prompts(tiny_tokenizer)
+    before = vllm_engine.generate(batch, [1, 2, 3, 4], TEMPERED)
+    assert vllm_engine.sleep() == 2**30 and vllm_engine.sleep() == 0
+    after = vllm_engine.generate(batch, [1, 2, 3, 4], TEMPERED)
+    assert [(g.token_ids, g.logprobs, g.sampling_logprobs) for g in after] == \
+        [(g.token_ids, g.logprobs, g.sampling_logprobs) for g in before]
 
 
 @pytest.mark.slow

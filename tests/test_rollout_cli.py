@@ -5,7 +5,10 @@ import polars as pl
 import pytest
 from helpers import cli, copy_run, kill_after_first_shard
 
-from rgsd_pipeline.shards import read_stage
+from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.examples import load_examples
+from rgsd_pipeline.shards import ArtifactError, read_stage
+from rgsd_pipeline.signals import storage_schema
 from schemas import ROLLOUTS
 
 
@@ -68,6 +71,30 @@ def test_too_long_prompts_are_skipped_with_reason_or_truncated(tmp_path):
     assert (cut["prompt_token_ids"].list.len() <= 48).all() and (cut["response_token_ids"].list.len() > 0).all()
 
 
+def test_behaviour_logprobs_are_recorded_when_the_loss_reads_them(tmp_path):
+    """Tempered sampling: sampling_logprobs are null unless asked for or read by the loss (sampled_reverse_kl), the
+    tokens and raw log-probs do not depend on it, and a loss that reads them refuses rollouts without them, naming
+    the shard, row and field."""
+    tempered = ["--config", "configs/tiny.yaml", "engine.kind=hf", "data.max_prompts=6", "rollout.temperature=0.7",
+                "rollout.top_k=8"]
+    for name, extra in (("plain", []), ("srkl", ["train.loss=sampled_reverse_kl"])):
+        cli("prepare", *tempered, *extra, "--run", tmp_path / name)
+        cli("rollout", "--run", tmp_path / name, "--iteration", 0)
+    plain, srkl = rollouts(tmp_path / "plain"), rollouts(tmp_path / "srkl")
+    assert plain["sampling_logprobs"].is_null().all()
+    assert (srkl["sampling_logprobs"].list.len() == srkl["response_token_ids"].list.len()).all()
+    assert plain.drop("sampling_logprobs").equals(srkl.drop("sampling_logprobs"))
+    assert (srkl["sampling_logprobs"].list.sum() > srkl["response_logprobs"].list.sum()).all()  # sharper: tempered
+
+    run = tmp_path / "plain"
+    cli("score", "--run", run, "--iteration", 0)
+    stages = (read_stage(run / "iter-000" / "rollouts", ROLLOUTS),
+              read_stage(run / "iter-000" / "signals", storage_schema(load_run_config(run).score, 1024)))
+    assert len(load_examples(*stages)) == 6
+    with pytest.raises(ArtifactError, match=r"rollouts/part-00000.parquet row 0: sampling_logprobs is null"):
+        load_examples(*stages, behaviour=True)
+
+
 def test_iteration_1_needs_the_previous_checkpoint(prepared, tmp_path):
     result = cli("rollout", "--run", copy_run(prepared, tmp_path / "run"), "--iteration", 1, check=False)
     assert result.returncode == 2 and "iter-000/checkpoint, which is missing or incomplete" in result.stderr
@@ -77,9 +104,12 @@ def test_iteration_1_needs_the_previous_checkpoint(prepared, tmp_path):
 @pytest.mark.vllm
 def test_vllm_rollout_through_the_cli(tmp_path):
     run = tmp_path / "v"
-    cli("prepare", "--config", "configs/tiny.yaml", "--run", run, "data.max_prompts=20")
+    # Tempered sampling with the model's raw log-probs only: one sampling pass, no behaviour log-probs.
+    cli("prepare", "--config", "configs/tiny.yaml", "--run", run, "data.max_prompts=20", "rollout.temperature=0.7",
+        "rollout.top_p=0.9")
     out = cli("rollout", "--run", run, "--iteration", 0, "--engine", "vllm").stdout
     assert "with vllm" in out and "20 prompts, 20 samples" in out
     frame = rollouts(run)
     assert (frame["response_token_ids"].list.len() == frame["response_logprobs"].list.len()).all()
+    assert frame["sampling_logprobs"].is_null().all()
     assert set(frame["finish_reason"]) <= {"stop", "length"}

