@@ -93,6 +93,7 @@ $(BENCH_VENV)/.installed: $(STAMP)
 
 bench: setup $(BENCH_VENV)/.installed
 	$(PY) bench/rollout.py
+	$(PY) bench/rollout.py --models builtin:smollm2-135m-instruct --settings
 	$(PY) bench/score.py
 	$(PY) bench/train.py
 	$(PY) bench/fingerprint.py

@@ -7,8 +7,11 @@ settings, with the engine built once and shared, so the ratio measures what the 
 prompts, chat templates, the too-long check, decoding, Parquet shards, checksums); goal >= 0.95.
 (2) vLLM tokens/s over HF tokens/s at the same batch, sampling from the model's own distribution
 (`vllm_over_hf`), and (3) the same at the demo's sampling settings (configs/smollm2-cpu.yaml: temperature,
-top-p, repetition penalty; `vllm_over_hf_demo_sampling`), where vLLM also runs its pass for the raw log-probs;
-goal >= 2.5 for both. Prints the ratios and writes bench/results.json.
+top-p, repetition penalty; `vllm_over_hf_demo_sampling`), where both record the model's own log-probs only;
+goal >= 2.5 for both. (4) With `--settings`: where vLLM's time goes at the demo's settings, one engine
+sampling the same prompts with the settings added one by one (the model's own distribution, temperature,
+top-p, repetition penalty), interleaved, and a second engine that also records the behaviour log-probs
+(its second prefill pass; train.loss=sampled_reverse_kl). Prints the ratios and writes bench/results.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--engines", nargs="+", default=["hf", "vllm"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--settings", action="store_true", help="only (4): vLLM's time per sampling setting")
     args = parser.parse_args()
 
     import polars as pl
@@ -64,6 +68,10 @@ def main():
         prompts = [chat_ids(tokenizer, student_messages(r, config.template)) for r in rows]
         seeds = [sample_seed(config.rollout.seed, r["prompt_id"], 0, seed_round=0) for r in rows]
         sampling = Sampling(temperature=1.0, max_new_tokens=args.tokens)
+        if args.settings:
+            record(f"vllm sampling settings {model}", settings_breakdown(path, config, prompts, seeds, args))
+            shutil.rmtree(prepared)
+            continue
         tokens_per_s = {}
         for kind in args.engines:
             engine = make_engine(kind, path, config.engine, config.model)
@@ -102,6 +110,41 @@ def main():
         results["batch"] = args.prompts
         results["max_new_tokens"] = args.tokens
         record(f"rollout {model}", results)
+
+
+def settings_breakdown(path, config, prompts, seeds, args) -> dict:
+    """vLLM tokens/s at the demo's sampling settings added one by one (interleaved, median of the repeats), and with
+    the behaviour log-probs recorded too; each rate over the model's own distribution's."""
+    from common import timed
+
+    from rgsd_pipeline.config import load_config
+    from rgsd_pipeline.engines import Sampling, make_engine
+
+    demo = dataclasses.replace(Sampling.of(load_config(ROOT / "configs" / "smollm2-cpu.yaml", [])),
+                               max_new_tokens=args.tokens)
+    steps = {"model_distribution": Sampling(max_new_tokens=args.tokens),
+             "temperature": Sampling(temperature=demo.temperature, max_new_tokens=args.tokens),
+             "temperature_top_p": Sampling(temperature=demo.temperature, top_p=demo.top_p, max_new_tokens=args.tokens),
+             "demo": demo}
+    rate = lambda out, s: sum(len(g.token_ids) for g in out) / s  # noqa: E731
+    engine = make_engine("vllm", path, config.engine, config.model, sampling=demo)
+    engine.generate(prompts[:2], seeds[:2], dataclasses.replace(demo, max_new_tokens=4))  # warm-up
+    rates = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, settings in steps.items():
+            rates[name].append(rate(*timed(lambda settings=settings: engine.generate(prompts, seeds, settings))))
+    engine.close()
+    recorded = dataclasses.replace(demo, behaviour_logprobs=True)
+    engine = make_engine("vllm", path, config.engine, config.model, sampling=recorded)
+    engine.generate(prompts[:2], seeds[:2], dataclasses.replace(recorded, max_new_tokens=4))  # warm-up
+    rates["demo_with_behaviour_logprobs"] = [rate(*timed(lambda: engine.generate(prompts, seeds, recorded)))
+                                             for _ in range(args.repeats)]
+    engine.close()
+    values = {f"{name}_tokens_per_s": statistics.median(r) for name, r in rates.items()}
+    base = values["model_distribution_tokens_per_s"]
+    values.update({f"{name}_over_model_distribution": values[f"{name}_tokens_per_s"] / base
+                   for name in rates if name != "model_distribution"})
+    return values
 
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn
