@@ -105,7 +105,7 @@ class VllmEngine(Engine):
         if self.processed:
             raw, drawn = self._raw_logprobs(prompts, token_ids), returned
         else:
-            raw, drawn = returned, returned if sampling.is_model_distribution else [None] * len(returned)
+            raw, drawn = returned, returned if sampling.records_behaviour else [None] * len(returned)
         results = []
         for ids, sample, raw_logprobs, sampling_logprobs in zip(token_ids, samples, raw, drawn, strict=True):
             results.append(Generation(ids, raw_logprobs, sampling_logprobs,

@@ -50,15 +50,13 @@ class WeightSync:
         self.rgsd_kv_cache_bytes = sizes
         return released
 
-    def rgsd_restore_kv_cache(self) -> int:
-        """Give the KV cache its storage back before the engine runs again; returns its size in bytes. Fresh pages
-        cost memory only where the next requests write their blocks, and no request reads a block before writing
-        it."""
+    def rgsd_restore_kv_cache(self) -> None:
+        """Give the KV cache its storage back before the engine runs again. Fresh pages cost memory only where the
+        next requests write their blocks, and no request reads a block before writing it."""
         sizes = getattr(self, "rgsd_kv_cache_bytes", {})
         for key, storage in _kv_storages(self.model_runner.kv_caches).items():
             if storage.nbytes() == 0 and sizes.get(key):
                 storage.resize_(sizes[key])
-        return sum(s.nbytes() for s in _kv_storages(self.model_runner.kv_caches).values())
 
 
 def _kv_storages(kv_caches) -> dict:
