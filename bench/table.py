@@ -33,7 +33,7 @@ ROWS = [
     ("trl_compare", "ours_per_stage_fixed_s_per_iteration", "fixed cost per iteration, one process per stage (s)",
      "-", None),
     ("trl_compare", "wall_ratio_ours_over_trl", "ours / TRL SDFTTrainer, wall time", "<= 0.8", lambda v: v <= 0.8),
-    ("trl_compare", "peak_ratio_ours_over_trl", "ours / TRL SDFTTrainer, peak memory (PSS)", "<= 1", lambda v: v <= 1),
+    ("trl_compare", "peak_ratio_ours_over_trl", "ours / TRL SDFTTrainer, peak memory (RSS)", "<= 1", lambda v: v <= 1),
 ]
 
 

@@ -12,10 +12,12 @@ sampling, top-20 + tail JSD(0.5), batch, optimizer steps, fp32, no gradient chec
 Ours runs as the resident `rgsd-pipeline iterate` (one process, engines kept) and, for the fixed-cost
 comparison, as `iterate --per-stage` (one process per stage). TRL runs bench/trl_sdft.py in the bench
 environment (.venv-bench). Wall time is each whole process tree from launch; peak memory the largest
-summed proportional set size of the tree (vLLM's engine processes included), sampled every 100 ms. Each side's time is
+summed resident set size of the tree, sampled every 100 ms (run_tree). Each side's time is
 split into generation, teacher scoring, update, and the rest (fixed: imports, model loads, engine starts,
 process starts) from the seconds each side reports. Goals: ours <= 0.8x TRL's wall time, peak memory <= 1x,
-and <= 2 s of fixed cost per further resident iteration (in_loop_fixed_s_per_iteration).
+and <= 2 s of fixed cost per further resident iteration (in_loop_fixed_s_per_iteration). At the cadence TRL
+also runs once with glibc's malloc set as our commands set it (rgsd_pipeline/allocator.py): what that setting
+alone is worth to a peer.
 """
 
 from __future__ import annotations
@@ -33,29 +35,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 CLI = [sys.executable, "-m", "rgsd_pipeline"]
+# What rgsd_pipeline/allocator.py asks of glibc at run time, as glibc's environment variables for another program
+GLIBC_KEEPS_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 RECIPES = {"builtin:tiny": ("configs/tiny.yaml", ["engine.kind=hf"]),
            "builtin:smollm2-135m-instruct": ("configs/smollm2-cpu.yaml", ["engine.vllm_cpu_kvcache_gib=1"])}
 
 
-def run_tree(command: list[str], log: Path) -> tuple[float, float, dict, str]:
+def run_tree(command: list[str], log: Path, env: dict | None = None) -> tuple[float, float, dict, str]:
     """(wall seconds, peak MB of the process tree's memory, each process's MB at that peak by name, its output).
-    Memory is the summed proportional set size (PSS): pages shared by several processes (vLLM runs three, all
-    mapping torch) are split among them instead of counted once per process, as summed resident sets would."""
+
+    Memory is the resident set size summed over the tree's processes, sampled every 100 ms from the kernel's
+    counters (/proc/PID/statm). Not the proportional set size: reading that walks every page table of the process
+    under its memory-map lock, and sampling it every 100 ms made our multi-GB processes up to 40% slower (glibc's
+    mmap and munmap wait for the walk). Pages that several processes share are counted once per process, an
+    overcount only where a side runs several at once (vLLM's own worker processes, engine.vllm_cpu_in_process=false)."""
     import psutil
 
     started = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
         root, peak, parts = psutil.Process(process.pid), 0, {}
         while process.poll() is None:
             try:
-                tree = {p.pid: (p.name(), p.memory_full_info().pss)
+                tree = {p.pid: (p.name(), p.memory_info().rss)
                         for p in [root, *root.children(recursive=True)] if p.is_running()}
-                total = sum(pss for _, pss in tree.values())
+                total = sum(rss for _, rss in tree.values())
                 if total > peak:
                     peak, parts = total, {}
-                    for name, pss in tree.values():
-                        parts[name] = parts.get(name, 0) + round(pss / 2**20)
+                    for name, rss in tree.values():
+                        parts[name] = parts.get(name, 0) + round(rss / 2**20)
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -101,7 +110,11 @@ def prepared(tmp: Path, model: str, prompts: int, tokens: int, batch: int, per_i
     return run
 
 
-def compare(model: str, prompts: int, per_iteration: int, tokens: int, batch: int, per_stage: bool, tmp: Path) -> dict:
+def compare(model: str, prompts: int, per_iteration: int, tokens: int, batch: int, per_stage: bool, tmp: Path,
+            trl_kept_memory: bool = False) -> dict:
+    """Both sides on the same prepared prompts. `trl_kept_memory`: TRL once more, with glibc's malloc set as our
+    commands set it (rgsd_pipeline/allocator.py, through glibc's environment variables), to show what that setting
+    alone is worth to a peer."""
     iterations = -(-prompts // per_iteration) if per_iteration else 1
     values = {"prompts": prompts, "prompts_per_iteration": per_iteration or prompts, "iterations": iterations,
               "new_tokens": tokens, "optimizer_steps": -(-prompts // batch)}
@@ -125,6 +138,14 @@ def compare(model: str, prompts: int, per_iteration: int, tokens: int, batch: in
     print(f"  {'TRL SDFTTrainer':15s} {wall:7.1f} s  peak {peak:6.0f} MB {parts}", flush=True)
     values["wall_ratio_ours_over_trl"] = values["ours_wall_s"] / wall
     values["peak_ratio_ours_over_trl"] = values["ours_peak_mb"] / peak
+    if trl_kept_memory:
+        run = prepared(tmp, model, prompts, tokens, batch, per_iteration)
+        wall, peak, _, output = run_tree([str(BENCH_PYTHON), "bench/trl_sdft.py", "--run", str(run), "--out",
+                                          str(tmp / "trl-kept")], tmp / "trl-kept.log", env=GLIBC_KEEPS_FREED_MEMORY)
+        values.update({"trl_kept_memory_wall_s": wall, "trl_kept_memory_peak_mb": peak,
+                       **{f"trl_kept_memory_{k}": v for k, v in trl_split(output, wall).items()},
+                       "wall_ratio_ours_over_trl_kept_memory": values["ours_wall_s"] / wall})
+        print(f"  {'TRL, kept memory':15s} {wall:7.1f} s  peak {peak:6.0f} MB", flush=True)
     return values
 
 
@@ -143,7 +164,8 @@ def main():
         tmp = Path(tmp)
         print(f"cadence: 4 iterations x {args.batch} prompts x {args.tokens} tokens, {args.model}")
         record(f"trl_compare cadence 4x{args.batch} / {args.model}",
-               compare(args.model, 4 * args.batch, args.batch, args.tokens, args.batch, True, tmp))
+               compare(args.model, 4 * args.batch, args.batch, args.tokens, args.batch, True, tmp,
+                       trl_kept_memory=True))
         if not args.skip_pass:
             print(f"pass: 96 prompts x {args.tokens} tokens as one iteration, {args.model}")
             record(f"trl_compare pass 96, one iteration / {args.model}",

@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from rgsd_pipeline import __version__
+from rgsd_pipeline.allocator import keep_freed_memory
 from rgsd_pipeline.errors import UserError
 
 # Command name -> the module whose `command` it is, in the order `--help` lists them.
@@ -91,6 +92,7 @@ def main(verbose):
         os.environ[VERBOSE_ENV] = "1"
     if not os.environ.get(VERBOSE_ENV):
         quiet_third_party()
+    keep_freed_memory()
 
 
 if not os.environ.get(VERBOSE_ENV):

@@ -59,6 +59,8 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                 started = time.perf_counter()
                 if stage == "rollout":
                     engines.next_weights = kept.exported if kept is not None else None
+                    if kept is not None:
+                        kept.exported = None  # the engine copies them in; held no longer than that
                     steps.rollout(run, iteration, engines, world=world)
                 elif stage == "score":
                     steps.score(run, iteration, engines, world=world)

@@ -189,6 +189,24 @@ def test_vllm_draws_the_same_tokens_without_the_behaviour_log_probs(vllm_engine,
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_vllm_cpu_engine_runs_in_this_process(vllm_engine, tied_engine):
+    """On a CPU the engine runs in the process that built it (engine.vllm_cpu_in_process): no engine-core or worker
+    process of its own; with the option off, vLLM's own processes run it."""
+    import psutil
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU engine keeps vLLM's engine-core process")
+    assert vllm_engine.in_process and tied_engine.in_process == (tied_engine.param == "in process")
+    processes = [child for child in psutil.Process().children(recursive=True) if "VLLM" in child.name()]
+    if tied_engine.in_process:
+        _, alive = psutil.wait_procs(processes, timeout=30)  # an engine an earlier test closed may still be exiting
+        assert not alive, [p.name() for p in alive]
+    else:
+        assert processes  # its engine core and worker (each names itself once it has started)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_cpu_engine_hands_its_kv_cache_back_while_asleep(vllm_engine, tiny_tokenizer):
     """On a CPU, sleep() releases the whole KV cache (engine.vllm_cpu_kvcache_gib) and the engine draws the same
     tokens with the same log-probs after waking up (generate wakes it)."""
@@ -268,8 +286,11 @@ def tied_engine(request):
     assert load_model(path).config.tie_word_embeddings
     from rgsd_pipeline.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine(path, EngineConfig(vllm_enforce_eager=True, vllm_cpu_kvcache_gib=1),
-                        ModelConfig(max_model_len=1024), max_logprobs=8, in_process=request.param == "in process")
+    engine = VllmEngine(path, EngineConfig(vllm_enforce_eager=True, vllm_cpu_kvcache_gib=1,
+                                           vllm_cpu_in_process=request.param == "in process"),
+                        ModelConfig(max_model_len=1024), max_logprobs=8,
+                        in_process=True if request.param == "in process" and torch.cuda.is_available() else None)
+    engine.param = request.param
     yield engine
     engine.close()
 

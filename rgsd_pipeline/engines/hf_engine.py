@@ -60,7 +60,6 @@ class HfEngine(Engine):
     kind = "hf"
 
     def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig):
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model_path, model_config.dtype, model_config.trust_remote_code,
                                 model_config.allow_pickle_weights).eval().to(self.device)

