@@ -70,7 +70,8 @@ def run_tree(command: list[str], log: Path, env: dict | None = None) -> tuple[fl
             time.sleep(0.1)
     wall = time.perf_counter() - started
     if process.returncode:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}); see {log}")
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}); the end of {log}:\n{tail}")
     return wall, peak / 2**20, parts, log.read_text()
 
 
@@ -155,6 +156,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--skip-pass", action="store_true", help="only the 4 x 16 cadence workload")
+    parser.add_argument("--skip-cadence", action="store_true", help="only the 96-prompt pass workloads")
     args = parser.parse_args()
     if not BENCH_PYTHON.exists():
         raise SystemExit(f"{BENCH_PYTHON} is missing: `make bench` builds the bench environment with trl")
@@ -162,10 +164,11 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"cadence: 4 iterations x {args.batch} prompts x {args.tokens} tokens, {args.model}")
-        record(f"trl_compare cadence 4x{args.batch} / {args.model}",
-               compare(args.model, 4 * args.batch, args.batch, args.tokens, args.batch, True, tmp,
-                       trl_kept_memory=True))
+        if not args.skip_cadence:
+            print(f"cadence: 4 iterations x {args.batch} prompts x {args.tokens} tokens, {args.model}")
+            record(f"trl_compare cadence 4x{args.batch} / {args.model}",
+                   compare(args.model, 4 * args.batch, args.batch, args.tokens, args.batch, True, tmp,
+                           trl_kept_memory=True))
         if not args.skip_pass:
             print(f"pass: 96 prompts x {args.tokens} tokens as one iteration, {args.model}")
             record(f"trl_compare pass 96, one iteration / {args.model}",

