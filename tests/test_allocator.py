@@ -8,7 +8,6 @@ import pytest
 
 # A child process: 512 MB allocated, touched and freed; prints its resident set before and after the free, in MB.
 CHILD = """
-import sys
 import psutil
 from rgsd_pipeline.allocator import keep_freed_memory
 kept = keep_freed_memory()
