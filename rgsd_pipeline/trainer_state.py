@@ -9,7 +9,8 @@ A state is written to a temporary folder and swapped in whole, so a kill never l
 
 Writes run in a background thread, one at a time per process, from the tensors training holds (on a CPU, no
 copy): the optimizer step that would change those tensors first waits for the write (`wait_for_writes`), so a
-1.6 GB state of SmolLM2 is written while the next micro-batches, the export and the next rollout run. (Under
+1.6 GB state of SmolLM2 is written while the next micro-batches, the export and the next rollout run, by a
+thread at the lowest priority, which takes the cores only when that work leaves them idle. (Under
 FSDP2 the processes write together, between barriers, in the foreground.) Older iterations' states are deleted
 only while a newer one is on disk. So, whenever a kill lands, the disk holds a state from which the finished
 iterations can be trained again: a checkpoint whose own final state was never written (or holds an earlier
@@ -18,10 +19,13 @@ step) is rebuilt by training that iteration again from its signals (training.rep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,9 +37,20 @@ from rgsd_pipeline import layout
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.shards import ArtifactError
 
+
+def _yield_to_the_work() -> None:
+    """Run this thread at the lowest scheduling priority (Linux: a thread's own nice value). The write overlaps the
+    next rollout, whose OpenMP threads wait for each other at every parallel region: at equal priority a writer
+    that takes one of their cores stalls them all. On a 2-core CPU (SmolLM2, 4 resident iterations of 16) sampling
+    took 43.5 s beside writers at equal priority and 31.3 s beside niced ones."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 # One writer thread per process. Python joins it at exit, so a state being written when the process ends normally
 # is finished first; errors are raised by the next wait_for_writes.
-_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-state")
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-state", initializer=_yield_to_the_work)
 _pending: Future | None = None
 
 

@@ -168,3 +168,15 @@ def test_killed_while_the_final_state_is_written_then_rerun_gives_the_same_run(
     metrics = [json.loads(line) for line in (run / "iter-000" / "metrics.jsonl").read_text().splitlines()]
     assert [m["global_step"] for m in metrics] == list(range(1, steps_per_iteration + 1))  # written once
     assert not list(run.rglob(".*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_the_writer_thread_runs_at_the_lowest_priority_and_this_thread_does_not():
+    """The background write must not take cores from the rollout it overlaps (trainer_state._yield_to_the_work)."""
+    import threading
+
+    def own_priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert trainer_state._writer.submit(own_priority).result() == 19
+    assert own_priority() < 19
