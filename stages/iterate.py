@@ -82,7 +82,8 @@ def command(config_path, run, iterations, engine_kind, per_stage, ray_address, w
     from rgsd_pipeline.distributed import init_world, leave_world
 
     world = init_world()  # rank r of W under torchrun; rank 0 of 1 alone (and for the Ray driver)
-    if world.main and (not is_complete(layout.prompts_dir(run)) or config_path):
+    # prepare also checks a config or overrides given for a run that exists against its run.yaml (not ignored)
+    if world.main and (not is_complete(layout.prompts_dir(run)) or config_path or overrides):
         run_stage("prepare", *(["--config", config_path] if config_path else []), "--run", run, *overrides)
     world.barrier()
     if per_stage:

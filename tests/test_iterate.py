@@ -208,3 +208,6 @@ def test_prepare_on_an_existing_run_reads_its_run_yaml(tmp_path):
     assert "prompts already complete" in cli("prepare", "--run", run, "--data", data).stdout
     changed = cli("prepare", "--run", run, "template.pitfalls=inline", check=False)
     assert changed.returncode == 2 and "template.pitfalls: 'avoid' -> 'inline'" in changed.stderr
+    # iterate on that run: an override that differs from run.yaml is refused, not silently left unused
+    ignored = cli("iterate", "--run", run, "--iterations", 1, "train.state_every_iterations=4", check=False)
+    assert ignored.returncode == 2 and "train.state_every_iterations: 1 -> 4" in ignored.stderr, ignored.stderr[-2000:]
