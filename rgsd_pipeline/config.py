@@ -227,6 +227,10 @@ class TrainConfig:
     keep_states: int = opt(2, "Trainer states (master weights, AdamW moments) kept on disk: those of the last N "
                               "iterations, older ones deleted when a checkpoint completes and a newer state is "
                               "whole (0 keeps all)", minimum=0)
+    state_every_iterations: int = opt(
+        1, "A resident `iterate` writes an iteration's final trainer state every N iterations and at its last one; "
+           "after a kill, the iterations since the last state on disk are trained again from their signals (at most "
+           "N). The `train` command always writes it", minimum=1)
     carry_optimizer: bool = opt(True, "Continue the previous iteration's AdamW moments (off: fresh moments each "
                                       "iteration)")
     parallel: Literal["ddp", "fsdp"] = opt(

@@ -67,7 +67,8 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                 elif stage == "reward":
                     steps.reward(run, iteration, world=world)
                 else:
-                    kept = steps.train(run, iteration, world, kept=kept, keep_exported=engines.takes_weights_in_memory)
+                    kept = steps.train(run, iteration, world, kept=kept, keep_exported=engines.takes_weights_in_memory,
+                                       write_state=state_due(iteration, iterations, config))
                 seconds[stage] += time.perf_counter() - started
             links.append(link(run, iteration, config))
             if world.main:
@@ -81,6 +82,13 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                    f"swapped in place {engines.weight_loads} time(s)" + (f", on each of {world.size} ranks"
                                                                            if world.size > 1 else ""))
     return dict(seconds)
+
+
+def state_due(iteration: int, iterations: int, config) -> bool:
+    """Whether iteration I of a resident run writes its final trainer state: every train.state_every_iterations
+    iterations, and at the run's last (what the next `iterate` or `train` starts from). The others stay in memory;
+    after a kill they are trained again from their signals (training.can_replay)."""
+    return (iteration + 1) % config.train.state_every_iterations == 0 or iteration == iterations - 1
 
 
 @contextlib.contextmanager

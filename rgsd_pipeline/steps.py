@@ -222,10 +222,11 @@ def rewards_summary(stage) -> str:
 
 
 def train(run: Path, iteration: int, world=None, kept: Continuation | None = None,
-          keep_exported: bool = False) -> Continuation | None:
+          keep_exported: bool = False, write_state: bool = True) -> Continuation | None:
     """iter-I/checkpoint/: policy_{I+1}, trained on iter-I/signals. With `kept` (the previous iteration's model and
     optimizer in memory) nothing is reloaded; returns what to keep for the next iteration (with the exported
-    weights when `keep_exported`: an engine of this process takes them without reading the checkpoint back)."""
+    weights when `keep_exported`: an engine of this process takes them without reading the checkpoint back).
+    `write_state=False`: the final trainer state stays in memory only (train.state_every_iterations)."""
     from rgsd_pipeline.distributed import World
 
     world = world or World()
@@ -236,7 +237,7 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
         return None
     session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
     run_training(session)  # 2. optimizer steps, metrics, trainer state
-    return export_policy(session, keep_exported)  # 3. the checkpoint the next rollout loads, then the final state
+    return export_policy(session, keep_exported, write_state)  # 3. the checkpoint the next rollout loads, its state
 
 
 def _plan(total: int, num_shards: int, shard_index: int, world) -> ShardPlan:

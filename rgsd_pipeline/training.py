@@ -61,14 +61,16 @@ class TrainingSession:
         return layout.checkpoint_dir(self.run, self.iteration)
 
 
-def starting_point(run: Path, policy: Path, iteration: int, kept: Continuation | None) -> tuple[str, Path | None]:
+def starting_point(run: Path, policy: Path, iteration: int, kept: Continuation | None,
+                   replay_depth: int = 1) -> tuple[str, Path | None]:
     """Where iteration I's training starts, in this order, and the trainer state it reads (if any):
 
     - "resume":   a killed run of this iteration saved a trainer state beside its checkpoint: continue at its step;
     - "memory":   this process trained iteration I-1 and kept its model and AdamW state;
     - "state":    iteration I-1's trainer state on disk (fp32 weights, AdamW moments, global step);
-    - "replay":   iteration I-1's checkpoint is complete but a kill landed before its final trainer state was on
-                  disk: train I-1 again from where it can start on disk (replay_iteration), in memory;
+    - "replay":   iteration I-1's checkpoint is complete but its final trainer state is not on disk (a kill landed
+                  before it was, or train.state_every_iterations left it in memory): train I-1 again, in memory,
+                  from where it can start on disk (replay_iteration), replaying at most `replay_depth` iterations;
     - "exported": iteration I-1's exported weights alone (model.dtype, fresh AdamW moments: warned), or the base
                   model at I = 0.
     """
@@ -81,22 +83,25 @@ def starting_point(run: Path, policy: Path, iteration: int, kept: Continuation |
         return "memory", None
     if (previous := previous_state(policy, iteration)) is not None:
         return "state", previous
-    if iteration > 0 and can_replay(run, iteration - 1):
+    if iteration > 0 and can_replay(run, iteration - 1, replay_depth):
         return "replay", None
     return "exported", None
 
 
-def can_replay(run: Path, iteration: int) -> bool:
-    """Whether iteration I's training can run again from its own start on disk: an earlier step's state of I, the
-    base model (I = 0), or the final state of I-1. One iteration back only: the trainer states are written so that
-    a kill leaves at most one iteration to replay (trainer_state.py); a user who deleted more gets the exported
+def can_replay(run: Path, iteration: int, depth: int = 1) -> bool:
+    """Whether iteration I's training can run again from what is on disk, training at most `depth` iterations (I and
+    those before it): I starts from an earlier step's state of I, the base model (I = 0) or the final state of I-1,
+    else I-1 is replayed first. The trainer states are written so that a kill leaves at most
+    train.state_every_iterations iterations to replay (trainer_state.py); a user who deleted more gets the exported
     weights, with a warning, rather than hours of silent retraining."""
     from rgsd_pipeline.checkpoints import previous_state
+    from rgsd_pipeline.shards import is_complete
     from rgsd_pipeline.trainer_state import find_state
 
-    checkpoint = layout.checkpoint_dir(run, iteration)
-    return (find_state(checkpoint) is not None or iteration == 0
-            or previous_state(layout.checkpoint_dir(run, iteration - 1), iteration) is not None)
+    checkpoint, before = layout.checkpoint_dir(run, iteration), layout.checkpoint_dir(run, iteration - 1)
+    if find_state(checkpoint) is not None or iteration == 0 or previous_state(before, iteration) is not None:
+        return True
+    return depth > 1 and is_complete(before) and can_replay(run, iteration - 1, depth - 1)
 
 
 def replay_iteration(run: Path, iteration: int, world) -> Continuation:
@@ -150,11 +155,12 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
         raise ArtifactError(f"no trainable tokens in {graded.folder}: every rollout was skipped, masked or without a "
                             "reward")
 
-    started_from, state = starting_point(run, policy, iteration, kept)
+    started_from, state = starting_point(run, policy, iteration, kept, config.train.state_every_iterations)
     if started_from == "replay":
         if world.main:
-            click.secho(f"{policy} has no final trainer state (a kill landed while it was being written): training "
-                        f"iteration {iteration - 1} again from its signals", fg="yellow", err=True)
+            click.secho(f"{policy} has no final trainer state (train.state_every_iterations left it in memory, or a "
+                        f"kill landed while it was being written): training iteration {iteration - 1} again from its "
+                        "signals", fg="yellow", err=True)
         kept, started_from = replay_iteration(run, iteration - 1, world), "memory"
     torch.manual_seed(config.train.seed)
     previous = previous_state(policy, iteration)
@@ -223,9 +229,9 @@ def save_final_state(session: TrainingSession) -> None:
         trainer.save(layout.trainer_state_dir(session.out), trainer.total_steps, background=True)  # every process
 
 
-def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation:
-    """Write the checkpoint (a plain HF folder in model.dtype, then _SUCCESS) from the main process; every process
-    keeps its model and optimizer for the next iteration."""
+def export_policy(session: TrainingSession, keep_exported: bool, write_state: bool = True) -> Continuation:
+    """Write the checkpoint (a plain HF folder in model.dtype, then _SUCCESS) from the main process, then the final
+    trainer state unless `write_state` is off; every process keeps its model and optimizer for the next iteration."""
     from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, write_checkpoint
     from rgsd_pipeline.trainer_state import prune_states
 
@@ -239,7 +245,8 @@ def export_policy(session: TrainingSession, keep_exported: bool) -> Continuation
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
                       "global_step": trainer.first_global_step + trainer.total_steps}
         write_checkpoint(model, session.policy, session.out, config, provenance, exported)
-    save_final_state(session)  # after the export, so that the export has the disk to itself
+    if write_state:
+        save_final_state(session)  # after the export, so that the export has the disk to itself
     if world.main:
         prune_states(session.run, session.iteration, config.train.keep_states)
         click.echo(train_summary(layout.metrics_file(session.run, session.iteration), session.out))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, cli
+from helpers import CLI, ROOT, cli
 from safetensors.torch import load_file
 from test_iterate import assert_same_run
 
@@ -180,3 +180,35 @@ def test_the_writer_thread_runs_at_the_lowest_priority_and_this_thread_does_not(
 
     assert trainer_state._writer.submit(own_priority).result() == 19
     assert own_priority() < 19
+
+
+@pytest.mark.slow
+def test_states_written_every_few_iterations_a_kill_between_them_replays_the_iterations_since(small_config, tmp_path):
+    """train.state_every_iterations=3: iterations 0 and 1 keep their final trainer states in memory only. A kill once
+    iteration 1's checkpoint is complete leaves no state on disk; the rerun trains iterations 0 and 1 again from their
+    signals, then iteration 2, and the run ends as an uninterrupted one does."""
+    every = "train.state_every_iterations=3"
+    reference = tmp_path / "uninterrupted"
+    cli("iterate", "--config", small_config, "--run", reference, "--iterations", 3, every)
+    assert [find_state(reference / f"iter-{i:03d}" / "checkpoint") is None for i in range(3)] == [True, True, False]
+    run = tmp_path / "killed"
+    worker = subprocess.Popen([*CLI, "iterate", "--config", str(small_config), "--run", str(run), "--iterations", "3",
+                               every], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    done = run / "iter-001" / "checkpoint" / "_SUCCESS"
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None and not done.exists():
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert done.exists() and not (run / "iter-002" / "checkpoint" / "_SUCCESS").exists()
+    assert find_state(run / "iter-000" / "checkpoint") is None and find_state(run / "iter-001" / "checkpoint") is None
+    result = cli("iterate", "--run", run, "--iterations", 3)
+    assert "training iteration 1 again from its signals" in result.stderr, result.stderr[-2000:]
+    assert "training iteration 0 again from its signals" in result.stderr, result.stderr[-2000:]
+    assert "bit for bit" not in result.stderr  # each replay reproduced its checkpoint exactly
+    assert_same_run(run, reference, iterations=3)
+    for iteration in range(3):
+        metrics = (run / f"iter-{iteration:03d}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["global_step"] for line in metrics] == [iteration + 1]  # written once
+    assert state_global_step(final_state(run / "iter-002" / "checkpoint")) == 3
