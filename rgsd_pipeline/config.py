@@ -413,12 +413,13 @@ def _build_root(raw: dict, where: str) -> RunConfig:
 
 
 def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
-    """Write run.yaml on first start; on later starts refuse a config that differs from the frozen one."""
+    """Write run.yaml on first start; on later starts refuse a config that differs from the frozen one, read as every
+    stage reads it (a key that a run made by an earlier release lacks takes its default)."""
     run_dir = Path(run_dir)
     frozen_path = layout.run_config_file(run_dir)
     resolved = to_dict(config)
     if frozen_path.exists():
-        frozen = yaml.safe_load(frozen_path.read_text())
+        frozen = to_dict(load_run_config(run_dir))
         if frozen != resolved:
             raise ConfigError(
                 f"{frozen_path} holds a different config than this command:\n"

@@ -64,6 +64,18 @@ def test_freeze_then_refuse_a_different_config(tmp_path):
         freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml", ["data.split_seed=3"]))
 
 
+def test_a_run_frozen_before_an_option_existed_reads_it_as_its_default(tmp_path):
+    """A run.yaml written by an earlier release lacks the options added since; the run used their defaults, so the
+    same recipe is accepted and only a different value is refused."""
+    freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))
+    frozen = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    del frozen["train"]["state_every_iterations"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(frozen))
+    freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))
+    with pytest.raises(ConfigError, match=r"train\.state_every_iterations: 1 -> 4"):
+        freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml", ["train.state_every_iterations=4"]))
+
+
 def test_every_field_is_documented():
     rows = reference()
     assert len(rows) > 15 and all(help_text for _, _, help_text in rows)
