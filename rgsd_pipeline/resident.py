@@ -35,7 +35,7 @@ from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.shards import is_complete, write_json_atomic
-from rgsd_pipeline.trainer_state import wait_for_writes
+from rgsd_pipeline.trainer_state import open_writes, wait_for_writes
 
 
 def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: World) -> dict[str, float]:
@@ -75,6 +75,7 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                 write_json_atomic(layout.chain_file(run), links)
         wait_for_writes()  # the last trainer state, written while the last checkpoint was exported
     finally:
+        open_writes()  # a write held for an engine that will not load again (the run failed) starts now
         engines.close()
     if seconds:
         spent = ", ".join(f"{stage} {spent:.1f} s" for stage, spent in seconds.items())

@@ -52,6 +52,27 @@ def _yield_to_the_work() -> None:
 # is finished first; errors are raised by the next wait_for_writes.
 _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-state", initializer=_yield_to_the_work)
 _pending: Future | None = None
+# Closed by hold_writes: the writer starts the next write only once it opens (open_writes, wait_for_writes) or
+# after HOLD_SECONDS, so that a write never waits on a caller that forgot it.
+_open = threading.Event()
+_open.set()
+HOLD_SECONDS = 60.0
+
+
+def hold_writes() -> None:
+    """Hold the next background write until open_writes: a resident run holds the final state's write while the
+    student's engine takes the new weights, which on a 2-core CPU ran 1.5 to 3 s beside it against 0.3 s alone."""
+    _open.clear()
+
+
+def open_writes() -> None:
+    """Let the writer start what hold_writes held."""
+    _open.set()
+
+
+def _when_open(job, *args) -> None:
+    _open.wait(HOLD_SECONDS)
+    job(*args)
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -99,6 +120,7 @@ def wait_for_writes() -> None:
     global _pending
     pending, _pending = _pending, None
     if pending is not None:
+        open_writes()
         pending.result()
 
 
@@ -129,7 +151,7 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
         if world.main:
             _write(folder, tmp, weights, None, state)
     elif background:
-        _pending = _writer.submit(_write_or_explain, folder, tmp, weights, bundle, state)
+        _pending = _writer.submit(_when_open, _write_or_explain, folder, tmp, weights, bundle, state)
     else:
         _write(folder, tmp, weights, bundle, state)
 

@@ -233,7 +233,7 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
     """Write the checkpoint (a plain HF folder in model.dtype, then _SUCCESS) from the main process, then the final
     trainer state unless `write_state` is off; every process keeps its model and optimizer for the next iteration."""
     from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, write_checkpoint
-    from rgsd_pipeline.trainer_state import prune_states
+    from rgsd_pipeline.trainer_state import hold_writes, prune_states
 
     trainer, world, config = session.trainer, session.world, session.config
     model = trainer.model
@@ -246,6 +246,8 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
                       "global_step": trainer.first_global_step + trainer.total_steps}
         write_checkpoint(model, session.policy, session.out, config, provenance, exported)
     if write_state:
+        if in_memory:  # the write starts once the student's engine has these weights (ResidentEngines.student)
+            hold_writes()
         save_final_state(session)  # after the export, so that the export has the disk to itself
     if world.main:
         prune_states(session.run, session.iteration, config.train.keep_states)

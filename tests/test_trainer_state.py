@@ -66,6 +66,51 @@ def test_a_background_write_that_fails_is_reported_by_the_next_wait_naming_the_s
     wait_for_writes()  # reported once
 
 
+def test_a_held_write_starts_once_the_engine_has_the_weights_or_once_it_is_waited_for(tiny_path, tmp_path):
+    """A resident run holds the final state's write while the student's engine takes the new weights
+    (training.export_policy, ResidentEngines.student); waiting for the writes opens the hold too, so that nothing
+    waits on a hold that no engine will open."""
+    from rgsd_pipeline.engines.hosting import ResidentEngines
+
+    examples = [synthetic_example(np.arange(3, 19), 8, np.tile(np.arange(3, 7), (8, 1)), np.full((8, 4), 0.2))] * 2
+    trainer = Trainer(load_model(tiny_path), examples, TrainConfig(batch_size=2, micro_batch_size=2), World(), pad_id=0)
+
+    def held_write(name):
+        folder = tmp_path / name / "trainer_state"
+        trainer_state.hold_writes()
+        trainer.save(folder, 1, background=True)
+        time.sleep(1.0)
+        assert not folder.exists()
+        return folder
+
+    class Student:
+        model_path, in_process = "policy-0", True
+
+        def __init__(self, state):
+            self.state = state
+
+        def wake_up(self):
+            pass
+
+        def load_weights(self, policy, weights):
+            self.model_path, self.written_while_loading = policy, self.state.exists()
+
+    folder = held_write("opened-by-the-engine")
+    engines = ResidentEngines()
+    engines._student = student = Student(folder)
+    engines.student(tmp_path / "policy-1", None)
+    assert student.written_while_loading is False
+    deadline = time.time() + trainer_state.HOLD_SECONDS / 2  # opened by the engine, not by the hold's limit
+    while not folder.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert folder.exists()
+    wait_for_writes()
+
+    folder = held_write("opened-by-a-wait")
+    wait_for_writes()
+    assert folder.exists()
+
+
 def fake_state(run, iteration, state_step, exported_step):
     """A checkpoint exported at global step `exported_step` with a trainer state saved at `state_step`."""
     checkpoint = run / f"iter-{iteration:03d}" / "checkpoint"

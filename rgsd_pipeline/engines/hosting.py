@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.engines import Engine, Sampling, make_engine
+from rgsd_pipeline.trainer_state import open_writes
 
 
 class StageEngines:
@@ -66,6 +67,7 @@ class ResidentEngines(StageEngines):
                 self._student.load_weights(policy, self.next_weights)
                 self.weight_loads += 1
         self.next_weights = None
+        open_writes()  # the trainer state held back while the weights went in (training.export_policy)
         return self._student
 
     @property
