@@ -25,7 +25,7 @@ from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.inputs import train_inputs
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
 from rgsd_pipeline.sampling import optimizer_steps_per_epoch
-from rgsd_pipeline.shards import ArtifactError, read_stage, write_text_atomic
+from rgsd_pipeline.shards import ArtifactError, is_complete, read_stage, write_text_atomic
 from rgsd_pipeline.signals import storage_schema
 from schemas import PROMPTS, REWARDS, ROLLOUTS
 
@@ -95,7 +95,6 @@ def can_replay(run: Path, iteration: int, depth: int = 1) -> bool:
     train.state_every_iterations iterations to replay (trainer_state.py); a user who deleted more gets the exported
     weights, with a warning, rather than hours of silent retraining."""
     from rgsd_pipeline.checkpoints import previous_state
-    from rgsd_pipeline.shards import is_complete
     from rgsd_pipeline.trainer_state import find_state
 
     checkpoint, before = layout.checkpoint_dir(run, iteration), layout.checkpoint_dir(run, iteration - 1)

@@ -18,15 +18,22 @@ def cli(*args, check=True):
     return result
 
 
+def kill_when(command: list, ready, timeout: float = 300) -> None:
+    """Start `command` in a process group of its own and SIGKILL the group as soon as `ready()` holds (or it has
+    exited, or `timeout` seconds have passed)."""
+    worker = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and worker.poll() is None and not ready():
+        time.sleep(0.02)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+
+
 def kill_after_first_shard(args, output_dir: Path, timeout: float = 180) -> int:
     """Start a stage, SIGKILL it as soon as it has published one shard; return how many shards were done."""
     progress = Path(output_dir) / ".progress"
-    worker = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and worker.poll() is None and not list(progress.glob("part-*.json")):
-        time.sleep(0.02)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    kill_when([*CLI, *args], lambda: list(progress.glob("part-*.json")), timeout)
     return len(list(progress.glob("part-*.json")))
 
 

@@ -7,8 +7,6 @@ trains that one again from its signals, and the run ends as an uninterrupted one
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import CLI, ROOT, cli
+from helpers import CLI, cli, kill_when
 from safetensors.torch import load_file
 from test_iterate import assert_same_run
 
@@ -161,15 +159,8 @@ def killed_while_writing_the_final_state(config, run, steps_per_iteration):
     """Start `iterate`, SIGKILL it once iteration 0's checkpoint is complete and its final state half written."""
     checkpoint = run / "iter-000" / "checkpoint"
     half = checkpoint / ".trainer_state.tmp" / "optimizer.pt"
-    worker = subprocess.Popen([sys.executable, "-c", STALLED_FINAL_WRITE, str(steps_per_iteration), "iterate",
-                               "--config", str(config), "--run", str(run), "--iterations", "2"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and worker.poll() is None and not ((checkpoint / "_SUCCESS").exists()
-                                                                     and half.exists()):
-        time.sleep(0.05)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    kill_when([sys.executable, "-c", STALLED_FINAL_WRITE, steps_per_iteration, "iterate", "--config", config, "--run",
+               run, "--iterations", 2], lambda: (checkpoint / "_SUCCESS").exists() and half.exists())
     assert (checkpoint / "_SUCCESS").exists() and half.exists()
     return final_state(checkpoint)
 
@@ -237,15 +228,8 @@ def test_states_written_every_few_iterations_a_kill_between_them_replays_the_ite
     cli("iterate", "--config", small_config, "--run", reference, "--iterations", 3, every)
     assert [find_state(reference / f"iter-{i:03d}" / "checkpoint") is None for i in range(3)] == [True, True, False]
     run = tmp_path / "killed"
-    worker = subprocess.Popen([*CLI, "iterate", "--config", str(small_config), "--run", str(run), "--iterations", "3",
-                               every], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done = run / "iter-001" / "checkpoint" / "_SUCCESS"
-    deadline = time.time() + 300
-    while time.time() < deadline and worker.poll() is None and not done.exists():
-        time.sleep(0.05)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    kill_when([*CLI, "iterate", "--config", small_config, "--run", run, "--iterations", 3, every], done.exists)
     assert done.exists() and not (run / "iter-002" / "checkpoint" / "_SUCCESS").exists()
     assert find_state(run / "iter-000" / "checkpoint") is None and find_state(run / "iter-001" / "checkpoint") is None
     result = cli("iterate", "--run", run, "--iterations", 3)
