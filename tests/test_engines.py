@@ -7,7 +7,7 @@ import torch
 from helpers import ROOT
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig, load_config
-from rgsd_pipeline.engines import Sampling, make_engine, vllm_available
+from rgsd_pipeline.engines import Sampling, make_engine, vllm_available, vllm_sampling
 from rgsd_pipeline.engines.hf_engine import process_logits
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.render import chat_ids
@@ -205,6 +205,7 @@ def test_vllm_cpu_engine_runs_in_this_process(vllm_engine, tied_engine):
     if torch.cuda.is_available():
         pytest.skip("a GPU engine keeps vLLM's engine-core process")
     assert vllm_engine.in_process and tied_engine.in_process == (tied_engine.param == "in process")
+    assert vllm_sampling.installed()  # the engine in this process samples with the CPU sampler (test_vllm_sampling)
     processes = [child for child in psutil.Process().children(recursive=True) if "VLLM" in child.name()]
     if tied_engine.in_process:
         _, alive = psutil.wait_procs(processes, timeout=30)  # an engine an earlier test closed may still be exiting

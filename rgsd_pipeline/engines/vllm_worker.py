@@ -9,13 +9,18 @@ so the reload never touches the head and its packed copy keeps the base weights:
 sample from "new body + base head". After every reload the tied head is processed again, which packs
 it from the embeddings just loaded (on GPUs that is a no-op: the head reads the shared tensor).
 
-This module is imported by vLLM inside its worker processes; its only state is the KV cache's size while
-the cache is released.
+This module is imported by vLLM inside its worker processes (in the engine's own process when it runs there); its
+only state is the KV cache's size while the cache is released. Importing it puts the CPU sampler of
+`engines.vllm_sampling` in place, in the process that samples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from rgsd_pipeline.engines import vllm_sampling
+
+vllm_sampling.install()
 
 
 class WeightSync:
