@@ -231,6 +231,31 @@ def test_vllm_cpu_engine_hands_its_kv_cache_back_while_asleep(vllm_engine, tiny_
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_vllm_cpu_engine_discards_its_weights_while_asleep_until_they_are_loaded_again(vllm_engine, tiny_path,
+                                                                                      tiny_tokenizer):
+    """On a CPU, sleep(discard_weights=True) frees the weights (and the packed copies of the linear layers'
+    kernels); a request before load_weights is refused, and after it the engine draws the same tokens with the same
+    log-probs as before."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU sleep is vLLM's own")
+    batch = prompts(tiny_tokenizer)
+    before = vllm_engine.generate(batch, [1, 2, 3, 4], TEMPERED)
+    embeddings = load_model(tiny_path, "float32").get_input_embeddings().weight
+    # the KV cache, and parameters as large as the embeddings at least (the linear layers' weights live in the
+    # packed copies of their kernels, whose bytes are not counted)
+    assert vllm_engine.sleep(discard_weights=True) >= 2**30 + embeddings.numel() * embeddings.element_size()
+    assert vllm_engine.weights_discarded and vllm_engine.sleep(discard_weights=True) == 0
+    with pytest.raises(RuntimeError, match="load_weights first"):
+        vllm_engine.generate(batch, [1, 2, 3, 4], TEMPERED)
+    vllm_engine.load_weights(tiny_path)
+    after = vllm_engine.generate(batch, [1, 2, 3, 4], TEMPERED)
+    assert not vllm_engine.weights_discarded
+    assert [(g.token_ids, g.logprobs, g.sampling_logprobs) for g in after] == \
+        [(g.token_ids, g.logprobs, g.sampling_logprobs) for g in before]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_and_hf_scores_agree(vllm_engine, tiny_path, tiny_tokenizer):
     batch = prompts(tiny_tokenizer)
     responses = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46], [700, 12]]

@@ -75,6 +75,7 @@ class Engine:
     kind: str = ""
     model_path: Path  # the folder whose weights the engine holds now
     in_process = False  # True when new weights can be handed over as tensors (load_weights' `weights`)
+    weights_discarded = False  # sleep(discard_weights=True) freed the weights: load_weights before the next request
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None) -> list[Generation]:
@@ -94,8 +95,10 @@ class Engine:
         """Take another checkpoint of the same architecture in place (from memory when `weights` is given)."""
         raise NotImplementedError(f"the {self.kind} engine cannot take new weights in place")
 
-    def sleep(self) -> None:
-        """Free what it holds on a shared device while others use it (a no-op unless the kind can)."""
+    def sleep(self, discard_weights: bool = False) -> None:
+        """Free what it holds on a shared device while others use it (a no-op unless the kind can). With
+        `discard_weights`, the caller will load new weights before the next request, so the kind may free its
+        weights too (weights_discarded says whether it did)."""
 
     def wake_up(self) -> None:
         """Take back what sleep() freed."""

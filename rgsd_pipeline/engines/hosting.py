@@ -7,7 +7,9 @@ the teacher's engine, always the frozen base model, is built once. The student's
 the teacher scores and the trainer trains, and wakes up for the next rollout. On a GPU that is vLLM's own
 sleep (weights offloaded, KV cache freed): the colocated layout, each part within its own memory budget
 (`engine.vllm_gpu_memory_utilization` for vLLM, the rest for the teacher and the trainer). On a CPU the KV
-cache's memory goes back to the system (engines/vllm_worker.py).
+cache's memory goes back to the system, and so do the weights with the packed copies vLLM's kernels keep of them
+(engines/vllm_worker.py), since the next rollout loads the next policy's weights anyway: the trainer's peak no
+longer has vLLM's model beside it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class ResidentEngines(StageEngines):
             self.start_seconds += time.perf_counter() - started
         else:
             self._student.wake_up()
-            if Path(self._student.model_path) != Path(policy):
+            if Path(self._student.model_path) != Path(policy) or self._student.weights_discarded:
                 self._student.load_weights(policy, self.next_weights)
                 self.weight_loads += 1
         self.next_weights = None
@@ -83,8 +85,8 @@ class ResidentEngines(StageEngines):
         return self._teacher
 
     def done(self, engine: Engine) -> None:
-        if engine is self._student:
-            engine.sleep()
+        if engine is self._student:  # the next rollout loads the next policy's weights: these can go meanwhile
+            engine.sleep(discard_weights=True)
 
     def close(self) -> None:
         for engine in (self._student, self._teacher):

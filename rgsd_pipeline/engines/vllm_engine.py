@@ -117,7 +117,7 @@ class VllmEngine(Engine):
                                  repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
                                  logprobs=0, seed=int(seed), detokenize=False)
                   for seed in seeds]
-        self.wake_up()
+        self._ready()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         samples = [output.outputs[0] for output in outputs]
         token_ids = [list(sample.token_ids) for sample in samples]
@@ -156,7 +156,7 @@ class VllmEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
-        self.wake_up()
+        self._ready()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
         results = []
         for seq, prompt_len, output in zip(sequences, prompt_lens, outputs, strict=True):
@@ -193,22 +193,33 @@ class VllmEngine(Engine):
             self.llm.collective_rpc("rgsd_reload_weights", kwargs={"named_weights": list(weights.items())})
         else:
             self.llm.collective_rpc("rgsd_reload_weights", kwargs={"weights_path": str(model_path)})
+        self.weights_discarded = False
         self.llm.reset_prefix_cache()
         self.model_path = Path(model_path)
 
-    def sleep(self) -> int:
+    def sleep(self, discard_weights: bool = False) -> int:
         """Free the engine's memory while others use the machine: on a GPU vLLM's own sleep (weights offloaded, KV
-        cache dropped); on a CPU, where that needs CUDA, the KV cache goes back to the system (returns its bytes;
-        0 on a GPU or when already asleep)."""
+        cache dropped); on a CPU, where that needs CUDA, the KV cache goes back to the system, and with
+        `discard_weights` the weights and the packed copies vLLM's CPU kernels made of them (0.7 GB on SmolLM2)
+        until load_weights. Returns the bytes released (0 on a GPU, or when nothing more was held)."""
         import torch
 
-        if self.asleep:
-            return 0
-        self.asleep = True
         if torch.cuda.is_available():
-            self.llm.sleep(level=1)
+            if not self.asleep:
+                self.llm.sleep(level=1)
+            self.asleep = True
             return 0
-        return sum(self.llm.collective_rpc("rgsd_release_kv_cache"))
+        released = 0 if self.asleep else sum(self.llm.collective_rpc("rgsd_release_kv_cache"))
+        self.asleep = True
+        if discard_weights and not self.weights_discarded:
+            released += sum(self.llm.collective_rpc("rgsd_discard_weights"))
+            self.weights_discarded = True
+        return released
+
+    def _ready(self) -> None:
+        if self.weights_discarded:
+            raise RuntimeError("this vLLM engine discarded its weights while it slept; load_weights first")
+        self.wake_up()
 
     def wake_up(self) -> None:
         import torch

@@ -1,5 +1,5 @@
 """Methods mixed into vLLM's worker processes (`LLM(worker_extension_cls=...)`): in-place weight reloads, and
-the KV cache's memory released while a CPU engine sleeps.
+the KV cache's and the weights' memory released while a CPU engine sleeps.
 
 vLLM's own `reload_weights` loads the new tensors into the model's parameters, but what the worker
 derived from the weights at first load stays as it was. On CPUs every linear layer, the LM head
@@ -10,8 +10,8 @@ sample from "new body + base head". After every reload the tied head is processe
 it from the embeddings just loaded (on GPUs that is a no-op: the head reads the shared tensor).
 
 This module is imported by vLLM inside its worker processes (in the engine's own process when it runs there); its
-only state is the KV cache's size while the cache is released. Importing it puts the CPU sampler of
-`engines.vllm_sampling` in place, in the process that samples.
+only state is the sizes of what a sleeping engine released (KV cache, discarded weights). Importing it puts the
+CPU sampler of `engines.vllm_sampling` in place, in the process that samples.
 """
 
 from __future__ import annotations
@@ -27,20 +27,42 @@ class WeightSync:
     """vLLM worker extension: `collective_rpc("rgsd_reload_weights", kwargs=...)` from the engine's owner."""
 
     rgsd_kv_cache_bytes: dict  # storage identity -> size in bytes, kept while the KV cache is released
+    rgsd_weight_bytes: dict  # parameter name -> size in bytes, kept while the weights are discarded
 
     def rgsd_reload_weights(self, weights_path: str | None = None,
                             named_weights: Iterable[tuple[str, object]] | None = None) -> None:
         """Take new weights in place, from a checkpoint folder or from (name, tensor) pairs in memory, then
         rebuild what the worker derived from the tied LM head."""
+        model = self.model_runner.get_model()
+        discarded = getattr(self, "rgsd_weight_bytes", {})
+        for name, parameter in model.named_parameters():  # the reload copies into the parameters' own storage
+            if discarded.get(name):
+                parameter.untyped_storage().resize_(discarded[name])
+        self.rgsd_weight_bytes = {}
         if named_weights is not None:
             self.model_runner.reload_weights(weights_iterator=iter(named_weights))
         else:
             self.model_runner.reload_weights(weights_path=weights_path)
-        model = self.model_runner.get_model()
         head = getattr(model, "lm_head", None)
         embeddings = getattr(getattr(model, "model", None), "embed_tokens", None)
         if head is not None and embeddings is not None and getattr(head, "weight", None) is embeddings.weight:
             head.quant_method.process_weights_after_loading(head)
+
+    def rgsd_discard_weights(self) -> int:
+        """CPU: free the model's weights and the packed copies the linear layers' kernels keep of them (vLLM's level-2
+        sleep needs CUDA): the parameters' storage shrinks to nothing and each layer's kernel is dropped. Only a
+        reload (rgsd_reload_weights) makes the model run again; it packs every layer anew, the tied LM head from
+        the embeddings. Returns the bytes of parameter storage released (the packed copies come on top)."""
+        model = self.model_runner.get_model()
+        for module in model.modules():
+            if hasattr(module, "cpu_linear"):
+                module.cpu_linear = _discarded
+        sizes = {}
+        for name, parameter in model.named_parameters():
+            sizes[name] = parameter.untyped_storage().nbytes()
+            parameter.untyped_storage().resize_(0)
+        self.rgsd_weight_bytes = sizes
+        return sum(sizes.values())
 
     def rgsd_release_kv_cache(self) -> int:
         """CPU: hand the KV cache's memory back to the system while the engine sleeps (vLLM's own sleep needs
@@ -62,6 +84,10 @@ class WeightSync:
         for key, storage in _kv_storages(self.model_runner.kv_caches).items():
             if storage.nbytes() == 0 and sizes.get(key):
                 storage.resize_(sizes[key])
+
+
+def _discarded(*args):
+    raise RuntimeError("this vLLM engine's weights were discarded while it slept; load_weights gives them back")
 
 
 def _kv_storages(kv_caches) -> dict:
