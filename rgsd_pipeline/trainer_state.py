@@ -5,7 +5,9 @@
         optimizer.pt          AdamW moments and the torch RNG (weights_only; one file per process under FSDP2)
         state.json            the iteration's step, the run's global step, how many processes wrote it
 
-A state is written to a temporary folder and swapped in whole, so a kill never leaves half of one.
+A state is written to a temporary folder and swapped in whole, so a kill never leaves half of one. Its files go
+past the page cache (direct_io.py): they are read again only after a kill, and on machines that hand freed memory
+back to their host, caching them cost seconds of page faults per iteration.
 
 Writes run in a background thread, one at a time per process, from the tensors training holds (on a CPU, no
 copy): the optimizer step that would change those tensors first waits for the write (`wait_for_writes`), so a
@@ -31,9 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rgsd_pipeline import layout
+from rgsd_pipeline.direct_io import DirectFile, write_safetensors
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.shards import ArtifactError
 
@@ -146,7 +149,8 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        torch.save(bundle, tmp / _optimizer_file(world, sharded))
+        with DirectFile(tmp / _optimizer_file(world, sharded)) as file:
+            torch.save(bundle, file)
         dist.barrier()
         if world.main:
             _write(folder, tmp, weights, None, state)
@@ -170,8 +174,9 @@ def _write(folder: Path, tmp: Path, weights: dict, bundle: dict | None, state: d
     if bundle is not None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(bundle, tmp / "optimizer.pt")
-    save_file(weights, tmp / "weights.safetensors")
+        with DirectFile(tmp / "optimizer.pt") as file:
+            torch.save(bundle, file)
+    write_safetensors(weights, tmp / "weights.safetensors")
     (tmp / "state.json").write_text(json.dumps(state))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)

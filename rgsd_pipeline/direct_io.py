@@ -1,0 +1,111 @@
+"""Files written past the page cache (O_DIRECT): the trainer state, gigabytes per iteration that are read again only
+after a kill.
+
+Written through the page cache, each state takes that much fresh memory for cached file pages. On a machine
+that hands freed memory back to its host (this project's CPU machines: virtual machines with free page reporting)
+every such page is faulted in again: 1 GB took 4 to 10 s there, against 0.2 s into pages freed a moment before,
+and a resident iteration's training waited that long for the previous state's write. Written with O_DIRECT, the
+data goes from one reused, page-aligned buffer straight to the device (1 GB in 0.6 s on the same machine), and
+the cached pages of other files are not pushed out.
+
+Where O_DIRECT is refused (tmpfs, macOS, some network file systems) the file is written the ordinary way.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+ALIGNMENT = 4096  # the largest logical block size O_DIRECT asks offsets, lengths and buffers to be aligned to
+BUFFER_BYTES = 8 * 2**20
+_buffer: mmap.mmap | None = None  # one per process, reused: its pages stay in memory
+
+
+class DirectFile:
+    """A file opened for writing with O_DIRECT (or the ordinary way, where refused): `write` takes bytes-like data
+    of any size (what torch.save and a safetensors serialisation give it); `close` pads the last block, then cuts
+    the file to the bytes written."""
+
+    def __init__(self, path: os.PathLike):
+        global _buffer
+        self.path, self.size, self.pending = path, 0, 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError:
+            self.direct = False
+            self.fd = os.open(path, flags, 0o644)
+        if self.direct and _buffer is None:
+            _buffer = mmap.mmap(-1, BUFFER_BYTES)  # anonymous mappings are page-aligned
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if not self.direct:
+            os.write(self.fd, view)  # a regular file takes a whole write
+        else:
+            done = 0
+            while done < len(view):
+                take = min(len(view) - done, BUFFER_BYTES - self.pending)
+                _buffer[self.pending:self.pending + take] = view[done:done + take]
+                self.pending += take
+                done += take
+                if self.pending == BUFFER_BYTES:
+                    self._flush(BUFFER_BYTES)
+        self.size += len(view)
+        return len(view)
+
+    def _flush(self, length: int) -> None:
+        written = 0
+        with memoryview(_buffer) as whole:
+            while written < length:
+                written += os.write(self.fd, whole[written:length])
+        self.pending = 0
+
+    def flush(self) -> None:
+        """Nothing to do before close: the data waits in the aligned buffer for a whole block."""
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self.direct and self.pending:
+                padded = -(-self.pending // ALIGNMENT) * ALIGNMENT
+                _buffer[self.pending:padded] = bytes(padded - self.pending)
+                self._flush(padded)
+                os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_safetensors(tensors: dict, path: os.PathLike) -> None:
+    """`safetensors.torch.save_file`, written past the page cache from the tensors' own memory (no serialised copy):
+    the format's header (its length, then JSON naming each tensor's dtype, shape and byte range), then the tensors'
+    bytes in the header's order. `safetensors.torch.load_file` reads it."""
+    import torch
+    from safetensors.torch import _SIZE, _TYPES  # the library's own dtype names and sizes
+
+    names = {dtype: name for name, dtype in _TYPES.items()}
+    header, arrays, offset = {}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.detach().cpu().contiguous()
+        end = offset + data.numel() * _SIZE[data.dtype]
+        header[name] = {"dtype": names[data.dtype], "shape": list(data.shape), "data_offsets": [offset, end]}
+        arrays.append(data)
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data that follows to 8 bytes
+    with DirectFile(path) as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for data in arrays:
+            if data.numel():
+                file.write(data.reshape(-1).view(torch.uint8).numpy())

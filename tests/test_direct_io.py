@@ -1,0 +1,46 @@
+"""Files written past the page cache (rgsd_pipeline/direct_io.py) against the libraries' own readers and writers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rgsd_pipeline.direct_io import BUFFER_BYTES, DirectFile, write_safetensors
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {"model.embed_tokens.weight": torch.randn(1000, 2099, generator=generator),  # past one 8 MB buffer
+            "bf16": torch.randn(7, 3, generator=generator).to(torch.bfloat16),
+            "ids": torch.arange(11, dtype=torch.int64),
+            "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 4),
+            "strided": torch.randn(6, 5, generator=generator).t()}
+
+
+@pytest.mark.parametrize("folder", ["tmp", "/dev/shm"])  # a disk's file system takes O_DIRECT, tmpfs refuses it
+def test_safetensors_written_past_the_page_cache_read_back_as_written(folder, tmp_path):
+    if folder == "/dev/shm" and not Path(folder).is_dir():
+        pytest.skip("no /dev/shm here")
+    path = (tmp_path if folder == "tmp" else Path(folder)) / f"direct-{tmp_path.name}.safetensors"
+    try:
+        write_safetensors(tensors(), path)
+        loaded = load_file(path)
+        assert loaded.keys() == tensors().keys()
+        for name, tensor in tensors().items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_torch_save_through_a_direct_file_loads_with_weights_only(tmp_path):
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(BUFFER_BYTES // 4 + 3)}}, "param_groups": [{"lr": 1e-5}]},
+             "torch_rng": torch.get_rng_state()}
+    with DirectFile(tmp_path / "optimizer.pt") as file:
+        torch.save(state, file)
+    assert (tmp_path / "optimizer.pt").stat().st_size == file.size  # the padded last block is cut off
+    loaded = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert torch.equal(loaded["torch_rng"], state["torch_rng"])
