@@ -35,8 +35,8 @@ def test_safetensors_written_past_the_page_cache_read_back_as_written(folder, tm
 
 
 def test_torch_save_through_a_direct_file_loads_with_weights_only(tmp_path):
-    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(BUFFER_BYTES // 4 + 3)}}, "param_groups": [{"lr": 1e-5}]},
-             "torch_rng": torch.get_rng_state()}
+    moments = {"exp_avg": torch.randn(BUFFER_BYTES // 4 + 3)}  # past one buffer, not a whole block
+    state = {"optimizer": {"state": {0: moments}, "param_groups": [{"lr": 1e-5}]}, "torch_rng": torch.get_rng_state()}
     with DirectFile(tmp_path / "optimizer.pt") as file:
         torch.save(state, file)
     assert (tmp_path / "optimizer.pt").stat().st_size == file.size  # the padded last block is cut off
