@@ -30,7 +30,7 @@ class DirectFile:
 
     def __init__(self, path: os.PathLike):
         global _buffer
-        self.path, self.size, self.pending = path, 0, 0
+        self.size, self.pending = 0, 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT")
         try:
@@ -109,3 +109,11 @@ def write_safetensors(tensors: dict, path: os.PathLike) -> None:
         for data in arrays:
             if data.numel():
                 file.write(data.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_torch(obj, path: os.PathLike) -> None:
+    """`torch.save(obj, path)`, written past the page cache (`torch.load` reads it)."""
+    import torch
+
+    with DirectFile(path) as file:
+        torch.save(obj, file)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.direct_io import DirectFile, write_safetensors
+from rgsd_pipeline.direct_io import write_safetensors, write_torch
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.shards import ArtifactError
 
@@ -149,8 +149,7 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        with DirectFile(tmp / _optimizer_file(world, sharded)) as file:
-            torch.save(bundle, file)
+        write_torch(bundle, tmp / _optimizer_file(world, sharded))
         dist.barrier()
         if world.main:
             _write(folder, tmp, weights, None, state)
@@ -174,8 +173,7 @@ def _write(folder: Path, tmp: Path, weights: dict, bundle: dict | None, state: d
     if bundle is not None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with DirectFile(tmp / "optimizer.pt") as file:
-            torch.save(bundle, file)
+        write_torch(bundle, tmp / "optimizer.pt")
     write_safetensors(weights, tmp / "weights.safetensors")
     (tmp / "state.json").write_text(json.dumps(state))
     old = folder.with_name(f".{folder.name}.old")

@@ -89,7 +89,7 @@ def install() -> bool:
     from vllm.v1.sample.ops import penalties as vllm_penalties
     from vllm.v1.sample.ops import topk_topp_sampler as vllm_top_p
 
-    if getattr(vllm_top_p.apply_top_k_top_p, "rgsd", False):
+    if installed():
         return True
     replaced_top_p = functools.partial(top_k_top_p, fallback=vllm_top_p.apply_top_k_top_p)
     replaced_penalties = functools.partial(penalties, fallback=vllm_penalties.apply_penalties)

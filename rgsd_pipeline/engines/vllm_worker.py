@@ -34,10 +34,8 @@ class WeightSync:
         """Take new weights in place, from a checkpoint folder or from (name, tensor) pairs in memory, then
         rebuild what the worker derived from the tied LM head."""
         model = self.model_runner.get_model()
-        discarded = getattr(self, "rgsd_weight_bytes", {})
-        for name, parameter in model.named_parameters():  # the reload copies into the parameters' own storage
-            if discarded.get(name):
-                parameter.untyped_storage().resize_(discarded[name])
+        # the reload copies into the parameters' own storage
+        _regrow(_weight_storages(model), getattr(self, "rgsd_weight_bytes", {}))
         self.rgsd_weight_bytes = {}
         if named_weights is not None:
             self.model_runner.reload_weights(weights_iterator=iter(named_weights))
@@ -57,33 +55,43 @@ class WeightSync:
         for module in model.modules():
             if hasattr(module, "cpu_linear"):
                 module.cpu_linear = _discarded
-        sizes = {}
-        for name, parameter in model.named_parameters():
-            sizes[name] = parameter.untyped_storage().nbytes()
-            parameter.untyped_storage().resize_(0)
-        self.rgsd_weight_bytes = sizes
-        return sum(sizes.values())
+        self.rgsd_weight_bytes = getattr(self, "rgsd_weight_bytes", {})
+        return _shrink(_weight_storages(model), self.rgsd_weight_bytes)
 
     def rgsd_release_kv_cache(self) -> int:
         """CPU: hand the KV cache's memory back to the system while the engine sleeps (vLLM's own sleep needs
         CUDA). Its storage shrinks to nothing; the layers' views of it stay as they are. Returns the bytes
         released."""
-        sizes = getattr(self, "rgsd_kv_cache_bytes", {})
-        released = 0
-        for key, storage in _kv_storages(self.model_runner.kv_caches).items():
-            sizes[key] = max(sizes.get(key, 0), storage.nbytes())
-            released += storage.nbytes()
-            storage.resize_(0)
-        self.rgsd_kv_cache_bytes = sizes
-        return released
+        self.rgsd_kv_cache_bytes = getattr(self, "rgsd_kv_cache_bytes", {})
+        return _shrink(_kv_storages(self.model_runner.kv_caches), self.rgsd_kv_cache_bytes)
 
     def rgsd_restore_kv_cache(self) -> None:
         """Give the KV cache its storage back before the engine runs again. Fresh pages cost memory only where the
         next requests write their blocks, and no request reads a block before writing it."""
-        sizes = getattr(self, "rgsd_kv_cache_bytes", {})
-        for key, storage in _kv_storages(self.model_runner.kv_caches).items():
-            if storage.nbytes() == 0 and sizes.get(key):
-                storage.resize_(sizes[key])
+        _regrow(_kv_storages(self.model_runner.kv_caches), getattr(self, "rgsd_kv_cache_bytes", {}))
+
+
+def _shrink(storages: dict, sizes: dict) -> int:
+    """Shrink each storage to nothing, recording its size under its key in `sizes` (a storage already shrunk keeps
+    the size recorded before); returns the bytes released."""
+    released = 0
+    for key, storage in storages.items():
+        sizes[key] = max(sizes.get(key, 0), storage.nbytes())
+        released += storage.nbytes()
+        storage.resize_(0)
+    return released
+
+
+def _regrow(storages: dict, sizes: dict) -> None:
+    """Give each shrunk storage back the size `_shrink` recorded (its contents are whatever the memory holds)."""
+    for key, storage in storages.items():
+        if storage.nbytes() == 0 and sizes.get(key):
+            storage.resize_(sizes[key])
+
+
+def _weight_storages(model) -> dict:
+    """The storage behind each of the model's parameters, by name."""
+    return {name: parameter.untyped_storage() for name, parameter in model.named_parameters()}
 
 
 def _discarded(*args):
