@@ -16,7 +16,8 @@ exported folder the base with the adapters merged in.
 
 from __future__ import annotations
 
-import json
+import copy
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import ConfigError, RunConfig, TrainConfig
+from rgsd_pipeline.direct_io import write_safetensors
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
@@ -129,25 +131,61 @@ def largest_difference(weights: dict[str, torch.Tensor], checkpoint: Path) -> fl
     return max((saved[n].double() - t.double()).abs().max().item() for n, t in weights.items())
 
 
+WEIGHTS_FILES = "model{suffix}.safetensors"  # transformers' names: model.safetensors, model-00001-of-00002...
+SHARD_BYTES = "50GB"  # transformers' largest weights file before it shards
+
+
+def write_model_folder(model, weights: dict[str, torch.Tensor], out: Path, dtype: str, past_cache: bool) -> dict:
+    """What `save_pretrained` writes for `weights` (config.json naming `dtype`, generation_config.json, the weights
+    in transformers' files, shards and index), written here so that each weights file is hashed as it is written
+    (no read back) and, when `past_cache`, past the page cache (direct_io: no reader soon). Returns file -> sha256."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_config = copy.deepcopy(model.config)
+    model_config.dtype = dtype
+    model_config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard renames the class
+    if model.is_remote_code():
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, out, config=model_config)
+    model_config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+    weights = revert_weight_conversion(model, weights)  # the checkpoint's layout where loading converted it
+    split = split_torch_state_dict_into_shards(weights, filename_pattern=WEIGHTS_FILES, max_shard_size=SHARD_BYTES)
+    digests = {}
+    for name, tensors in split.filename_to_tensors.items():
+        digest = hashlib.sha256()
+        write_safetensors({t: weights[t] for t in tensors}, out / name, {"format": "pt"}, past_cache, digest)
+        digests[name] = digest.hexdigest()
+    if split.is_sharded:
+        write_json_atomic(out / f"{WEIGHTS_FILES.format(suffix='')}.index.json",
+                          {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                           "weight_map": split.tensor_to_filename})
+    return digests
+
+
 def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,
-                     weights: dict | None = None) -> None:
+                     weights: dict | None = None, past_cache: bool = False) -> None:
     """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, then _SUCCESS.
 
     `weights` is what exported_weights returns (computed here when None). LoRA adapters are merged (unless
-    train.save_adapters, which writes the adapters alone)."""
+    train.save_adapters, which writes the adapters alone). `past_cache`: the next rollout takes these weights from
+    memory, so the files skip the page cache."""
     remove_leftovers(out)
-    merged = not (config.train.lora and config.train.save_adapters)
-    if merged:
+    digests = None
+    if config.train.lora and config.train.save_adapters:
+        model.save_pretrained(out, safe_serialization=True)
+    else:
         weights = weights if weights is not None else exported_weights(model, config)
         model = model.get_base_model() if config.train.lora else model
-    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
-    if merged:  # save_pretrained writes the dtype of the model in memory (fp32); say what the file holds
-        model_config = json.loads((out / "config.json").read_text())
-        write_json_atomic(out / "config.json", {**model_config, "dtype": config.model.dtype})
+        digests = write_model_folder(model, weights, out, config.model.dtype, past_cache)
     for name in TOKENIZER_FILES:
         if (policy / name).exists():
             shutil.copy2(policy / name, out / name)
-    record_weight_hashes(out)  # read back while the file is still in the page cache
+    record_weight_hashes(out, digests)
     write_json_atomic(layout.provenance_file(out), {**provenance, "dtype": config.model.dtype,
                                               "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
     mark_complete(out)

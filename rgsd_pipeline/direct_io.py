@@ -1,5 +1,5 @@
 """Files written past the page cache (O_DIRECT): the trainer state, gigabytes per iteration that are read again only
-after a kill.
+after a kill, and a resident run's exported checkpoint, whose weights the next rollout takes from memory.
 
 Written through the page cache, each state takes that much fresh memory for cached file pages. On a machine
 that hands freed memory back to its host (this project's CPU machines: virtual machines with free page reporting)
@@ -24,15 +24,17 @@ _buffer: mmap.mmap | None = None  # one per process, reused: its pages stay in m
 
 
 class DirectFile:
-    """A file opened for writing with O_DIRECT (or the ordinary way, where refused): `write` takes bytes-like data
-    of any size (what torch.save and a safetensors serialisation give it); `close` pads the last block, then cuts
+    """A file opened for writing with O_DIRECT (or the ordinary way, where refused or `direct` is off): `write` takes
+    bytes-like data of any size (what torch.save and a safetensors serialisation give it) and feeds it to `digest`
+    (a hashlib object) on the way, so that a file's hash costs no second read; `close` pads the last block, then cuts
     the file to the bytes written."""
 
-    def __init__(self, path: os.PathLike):
+    def __init__(self, path: os.PathLike, direct: bool = True, digest=None):
         global _buffer
         self.size, self.pending = 0, 0
+        self.digest = digest
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self.direct = hasattr(os, "O_DIRECT")
+        self.direct = direct and hasattr(os, "O_DIRECT")
         try:
             self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError:
@@ -44,11 +46,15 @@ class DirectFile:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         if not self.direct:
+            if self.digest is not None:
+                self.digest.update(view)
             os.write(self.fd, view)  # a regular file takes a whole write
         else:
             done = 0
             while done < len(view):
                 take = min(len(view) - done, BUFFER_BYTES - self.pending)
+                if self.digest is not None:  # hashed while in the CPU's cache, on its way into the buffer
+                    self.digest.update(view[done:done + take])
                 _buffer[self.pending:self.pending + take] = view[done:done + take]
                 self.pending += take
                 done += take
@@ -87,24 +93,26 @@ class DirectFile:
         self.close()
 
 
-def write_safetensors(tensors: dict, path: os.PathLike) -> None:
-    """`safetensors.torch.save_file`, written past the page cache from the tensors' own memory (no serialised copy):
-    the format's header (its length, then JSON naming each tensor's dtype, shape and byte range), then the tensors'
-    bytes in the header's order. `safetensors.torch.load_file` reads it."""
+def write_safetensors(tensors: dict, path: os.PathLike, metadata: dict[str, str] | None = None, direct: bool = True,
+                      digest=None) -> None:
+    """`safetensors.torch.save_file`, written from the tensors' own memory (no serialised copy), past the page cache
+    unless `direct` is off, and hashed into `digest` on the way: the format's header (its length, then JSON naming
+    each tensor's dtype, shape and byte range, and the `metadata` strings), then the tensors' bytes in the header's
+    order. `safetensors.torch.load_file` reads it."""
     import torch
     from safetensors.torch import _SIZE, _TYPES  # the library's own dtype names and sizes
 
     names = {dtype: name for name, dtype in _TYPES.items()}
-    header, arrays, offset = {}, [], 0
-    for name, tensor in tensors.items():
-        data = tensor.detach().cpu().contiguous()
+    header, arrays, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, tensor in sorted(tensors.items(), key=lambda item: (-_SIZE[item[1].dtype], item[0])):
+        data = tensor.detach().cpu().contiguous()  # the library's order: every tensor aligned to its element size
         end = offset + data.numel() * _SIZE[data.dtype]
         header[name] = {"dtype": names[data.dtype], "shape": list(data.shape), "data_offsets": [offset, end]}
         arrays.append(data)
         offset = end
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data that follows to 8 bytes
-    with DirectFile(path) as file:
+    with DirectFile(path, direct, digest) as file:
         file.write(struct.pack("<Q", len(encoded)) + encoded)
         for data in arrays:
             if data.numel():

@@ -44,9 +44,12 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
-def record_weight_hashes(folder: Path) -> dict[str, str]:
-    """Hash every weights file of a folder we just wrote and record the digests beside them; returns them."""
-    record = {file.name: {**_stamp(file), "sha256": sha256_file(file)} for file in _weight_files(folder)}
+def record_weight_hashes(folder: Path, digests: dict[str, str] | None = None) -> dict[str, str]:
+    """Record the digest of every weights file of a folder we just wrote beside them (`digests`, file name -> sha256,
+    taken while writing; else hashed here); returns them."""
+    digests = digests or {}
+    record = {file.name: {**_stamp(file), "sha256": digests.get(file.name) or sha256_file(file)}
+              for file in _weight_files(folder)}
     write_json_atomic(Path(folder) / WEIGHTS_RECORD, record)
     return {name: entry["sha256"] for name, entry in record.items()}
 

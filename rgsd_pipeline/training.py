@@ -243,7 +243,7 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
     if world.main:
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
                       "global_step": trainer.first_global_step + trainer.total_steps}
-        write_checkpoint(model, session.policy, session.out, config, provenance, exported)
+        write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory)
     if write_state:
         if in_memory:  # the write starts once the student's engine has these weights (ResidentEngines.student)
             hold_writes()

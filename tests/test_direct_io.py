@@ -1,10 +1,11 @@
 """Files written past the page cache (rgsd_pipeline/direct_io.py) against the libraries' own readers and writers."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rgsd_pipeline.direct_io import BUFFER_BYTES, DirectFile, write_safetensors
 
@@ -19,15 +20,20 @@ def tensors() -> dict[str, torch.Tensor]:
             "strided": torch.randn(6, 5, generator=generator).t()}
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("folder", ["tmp", "/dev/shm"])  # a disk's file system takes O_DIRECT, tmpfs refuses it
-def test_safetensors_written_past_the_page_cache_read_back_as_written(folder, tmp_path):
+def test_safetensors_written_here_are_the_bytes_the_library_writes_hashed_on_the_way(folder, direct, tmp_path):
     if folder == "/dev/shm" and not Path(folder).is_dir():
         pytest.skip("no /dev/shm here")
     path = (tmp_path if folder == "tmp" else Path(folder)) / f"direct-{tmp_path.name}.safetensors"
     try:
-        write_safetensors(tensors(), path)
+        digest = hashlib.sha256()
+        write_safetensors(tensors(), path, {"format": "pt"}, direct=direct, digest=digest)
+        save_file({name: t.contiguous() for name, t in tensors().items()}, tmp_path / "library.safetensors",
+                  metadata={"format": "pt"})
+        assert path.read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+        assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
         loaded = load_file(path)
-        assert loaded.keys() == tensors().keys()
         for name, tensor in tensors().items():
             assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
     finally:

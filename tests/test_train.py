@@ -126,6 +126,33 @@ def test_the_next_iteration_continues_from_the_fp32_master_weights_not_the_bf16_
     assert previous_global_step(checkpoint, previous) == 3
 
 
+@pytest.mark.parametrize("past_cache", [True, False])
+@pytest.mark.parametrize("shard_bytes", ["50GB", "300KB"])
+def test_the_exported_folder_is_what_save_pretrained_writes_with_digests_taken_while_writing(
+        tiny_path, tmp_path, monkeypatch, shard_bytes, past_cache):
+    import hashlib
+
+    from rgsd_pipeline import checkpoints
+
+    monkeypatch.setattr(checkpoints, "SHARD_BYTES", shard_bytes)
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    model = load_model(tiny_path)
+    exported = checkpoints.exported_weights(model, config)
+    ours, library = tmp_path / "ours", tmp_path / "library"
+    checkpoints.write_checkpoint(model, tiny_path, ours, config, {"global_step": 1}, exported, past_cache=past_cache)
+    model.save_pretrained(library, state_dict=dict(exported), max_shard_size=shard_bytes)
+    written = sorted(p.name for p in library.iterdir())
+    assert ("model.safetensors.index.json" in written) == (shard_bytes == "300KB")  # shards beside their index
+    for name in written:
+        if name.endswith(".json"):
+            assert json.loads((ours / name).read_text()) == json.loads((library / name).read_text()), name
+        else:
+            assert (ours / name).read_bytes() == (library / name).read_bytes(), name
+    recorded = json.loads((ours / "rgsd-weights.json").read_text())
+    assert {name: entry["sha256"] for name, entry in recorded.items()} == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ours.glob("*.safetensors")}
+
+
 def test_training_on_fixed_signals_halves_the_divergence(tiny_path):
     """A peaked synthetic teacher over 4 tokens; the student should move most of the way in 40 steps."""
     rng = np.random.default_rng(0)
