@@ -136,7 +136,8 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     from rgsd_pipeline.trainer import Trainer
     from rgsd_pipeline.trainer_state import wait_for_writes
 
-    wait_for_writes()  # what this process last saved is on disk before anything is read from there
+    if kept is None or kept.iteration != iteration - 1:  # else the state being written is one nothing here reads
+        wait_for_writes()  # what this process last saved is on disk before anything is read from there
     config = load_run_config(run)
     base = resolve_model(config.model.path)
     policy = layout.policy_path(run, iteration, base)

@@ -134,14 +134,17 @@ def test_pruning_keeps_the_last_final_state_until_a_newer_one_is_whole(tmp_path)
 
 
 # Run `iterate` with every background write of a final trainer state (the save at the iteration's last step) stopped
-# after its optimizer file, as if the machine were slow to write it; the test kills the process in that window.
+# after its optimizer file, as if the machine were slow to write it; the test kills the process in that window. The
+# next iteration's training does not wait for that write before its optimizer step: once it waits there, the file
+# named by argv[2] appears.
 STALLED_FINAL_WRITE = """
 import sys, time
+from pathlib import Path
 import torch
-from rgsd_pipeline import trainer_state
+from rgsd_pipeline import trainer, trainer_state
 from rgsd_pipeline.cli import main
 
-write = trainer_state._write
+write, wait = trainer_state._write, trainer.wait_for_writes
 
 def stalled(folder, tmp, weights, bundle, state):
     if state["step"] < int(sys.argv[1]):
@@ -150,18 +153,28 @@ def stalled(folder, tmp, weights, bundle, state):
     torch.save(bundle, tmp / "optimizer.pt")
     time.sleep(600)
 
-trainer_state._write = stalled
-main(sys.argv[2:])
+def waited_in_step():
+    if trainer_state._pending is not None and not trainer_state._pending.done():
+        Path(sys.argv[2]).touch()
+    wait()
+
+trainer_state._write, trainer.wait_for_writes = stalled, waited_in_step
+main(sys.argv[3:])
 """
 
 
-def killed_while_writing_the_final_state(config, run, steps_per_iteration):
-    """Start `iterate`, SIGKILL it once iteration 0's checkpoint is complete and its final state half written."""
+def killed_while_writing_the_final_state(config, run, steps_per_iteration, in_next_training=False):
+    """Start `iterate`, SIGKILL it once iteration 0's checkpoint is complete and its final state half written (and,
+    `in_next_training`, once iteration 1's training has run up to its optimizer step, which waits for that write)."""
     checkpoint = run / "iter-000" / "checkpoint"
-    half = checkpoint / ".trainer_state.tmp" / "optimizer.pt"
-    kill_when([sys.executable, "-c", STALLED_FINAL_WRITE, steps_per_iteration, "iterate", "--config", config, "--run",
-               run, "--iterations", 2], lambda: (checkpoint / "_SUCCESS").exists() and half.exists())
-    assert (checkpoint / "_SUCCESS").exists() and half.exists()
+    half, waiting = checkpoint / ".trainer_state.tmp" / "optimizer.pt", run.parent / f"{run.name}-waiting-in-step"
+
+    def ready():
+        return (checkpoint / "_SUCCESS").exists() and half.exists() and (waiting.exists() or not in_next_training)
+
+    kill_when([sys.executable, "-c", STALLED_FINAL_WRITE, steps_per_iteration, waiting, "iterate", "--config",
+               config, "--run", run, "--iterations", 2], ready)
+    assert ready()
     return final_state(checkpoint)
 
 
@@ -176,18 +189,20 @@ def two_steps_config(small_config, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps_per_iteration", [1, 2], ids=["no-state-on-disk", "an-earlier-step-on-disk"])
+@pytest.mark.parametrize("steps_per_iteration, in_next_training", [(1, False), (2, False), (1, True)],
+                         ids=["no-state-on-disk", "an-earlier-step-on-disk", "killed-in-the-next-training"])
 def test_killed_while_the_final_state_is_written_then_rerun_gives_the_same_run(
-        steps_per_iteration, small_config, two_steps_config, two_iterations, tmp_path):
+        steps_per_iteration, in_next_training, small_config, two_steps_config, two_iterations, tmp_path):
     """One step per iteration: the kill leaves iteration 0's checkpoint without a trainer state; iteration 1 trains
-    iteration 0 again from the base model. Two: the state of its first step is on disk; the replay resumes there."""
+    iteration 0 again from the base model. Two: the state of its first step is on disk; the replay resumes there.
+    In the next training: iteration 1 trains beside that write, and the kill lands where its update waits for it."""
     config = small_config if steps_per_iteration == 1 else two_steps_config
     reference = two_iterations
     if steps_per_iteration == 2:
         reference = tmp_path / "uninterrupted"
         cli("iterate", "--config", config, "--run", reference, "--iterations", 2)
     run = tmp_path / "killed"
-    assert killed_while_writing_the_final_state(config, run, steps_per_iteration) is None
+    assert killed_while_writing_the_final_state(config, run, steps_per_iteration, in_next_training) is None
     on_disk = find_state(run / "iter-000" / "checkpoint")
     assert (on_disk is None) == (steps_per_iteration == 1)
     result = cli("iterate", "--run", run, "--iterations", 2)
