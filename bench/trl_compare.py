@@ -15,7 +15,8 @@ environment (.venv-bench). Wall time is each whole process tree from launch; pea
 summed resident set size of the tree, sampled every 100 ms (run_tree). Each side's time is
 split into generation, teacher scoring, update, and the rest (fixed: imports, model loads, engine starts,
 process starts) from the seconds each side reports. Goals: ours <= 0.8x TRL's wall time, peak memory <= 1x,
-and <= 2 s of fixed cost per further resident iteration (in_loop_fixed_s_per_iteration). At the cadence TRL
+and <= 2 s of fixed cost per further resident iteration (fixed_s_per_further_iteration: what an iteration after
+the first takes beyond its steps' work). At the cadence TRL
 also runs once with glibc's malloc set as our commands set it (rgsd_pipeline/allocator.py): what that setting
 alone is worth to a peer.
 """
@@ -90,7 +91,26 @@ def ours_split(output: str, wall: float) -> dict:
         stages = sum(float(s) for s in re.findall(r"[a-z]+ ([\d.]+) s", resident.group(1)))
         split["in_loop_fixed_s"] = stages - float(resident.group(2)) - sum(work.values())
         split["engine_start_s"] = float(resident.group(2))
+        further = further_iterations_fixed(output)
+        if further:
+            split["fixed_s_each_further_iteration"] = further
+            split["fixed_s_per_further_iteration"] = sum(further) / len(further)
     return split
+
+
+def further_iterations_fixed(output: str) -> list[float]:
+    """For each resident iteration after the first (`iteration N took S s`), its seconds less its steps' work: what
+    one more iteration costs beyond sampling, scoring and training (export, weight load, reading inputs, manifests).
+    The first iteration also pays one-off costs (imports, tokenizer loads), like the engines' start."""
+    fixed, work = [], 0.0
+    for line in output.splitlines():
+        if took := re.search(r"(?:sampling|scoring|training) took ([\d.]+) s", line):
+            work += float(took.group(1))
+        elif iteration := re.search(r"(?:^|\r)iteration (\d+) took ([\d.]+) s", line):
+            if int(iteration.group(1)) > 0:
+                fixed.append(round(float(iteration.group(2)) - work, 2))
+            work = 0.0
+    return fixed
 
 
 def trl_split(output: str, wall: float) -> dict:

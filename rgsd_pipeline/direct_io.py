@@ -5,8 +5,9 @@ Written through the page cache, each state takes that much fresh memory for cach
 that hands freed memory back to its host (this project's CPU machines: virtual machines with free page reporting)
 every such page is faulted in again: 1 GB took 4 to 10 s there, against 0.2 s into pages freed a moment before,
 and a resident iteration's training waited that long for the previous state's write. Written with O_DIRECT, the
-data goes from one reused, page-aligned buffer straight to the device (1 GB in 0.6 s on the same machine), and
-the cached pages of other files are not pushed out.
+data goes from two reused, page-aligned buffers straight to the device (1 GB in 0.6 s on the same machine), and
+the cached pages of other files are not pushed out. One buffer is written while the caller fills (and hashes) the
+other: SmolLM2's 540 MB checkpoint, hashed on the way, took 0.42 to 0.72 s so, against 0.67 to 1.4 s with one.
 
 Where O_DIRECT is refused (tmpfs, macOS, some network file systems) the file is written the ordinary way.
 """
@@ -17,22 +18,35 @@ import json
 import mmap
 import os
 import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 ALIGNMENT = 4096  # the largest logical block size O_DIRECT asks offsets, lengths and buffers to be aligned to
 BUFFER_BYTES = 8 * 2**20
-_buffer: mmap.mmap | None = None  # one per process, reused: its pages stay in memory
+_buffers = threading.local()  # two per writing thread, reused: their pages stay in memory
+# Writes the full buffers while the caller fills (and hashes) the other one: an O_DIRECT write leaves the CPU idle
+# until the device is done. One thread for every file: each file waits for its own writes.
+_device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-io")
+
+
+def _write_all(fd: int, buffer: mmap.mmap, length: int) -> None:
+    written = 0
+    with memoryview(buffer) as whole:
+        while written < length:
+            written += os.write(fd, whole[written:length])
 
 
 class DirectFile:
     """A file opened for writing with O_DIRECT (or the ordinary way, where refused or `direct` is off): `write` takes
     bytes-like data of any size (what torch.save and a safetensors serialisation give it) and feeds it to `digest`
     (a hashlib object) on the way, so that a file's hash costs no second read; `close` pads the last block, then cuts
-    the file to the bytes written."""
+    the file to the bytes written. With O_DIRECT the data goes through two aligned buffers: one is written to the
+    device in the background while the other fills."""
 
     def __init__(self, path: os.PathLike, direct: bool = True, digest=None):
-        global _buffer
-        self.size, self.pending = 0, 0
+        self.size, self.pending, self.current = 0, 0, 0
         self.digest = digest
+        self.writing: Future | None = None  # the background write of the other buffer
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
@@ -40,8 +54,8 @@ class DirectFile:
         except OSError:
             self.direct = False
             self.fd = os.open(path, flags, 0o644)
-        if self.direct and _buffer is None:
-            _buffer = mmap.mmap(-1, BUFFER_BYTES)  # anonymous mappings are page-aligned
+        if self.direct and not hasattr(_buffers, "pair"):
+            _buffers.pair = (mmap.mmap(-1, BUFFER_BYTES), mmap.mmap(-1, BUFFER_BYTES))  # anonymous: page-aligned
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -55,7 +69,7 @@ class DirectFile:
                 take = min(len(view) - done, BUFFER_BYTES - self.pending)
                 if self.digest is not None:  # hashed while in the CPU's cache, on its way into the buffer
                     self.digest.update(view[done:done + take])
-                _buffer[self.pending:self.pending + take] = view[done:done + take]
+                _buffers.pair[self.current][self.pending:self.pending + take] = view[done:done + take]
                 self.pending += take
                 done += take
                 if self.pending == BUFFER_BYTES:
@@ -64,11 +78,15 @@ class DirectFile:
         return len(view)
 
     def _flush(self, length: int) -> None:
-        written = 0
-        with memoryview(_buffer) as whole:
-            while written < length:
-                written += os.write(self.fd, whole[written:length])
-        self.pending = 0
+        """Hand the current buffer to the device thread, then fill the other one once its own write is done."""
+        self._wait()
+        self.writing = _device.submit(_write_all, self.fd, _buffers.pair[self.current], length)
+        self.current, self.pending = 1 - self.current, 0
+
+    def _wait(self) -> None:
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
 
     def flush(self) -> None:
         """Nothing to do before close: the data waits in the aligned buffer for a whole block."""
@@ -77,12 +95,16 @@ class DirectFile:
         if self.fd < 0:
             return
         try:
-            if self.direct and self.pending:
-                padded = -(-self.pending // ALIGNMENT) * ALIGNMENT
-                _buffer[self.pending:padded] = bytes(padded - self.pending)
-                self._flush(padded)
+            if self.direct:
+                if self.pending:
+                    padded = -(-self.pending // ALIGNMENT) * ALIGNMENT
+                    _buffers.pair[self.current][self.pending:padded] = bytes(padded - self.pending)
+                    self._flush(padded)
+                self._wait()
                 os.ftruncate(self.fd, self.size)
         finally:
+            if self.writing is not None:  # a failed write above: let the other buffer's write end first
+                self.writing.exception()
             os.close(self.fd)
             self.fd = -1
 

@@ -50,13 +50,14 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
     links = []
     try:
         for iteration in range(iterations):
+            iteration_started, ran = time.perf_counter(), False
             for stage in stages_for(config):
                 if is_complete(output_dir(run, iteration, stage)):
                     verify_output(run, iteration, stage, config)  # reused only while made from the current inputs
                     click.echo(f"{stage} iteration {iteration}: complete")
                     continue
                 click.secho(f"── {stage} iteration {iteration}", bold=True)
-                started = time.perf_counter()
+                started, ran = time.perf_counter(), True
                 if stage == "rollout":
                     engines.next_weights = kept.exported if kept is not None else None
                     if kept is not None:
@@ -73,6 +74,8 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
             links.append(link(run, iteration, config))
             if world.main:
                 write_json_atomic(layout.chain_file(run), links)
+            if ran:
+                click.echo(f"iteration {iteration} took {time.perf_counter() - iteration_started:.1f} s")
         wait_for_writes()  # the last trainer state, written while the last checkpoint was exported
     finally:
         open_writes()  # a write held for an engine that will not load again (the run failed) starts now

@@ -1,6 +1,7 @@
 """Shared fixtures: no network, a private model cache, the tiny built-in model."""
 
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,4 +83,5 @@ def two_iterations(small_config, tmp_path_factory):
     run = tmp_path_factory.mktemp("iterate") / "run"
     out = cli("iterate", "--config", small_config, "--run", run, "--iterations", 2).stdout
     assert "2 iteration(s) complete" in out
+    assert re.search(r"^iteration 1 took [\d.]+ s$", out, re.MULTILINE)  # what bench/trl_compare.py reads
     return run

@@ -12,7 +12,7 @@ from rgsd_pipeline.direct_io import BUFFER_BYTES, DirectFile, write_safetensors
 
 def tensors() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {"model.embed_tokens.weight": torch.randn(1000, 2099, generator=generator),  # past one 8 MB buffer
+    return {"model.embed_tokens.weight": torch.randn(3000, 2459, generator=generator),  # 3.5 buffers: they alternate
             "bf16": torch.randn(7, 3, generator=generator).to(torch.bfloat16),
             "ids": torch.arange(11, dtype=torch.int64),
             "scalar": torch.tensor(2.5),
