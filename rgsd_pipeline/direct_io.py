@@ -100,11 +100,9 @@ class DirectFile:
                     padded = -(-self.pending // ALIGNMENT) * ALIGNMENT
                     _buffers.pair[self.current][self.pending:padded] = bytes(padded - self.pending)
                     self._flush(padded)
-                self._wait()
+                self._wait()  # no write of this file is left running, even when one failed
                 os.ftruncate(self.fd, self.size)
         finally:
-            if self.writing is not None:  # a failed write above: let the other buffer's write end first
-                self.writing.exception()
             os.close(self.fd)
             self.fd = -1
 
