@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-scale test-fast lint demo clean bench proof
+.PHONY: setup test test-scale test-long test-fast lint demo clean bench proof
 
 setup: $(STAMP)
 
@@ -36,14 +36,18 @@ endif
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q --durations=12 -m "not scale" tests
+	$(PY) -m pytest -q --durations=12 -m "not scale and not long" tests
 
 # Multi-process runs: the data-parallel iterate under torchrun and Ray Train (CI runs them after `make test`).
 test-scale: setup
 	$(PY) -m pytest -q --durations=12 -m scale tests
 
+# Seeded fuzz (random kill -9s) and the learning benchmark's quick run (CI runs them after `make test`).
+test-long: setup
+	$(PY) -m pytest -q --durations=12 -m long tests
+
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not scale" tests
+	$(PY) -m pytest -q -m "not slow and not scale and not long" tests
 
 lint: setup
 	$(VENV)/bin/ruff check rgsd_pipeline stages schemas tests bench

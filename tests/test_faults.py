@@ -78,7 +78,7 @@ def kill_at(args, delay):
         return True
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_random_kills_then_rerun_equal_an_uninterrupted_run(reference, config_file, tmp_path):
     reference_run, durations = reference
     run = tmp_path / "run"

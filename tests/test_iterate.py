@@ -112,7 +112,7 @@ def test_lora_adapters_carried_in_memory_equal_the_per_stage_reload(small_config
     assert_same_run(tmp_path / "resident", tmp_path / "staged")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_resident_iterate_killed_at_random_moments_then_rerun_gives_the_same_run(two_iterations, small_config,
                                                                                   tmp_path):
     """kill -9 of the resident `iterate` at two seeded random moments of an uninterrupted run's duration."""

@@ -7,7 +7,7 @@ import pytest
 from helpers import ROOT
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_learning_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     command = [sys.executable, "bench/learning.py", "--quick", "--arms", "rubric,placebo,grpo", "--out",
                str(tmp_path / "figures"), "--runs", str(tmp_path / "runs")]
