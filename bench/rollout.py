@@ -7,9 +7,10 @@ settings, with the engine built once and shared, so the ratio measures what the 
 prompts, chat templates, the too-long check, decoding, Parquet shards, checksums); goal >= 0.95.
 (2) vLLM tokens/s over HF tokens/s at the same batch, sampling from the model's own distribution
 (`vllm_over_hf`), and (3) the same at the demo's sampling settings (configs/smollm2-cpu.yaml: temperature,
-top-p, repetition penalty; `vllm_over_hf_demo_sampling`), where both record the model's own log-probs only;
-goal >= 2.5 for both. (4) With `--settings`: where vLLM's time goes at the demo's settings, one engine
-sampling the same prompts with the settings added one by one (the model's own distribution, temperature,
+top-p, repetition penalty, and its response length, 160 tokens, whatever `--tokens` says: HF's step grows with
+the sequence, vLLM's paged step hardly; `vllm_over_hf_demo_sampling`), where both record the model's own
+log-probs only; goal >= 2.5 for both. (4) With `--settings`: where vLLM's time goes at the demo's settings, one
+engine sampling the same prompts with the settings added one by one (the model's own distribution, temperature,
 top-p, repetition penalty), interleaved, and a second engine that also records the behaviour log-probs
 (its second prefill pass; train.loss=sampled_reverse_kl). Prints the ratios and writes bench/results.json.
 """
@@ -96,7 +97,6 @@ def main():
         if "vllm" in tokens_per_s and "hf" in tokens_per_s:
             results["vllm_over_hf"] = tokens_per_s["vllm"] / tokens_per_s["hf"]
             demo = Sampling.of(load_config(ROOT / "configs" / "smollm2-cpu.yaml", []))
-            demo = dataclasses.replace(demo, max_new_tokens=args.tokens)
             rates = {}
             for kind in ("hf", "vllm"):
                 engine = make_engine(kind, path, config.engine, config.model, sampling=demo)
@@ -106,6 +106,7 @@ def main():
                 engine.close()
                 results[f"{kind}_demo_sampling_tokens_per_s"] = rates[kind]
             results["vllm_over_hf_demo_sampling"] = rates["vllm"] / rates["hf"]
+            results["demo_max_new_tokens"] = demo.max_new_tokens
         shutil.rmtree(prepared)
         results["batch"] = args.prompts
         results["max_new_tokens"] = args.tokens

