@@ -109,3 +109,15 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def brute_force_nucleus(logits_V, p: float):
+    """Which tokens a top-p of p keeps: those with less than p of the mass ranked above them (float64)."""
+    import torch
+
+    probs_V = logits_V.double().softmax(-1)
+    order = probs_V.argsort(descending=True)
+    above = probs_V[order].cumsum(0) - probs_V[order]
+    kept_V = torch.zeros_like(probs_V, dtype=torch.bool)
+    kept_V[order[above < p]] = True
+    return kept_V

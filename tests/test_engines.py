@@ -101,6 +101,18 @@ def test_hf_generation_matches_forward_pass_and_seeds(tiny_path, tiny_tokenizer)
     check_generation(hf_engine(tiny_path), tiny_path, tiny_tokenizer, atol=2e-4)
 
 
+def test_hf_prompt_pass_computes_the_last_positions_logits_alone(tiny_path, tiny_tokenizer):
+    engine = hf_engine(tiny_path, batch_size=4)
+    positions = []
+    head = engine.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, inputs, output: positions.append(tuple(inputs[0].shape[:2])))
+    try:
+        engine.generate(prompts(tiny_tokenizer), [1, 2, 3, 4], Sampling(max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert positions and set(positions) == {(4, 1)}  # the prompt pass too, not [batch, prompt length]
+
+
 def test_hf_records_the_log_probs_of_the_distribution_it_sampled_from(tiny_path, tiny_tokenizer):
     check_sampling_logprobs(hf_engine(tiny_path), tiny_path, tiny_tokenizer, atol=2e-4)
 

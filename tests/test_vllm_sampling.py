@@ -3,6 +3,7 @@ nucleus in float64."""
 
 import pytest
 import torch
+from helpers import brute_force_nucleus
 
 vllm_top_p = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler", reason="needs vllm (make setup)")
 from vllm.model_executor.layers.utils import apply_penalties as vllm_penalties  # noqa: E402
@@ -11,16 +12,6 @@ from rgsd_pipeline.engines.vllm_sampling import penalties, top_k_top_p  # noqa: 
 
 pytestmark = pytest.mark.vllm
 VOCABULARY = 49152  # SmolLM2's: wide enough that a flat row's nucleus passes both candidate widths
-
-
-def brute_force_nucleus(logits_V: torch.Tensor, p: float) -> torch.Tensor:
-    """Which tokens a top-p of p keeps: those with less than p of the mass ranked above them (float64)."""
-    probs_V = logits_V.double().softmax(-1)
-    order = probs_V.argsort(descending=True)
-    above = probs_V[order].cumsum(0) - probs_V[order]
-    kept_V = torch.zeros_like(probs_V, dtype=torch.bool)
-    kept_V[order[above < p]] = True
-    return kept_V
 
 
 @pytest.mark.parametrize("with_top_k", [False, True])

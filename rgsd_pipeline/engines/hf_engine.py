@@ -10,12 +10,14 @@ positions, so a 150k vocabulary never materialises [batch, T, V] at once.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig
+from rgsd_pipeline.engines import nucleus
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id
 
@@ -48,11 +50,9 @@ def process_logits(logits_B_V: torch.Tensor, history_B_T: torch.Tensor, sampling
     if sampling.top_k > 0:
         kth_B_1 = logits_B_V.topk(min(sampling.top_k, logits_B_V.shape[-1]), dim=-1).values[:, -1:]
         logits_B_V = logits_B_V.masked_fill(logits_B_V < kth_B_1, -float("inf"))
-    if sampling.top_p < 1.0:
-        sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
-        cumulative_B_V = sorted_B_V.softmax(-1).cumsum(-1)
-        drop_B_V = cumulative_B_V - sorted_B_V.softmax(-1) > sampling.top_p  # keep the token that crosses top_p
-        logits_B_V = logits_B_V.scatter(1, order_B_V, sorted_B_V.masked_fill(drop_B_V, -float("inf")))
+    if sampling.top_p < 1.0:  # among the most likely tokens first, not by sorting the vocabulary (engines.nucleus)
+        top_p_B = torch.full(logits_B_V.shape[:1], sampling.top_p, dtype=logits_B_V.dtype, device=logits_B_V.device)
+        logits_B_V = nucleus.cut(logits_B_V, top_p_B, whole=nucleus.sorted_cut)
     return logits_B_V
 
 
@@ -69,6 +69,11 @@ class HfEngine(Engine):
         self.max_model_len = model_config.max_model_len
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.pad_id = pad_token_id(self.tokenizer, self.eos_ids)
+        # The prompt's pass needs the last position's logits alone: [batch, prompt, vocabulary] in fp32 would be
+        # 3.2 GB for 16 prompts of 1,024 tokens and SmolLM2's vocabulary (a model whose code cannot be told computes
+        # them all).
+        self.last_logits = ({"logits_to_keep": 1}
+                            if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {})
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
@@ -93,7 +98,8 @@ class HfEngine(Engine):
         history_B_T = ids_B_T.clone()
         # Left padding: a row's positions count its own tokens only, so padding does not shift them.
         position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=position_B_T, use_cache=True)
+        out = self.model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=position_B_T, use_cache=True,
+                         **self.last_logits)
         for _ in range(max(budget, 0)):
             # 1. The next-token distributions: the model's own (raw) and the one sampled from (processed).
             raw_B_V = out.logits[:, -1, :].float()

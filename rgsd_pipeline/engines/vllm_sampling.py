@@ -8,10 +8,8 @@ prompt's and the response's tokens, and a penalty for every entry, at every step
 replaced here, in the process that runs vLLM's sampler (`install`, called where the worker imports
 `engines.vllm_worker`), on CPUs only; on GPUs vLLM's own kernels stay.
 
-- **Top-p** takes the 256 most likely tokens (`torch.topk`, 1.3 ms), whose cumulative mass decides the nucleus
-  whenever it reaches p; a row whose nucleus is wider tries 4096, then goes to vLLM's own function. The kept set
-  is vLLM's: a token stays when the mass of the tokens ranked above it is below p, and top-k, when set, is applied
-  first. Only float rounding at the nucleus' edge can differ (vLLM sums the other way round, from the least likely).
+- **Top-p** is cut among the most likely tokens (`engines.nucleus`); a row whose nucleus is wider than 4096 tokens
+  goes to vLLM's own function. The kept set is vLLM's, and top-k, when set, is applied first.
 - **The repetition penalty** scales the logits of the tokens in the prompt or the response, gathered and scattered
   back, with the same float32 arithmetic as vLLM's: equal bits. Frequency and presence penalties, which this
   project never sets, go to vLLM's function.
@@ -25,38 +23,19 @@ from __future__ import annotations
 import os
 
 ENV = "RGSD_VLLM_SAMPLER"
-# Tokens taken by top-k before the nucleus is cut, then for the rows whose nucleus is wider (topk over 16 rows of
-# 49,152 tokens: 1.3 ms for 256, 5 ms for 4096, against 30 ms for the sort).
-CANDIDATES = (256, 4096)
 
 
-def top_k_top_p(logits_B_V, top_k_B, top_p_B, fallback, candidates: tuple[int, ...] = CANDIDATES):
+def top_k_top_p(logits_B_V, top_k_B, top_p_B, fallback):
     """vLLM's `apply_top_k_top_p` without sorting the vocabulary: the logits with every token outside the top-k
     and the top-p nucleus set to -inf (in place, and returned). `fallback` is vLLM's function, given the rows whose
     nucleus reaches beyond the candidates, and every call without top-p."""
-    import torch
+    from rgsd_pipeline.engines import nucleus
 
     if top_p_B is None:
         return fallback(logits_B_V, top_k_B, top_p_B)  # vLLM's top-k alone sorts nothing on a CPU
     if top_k_B is not None:
         logits_B_V = fallback(logits_B_V, top_k_B, None)
-    probs_B_V = logits_B_V.softmax(dim=-1)
-    width, *wider = candidates
-    top_B_C, index_B_C = probs_B_V.topk(min(width, probs_B_V.shape[-1]), dim=-1)
-    through_B_C = top_B_C.cumsum(dim=-1)
-    above_B_C = torch.cat([torch.zeros_like(through_B_C[:, :1]), through_B_C[:, :-1]], dim=-1)  # mass ranked above
-    # the nucleus ends among the candidates when the first token after them already has p above it (a row of p = 1
-    # keeps every token of non-zero probability: vLLM's sort decides those)
-    within_B = (through_B_C[:, -1] >= top_p_B) & (top_p_B < 1)
-    removed_B_V = torch.ones_like(logits_B_V, dtype=torch.bool)
-    removed_B_V.scatter_(1, index_B_C, above_B_C >= top_p_B.unsqueeze(1))
-    removed_B_V[~within_B] = False
-    logits_B_V.masked_fill_(removed_B_V, -float("inf"))
-    if not bool(within_B.all()):
-        wide = (~within_B).nonzero().squeeze(1)
-        logits_B_V[wide] = (top_k_top_p(logits_B_V[wide], None, top_p_B[wide], fallback, tuple(wider)) if wider
-                            else fallback(logits_B_V[wide], None, top_p_B[wide]))
-    return logits_B_V
+    return nucleus.cut(logits_B_V, top_p_B, whole=lambda logits_R_V, top_p_R: fallback(logits_R_V, None, top_p_R))
 
 
 def penalties(logits_B_V, prompt_tokens_B_P, output_tokens_B_O, presence_B, frequency_B, repetition_B, fallback):
