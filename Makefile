@@ -98,6 +98,7 @@ $(BENCH_VENV)/.installed: $(STAMP)
 bench: setup $(BENCH_VENV)/.installed
 	$(PY) bench/rollout.py
 	$(PY) bench/rollout.py --models builtin:smollm2-135m-instruct --settings
+	$(PY) bench/rollout.py --demo-rollout
 	$(PY) bench/score.py
 	$(PY) bench/train.py
 	$(PY) bench/fingerprint.py

@@ -12,7 +12,10 @@ the sequence, vLLM's paged step hardly; `vllm_over_hf_demo_sampling`), where bot
 log-probs only; goal >= 2.5 for both. (4) With `--settings`: where vLLM's time goes at the demo's settings, one
 engine sampling the same prompts with the settings added one by one (the model's own distribution, temperature,
 top-p, repetition penalty), interleaved, and a second engine that also records the behaviour log-probs
-(its second prefill pass; train.loss=sampled_reverse_kl). Prints the ratios and writes bench/results.json.
+(its second prefill pass; train.loss=sampled_reverse_kl). (5) With `--demo-rollout`: the demo's rollout stage as
+configs/smollm2-cpu.yaml runs it, with each engine: its 64 training prompts, vLLM given them all at once, HF in
+batches of engine.hf_batch_size (`vllm_over_hf`, engines built beforehand). Prints the ratios and writes
+bench/results.json.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main():
     parser.add_argument("--engines", nargs="+", default=["hf", "vllm"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--settings", action="store_true", help="only (4): vLLM's time per sampling setting")
+    parser.add_argument("--demo-rollout", action="store_true", help="only (5): the demo's rollout with each engine")
     args = parser.parse_args()
 
     import polars as pl
@@ -52,6 +56,9 @@ def main():
     from schemas import PROMPTS, ROLLOUTS
     from stages.prepare import prepare
 
+    if args.demo_rollout:
+        record("demo rollout", demo_rollout(args))
+        return
     for model in args.models:
         results = {}
         path = resolve_model(model)
@@ -111,6 +118,46 @@ def main():
         results["batch"] = args.prompts
         results["max_new_tokens"] = args.tokens
         record(f"rollout {model}", results)
+
+
+def demo_rollout(args) -> dict:
+    """Tokens/s of the demo's rollout stage (configs/smollm2-cpu.yaml as it is) with each engine, built beforehand,
+    and their ratio; the median of `--repeats` runs."""
+    import polars as pl
+    from common import GivenEngine, timed
+
+    from rgsd_pipeline import steps
+    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.engines import Sampling, make_engine
+    from rgsd_pipeline.models import resolve_model
+    from rgsd_pipeline.shards import read_stage
+    from schemas import ROLLOUTS
+    from stages.prepare import prepare
+
+    config = load_config(ROOT / "configs" / "smollm2-cpu.yaml", [])
+    prepared = Path(tempfile.mkdtemp(prefix="bench-demo-"))
+    freeze_or_check(prepared, config)
+    prepare(prepared, None, [], [], None)
+    results = {}
+    for kind in ("hf", "vllm"):
+        engine = make_engine(kind, resolve_model(config.model.path), config.engine, config.model,
+                             sampling=Sampling.of(config))
+        rates = []
+        for _ in range(args.repeats):
+            run = Path(tempfile.mkdtemp(prefix="bench-demo-rollout-"))
+            shutil.copytree(prepared, run, dirs_exist_ok=True)
+            _, seconds = timed(lambda run=run, engine=engine: steps.rollout(run, 0, GivenEngine(engine)))
+            frame = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
+                pl.len(), pl.col("response_token_ids").list.len().sum()).collect()
+            results["prompts"], tokens = frame.row(0)
+            rates.append(tokens / seconds)
+            shutil.rmtree(run)
+        engine.close()
+        results[f"{kind}_tokens_per_s"] = statistics.median(rates)
+    shutil.rmtree(prepared)
+    results["vllm_over_hf"] = results["vllm_tokens_per_s"] / results["hf_tokens_per_s"]
+    results["hf_batch_size"] = config.engine.hf_batch_size
+    return results
 
 
 def settings_breakdown(path, config, prompts, seeds, args) -> dict:

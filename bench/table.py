@@ -17,6 +17,7 @@ ROWS = [
     ("rollout", "vllm_over_hf", "vLLM / HF generation (tokens/s)", ">= 2.5", lambda v: v >= 2.5),
     ("rollout", "vllm_over_hf_demo_sampling", "vLLM / HF generation, the demo's sampling and length (tokens/s)",
      ">= 2.5", lambda v: v >= 2.5),
+    ("demo rollout", "vllm_over_hf", "vLLM / HF, the demo's rollout as configured (tokens/s)", "-", None),
     ("score", "stage_over_bare_forward", "score stage / bare forward pass (tokens/s)", ">= 0.95", lambda v: v >= 0.95),
     ("score", "vllm_over_hf", "vLLM / HF scoring (tokens/s)", "-", None),
     ("score", "bytes_per_topk_entry", "signals bytes per (token, k) entry", "< 6", lambda v: v < 6),
