@@ -43,18 +43,15 @@ def main():
     parser.add_argument("--demo-rollout", action="store_true", help="only (5): the demo's rollout with each engine")
     args = parser.parse_args()
 
-    import polars as pl
-    from common import GivenEngine, record, timed
+    from common import record, timed
 
-    from rgsd_pipeline import steps
-    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.config import load_config
     from rgsd_pipeline.engines import Sampling, make_engine
     from rgsd_pipeline.models import load_tokenizer, resolve_model
     from rgsd_pipeline.render import chat_ids, student_messages
     from rgsd_pipeline.sampling import sample_seed
     from rgsd_pipeline.shards import read_stage
-    from schemas import PROMPTS, ROLLOUTS
-    from stages.prepare import prepare
+    from schemas import PROMPTS
 
     if args.demo_rollout:
         record("demo rollout", demo_rollout(args))
@@ -69,9 +66,7 @@ def main():
                      "engine.vllm_enforce_eager=true"]
         config = load_config(None, overrides)
         # The same prompts and per-sample seeds the stage will use, so both sample identical tokens.
-        prepared = Path(tempfile.mkdtemp(prefix="bench-prompts-"))
-        freeze_or_check(prepared, config)
-        prepare(prepared, None, [], [], None)
+        prepared = prepared_run(config)
         rows = read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()
         prompts = [chat_ids(tokenizer, student_messages(r, config.template)) for r in rows]
         seeds = [sample_seed(config.rollout.seed, r["prompt_id"], 0, seed_round=0) for r in rows]
@@ -88,13 +83,8 @@ def main():
             for _ in range(args.repeats):  # alternate bare and stage so drift hits both alike
                 bare, bare_s = timed(lambda engine=engine: engine.generate(prompts, seeds, sampling))
                 bare_rates.append(sum(len(g.token_ids) for g in bare) / bare_s)
-                run = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
-                shutil.copytree(prepared, run, dirs_exist_ok=True)
-                _, stage_s = timed(lambda run=run, engine=engine: steps.rollout(run, 0, GivenEngine(engine)))
-                stage_tokens = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
-                    pl.col("response_token_ids").list.len().sum()).collect().item()
+                _, stage_tokens, stage_s = timed_stage(prepared, engine)
                 stage_rates.append(stage_tokens / stage_s)
-                shutil.rmtree(run)
             engine.close()
             tokens_per_s[kind] = statistics.median(bare_rates)
             results[f"{kind}_bare_tokens_per_s"] = tokens_per_s[kind]
@@ -120,38 +110,53 @@ def main():
         record(f"rollout {model}", results)
 
 
-def demo_rollout(args) -> dict:
-    """Tokens/s of the demo's rollout stage (configs/smollm2-cpu.yaml as it is) with each engine, built beforehand,
-    and their ratio; the median of `--repeats` runs."""
+def prepared_run(config) -> Path:
+    """A run folder holding `config`'s prepared prompts, copied for each timed rollout stage."""
+    from rgsd_pipeline.config import freeze_or_check
+    from stages.prepare import prepare
+
+    prepared = Path(tempfile.mkdtemp(prefix="bench-prompts-"))
+    freeze_or_check(prepared, config)
+    prepare(prepared, None, [], [], None)
+    return prepared
+
+
+def timed_stage(prepared: Path, engine) -> tuple[int, int, float]:
+    """(rollouts, response tokens, seconds) of the rollout stage on a copy of `prepared`, with `engine` built
+    beforehand."""
     import polars as pl
     from common import GivenEngine, timed
 
     from rgsd_pipeline import steps
-    from rgsd_pipeline.config import freeze_or_check, load_config
-    from rgsd_pipeline.engines import Sampling, make_engine
-    from rgsd_pipeline.models import resolve_model
     from rgsd_pipeline.shards import read_stage
     from schemas import ROLLOUTS
-    from stages.prepare import prepare
+
+    run = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    shutil.copytree(prepared, run, dirs_exist_ok=True)
+    _, seconds = timed(lambda: steps.rollout(run, 0, GivenEngine(engine)))
+    rollouts, tokens = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
+        pl.len(), pl.col("response_token_ids").list.len().sum()).collect().row(0)
+    shutil.rmtree(run)
+    return rollouts, tokens, seconds
+
+
+def demo_rollout(args) -> dict:
+    """Tokens/s of the demo's rollout stage (configs/smollm2-cpu.yaml as it is) with each engine, built beforehand,
+    and their ratio; the median of `--repeats` runs."""
+    from rgsd_pipeline.config import load_config
+    from rgsd_pipeline.engines import Sampling, make_engine
+    from rgsd_pipeline.models import resolve_model
 
     config = load_config(ROOT / "configs" / "smollm2-cpu.yaml", [])
-    prepared = Path(tempfile.mkdtemp(prefix="bench-demo-"))
-    freeze_or_check(prepared, config)
-    prepare(prepared, None, [], [], None)
+    prepared = prepared_run(config)
     results = {}
     for kind in ("hf", "vllm"):
         engine = make_engine(kind, resolve_model(config.model.path), config.engine, config.model,
                              sampling=Sampling.of(config))
         rates = []
         for _ in range(args.repeats):
-            run = Path(tempfile.mkdtemp(prefix="bench-demo-rollout-"))
-            shutil.copytree(prepared, run, dirs_exist_ok=True)
-            _, seconds = timed(lambda run=run, engine=engine: steps.rollout(run, 0, GivenEngine(engine)))
-            frame = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().select(
-                pl.len(), pl.col("response_token_ids").list.len().sum()).collect()
-            results["prompts"], tokens = frame.row(0)
+            results["prompts"], tokens, seconds = timed_stage(prepared, engine)
             rates.append(tokens / seconds)
-            shutil.rmtree(run)
         engine.close()
         results[f"{kind}_tokens_per_s"] = statistics.median(rates)
     shutil.rmtree(prepared)
