@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,13 +41,33 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+TIMEOUT_ENV = "RGSD_COLLECTIVE_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 120
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits at a collective for the others (RGSD_COLLECTIVE_TIMEOUT_MINUTES, default 120). Ranks
+    meet at the end of every stage, so the wait is the spread of their shares: a long sampling or judge stage on
+    one rank must not trip torch's default (10 minutes under NCCL)."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        from rgsd_pipeline.errors import UserError
+
+        raise UserError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
 def init_world() -> World:
-    """Join the process group when a launcher started several processes (gloo on CPU, nccl on GPU); a launcher
-    that joined it already (Ray Train) is used as it is."""
+    """Join the process group when a launcher started several processes (gloo on CPU, nccl on GPU), with the
+    collective timeout above; a launcher that joined it already (Ray Train) is used as it is."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout())
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return World()

@@ -186,12 +186,17 @@ def answer_hash(answer: str) -> str:
 
 
 class VerdictCache:
-    """Verdicts on disk (SQLite), keyed by judge model, mode, prompt, answer hash and criterion."""
+    """Verdicts on disk (SQLite), keyed by judge model, mode, prompt, answer hash and criterion.
+
+    The ranks of a data-parallel job share one cache file: a writer waits up to BUSY_SECONDS for another's
+    transaction (SQLite's default of 5 s was exceeded by 8 ranks grading at once), and WAL lets readers go on."""
+
+    BUSY_SECONDS = 600.0
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path)
+        self.db = sqlite3.connect(path, timeout=self.BUSY_SECONDS)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, met INTEGER NOT NULL, "
                         "explanation TEXT NOT NULL, judge TEXT NOT NULL)")

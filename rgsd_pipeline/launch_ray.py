@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from rgsd_pipeline import layout
+from rgsd_pipeline.distributed import collective_timeout
 from rgsd_pipeline.errors import UserError
 
 # A cluster of this machine alone: every listener on 127.0.0.1, no token file, no usage report.
@@ -43,7 +44,7 @@ def run_on_ray(address: str, run: Path, iterations: int, engine_kind: str | None
     try:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        from ray.train.torch import TorchConfig, TorchTrainer
     except ImportError:
         raise RayError("--ray needs Ray Train: pip install 'rgsd-pipeline[ray]'") from None
 
@@ -65,6 +66,7 @@ def run_on_ray(address: str, run: Path, iterations: int, engine_kind: str | None
         train_loop_config={"run": str(Path(run).resolve()), "iterations": iterations, "engine_kind": engine_kind},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=resources),
+        torch_config=TorchConfig(timeout_s=int(collective_timeout().total_seconds())),
         # Ray's own restarts would start a second job over the same run; a rerun of this command resumes instead.
         run_config=RunConfig(name="iterate", storage_path=str(layout.ray_storage(Path(run).resolve())),
                              failure_config=FailureConfig(max_failures=0)),

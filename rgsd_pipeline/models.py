@@ -31,8 +31,12 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A reasoning model's template (as Qwen3's thinking models have): the generation prompt opens the reasoning span.
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+THINK_TAGS = ["<think>", "</think>"]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB = 1024
+CLOSE_THINK_LOGIT = 4.0  # how far the thinking model's </think> logit sits above its mean logit (see _build_tiny)
 
 
 class ModelError(UserError, ValueError):
@@ -43,6 +47,7 @@ def resolve_model(name: str) -> Path:
     """Local folder for a model name: a built-in is built on first use, a path must exist."""
     builders = {"builtin:tiny": lambda out: _build_tiny(out, "llama"),
                 "builtin:tiny-qwen2": lambda out: _build_tiny(out, "qwen2"),
+                "builtin:tiny-qwen3-thinking": lambda out: _build_tiny(out, "qwen3", thinking=True),
                 "builtin:smollm2-135m-instruct": _build_smollm2}
     if name.startswith("builtin:"):
         if name not in builders:
@@ -85,8 +90,9 @@ def tiny_tokenizer_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer with ChatML special tokens, deterministic for a given corpus."""
+def build_tiny_tokenizer(thinking: bool = False):
+    """A byte-level BPE tokenizer with ChatML special tokens, deterministic for a given corpus; `thinking` adds
+    the reasoning tags as tokens of their own and a template that opens the span."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,25 +104,55 @@ def build_tiny_tokenizer():
     bpe.train_from_iterator(tiny_tokenizer_corpus(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         bos_token=None, unk_token=None)
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = THINKING_TEMPLATE if thinking else CHATML_TEMPLATE
+    if thinking:
+        tokenizer.add_tokens(THINK_TAGS)
     return tokenizer
 
 
-def _build_tiny(out: Path, family: str) -> None:
+def _build_tiny(out: Path, family: str, thinking: bool = False) -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    tokenizer = build_tiny_tokenizer()
-    shape = dict(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    tokenizer = build_tiny_tokenizer(thinking)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                 tie_word_embeddings=family == "qwen2", eos_token_id=tokenizer.eos_token_id,
+                 tie_word_embeddings=family != "llama", eos_token_id=tokenizer.eos_token_id,
                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**shape)).to(torch.float32)
+    if thinking:
+        _close_thinking_now_and_then(model, tokenizer)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def _close_thinking_now_and_then(model, tokenizer) -> None:
+    """Point the </think> token's (tied) head row along the mean final hidden state, so that a random model closes
+    its reasoning span within a few dozen tokens: rollouts of the thinking variant then hold both masked reasoning
+    and distilled answer tokens, as a reasoning model's do."""
+    import torch
+
+    texts = tiny_tokenizer_corpus()[:64]
+    with torch.no_grad():
+        hidden = [model.model(torch.tensor([tokenizer.encode(t)[:64]])).last_hidden_state[0] for t in texts]
+        hidden_N_H = torch.cat(hidden)
+        mean_H = hidden_N_H.mean(0)
+        head = model.get_output_embeddings().weight
+        typical = (hidden_N_H @ head.T).mean()
+        close = tokenizer.convert_tokens_to_ids("</think>")
+        head[close] = mean_H * (typical + CLOSE_THINK_LOGIT) / mean_H.dot(mean_H)
 
 
 def smollm2_gguf() -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -173,10 +174,27 @@ def exclusive_lock(path: Path, what: str):
         os.close(fd)
 
 
-def split_into_shards(items: list, per_shard: int) -> list[list]:
+def split_into_shards(items: list, per_shard: int, workers: int = 1, started: int | None = None) -> list[list]:
     """Consecutive pieces of at most `per_shard` items; one empty piece when there are none, so that every
-    stage output has at least one shard."""
-    return [items[i:i + per_shard] for i in range(0, len(items), per_shard)] or [[]]
+    stage output has at least one shard.
+
+    With several `workers` (the ranks of a job, or independent stage workers) no worker is left without a piece
+    while there are items for it: the count is rounded up to a multiple of the workers (at most one piece per item)
+    and the items spread evenly over the pieces, so each worker gets the same share. `started`, the shard count of
+    an output already begun (StageOutput.started_shards), keeps its layout when a resumed job has another number
+    of workers."""
+    count = max(math.ceil(len(items) / per_shard), 1)
+    if started is not None:
+        count = started
+    elif workers > 1:
+        count = max(min(math.ceil(count / workers) * workers, len(items)), 1)
+    if count == math.ceil(len(items) / per_shard):  # the layout depends on the count alone
+        return [items[i:i + per_shard] for i in range(0, len(items), per_shard)] or [[]]
+    size, extra = divmod(len(items), count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < extra))
+    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)]
 
 
 @dataclass(frozen=True)
@@ -256,6 +274,17 @@ class StageOutput:
 
     def is_complete(self) -> bool:
         return (self.folder / SUCCESS).exists()
+
+    @staticmethod
+    def started_shards(folder: Path) -> int | None:
+        """The shard count an output was begun with (None when it was not begun), which its resume keeps."""
+        recorded = Path(folder) / PROGRESS / "inputs.json"
+        if not recorded.exists():
+            return None
+        try:
+            return int(json.loads(recorded.read_text())["total_shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable: the writer's own check of its inputs names the file
 
     def shard_done(self, index: int) -> bool:
         """True when shard `index` was written whole and its recorded checksum matches."""

@@ -56,10 +56,11 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
     inputs = rollout_inputs(run, iteration, config)
 
-    # 2. The work: every (prompt, sample), cut into shards of data.rows_per_shard rows.
+    # 2. The work: every (prompt, sample), cut into shards of data.rows_per_shard rows, at least one per worker.
     work = [(p, s) for p in prompts for s in range(config.rollout.samples_per_prompt)]
-    pieces = split_into_shards(work, config.data.rows_per_shard)
     out_dir = layout.rollouts_dir(run, iteration)
+    workers = world.size if world is not None else num_shards
+    pieces = split_into_shards(work, config.data.rows_per_shard, workers, StageOutput.started_shards(out_dir))
     plan = _plan(len(pieces), num_shards, shard_index, world)
     with StageOutput(out_dir, ROLLOUTS, inputs, plan) as out:
         shards = {i: pieces[i] for i in out.todo()}

@@ -71,6 +71,12 @@ def micro_batches(indices: list[int], lengths: dict[int, int], size: int) -> lis
     return [ordered[lo:lo + size] for lo in range(0, len(ordered), size)]
 
 
+def passes_per_rank(batch_size: int, ranks: int, micro_batch_size: int) -> int:
+    """Forward-backward passes each of `ranks` processes makes on a global batch of `batch_size` sequences: those of
+    rank 0, whose share (sequences 0, W, 2W, ...) is the largest."""
+    return math.ceil(math.ceil(batch_size / ranks) / micro_batch_size)
+
+
 class DistillForward(torch.nn.Module):
     """The loss of one micro-batch: decoder, then the chunked LM head and distillation loss.
 
@@ -92,8 +98,9 @@ class DistillForward(torch.nn.Module):
 
 
 def shard(forward: DistillForward, device_type: str, world: World, bf16: bool) -> None:
-    """FSDP2: each decoder layer its own unit, the rest of the model the root unit. With bf16, parameters are
-    gathered in bf16 for compute while the sharded master weights, gradients and their reduction stay fp32."""
+    """FSDP2: each decoder layer its own unit, the rest of the model the root unit. With bf16, the layers' parameters
+    are gathered in bf16 for compute while the sharded master weights, gradients and their reduction stay fp32; the
+    root unit (embeddings, final norm, LM head) is gathered in fp32, since the loss computes the LM head in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -104,7 +111,7 @@ def shard(forward: DistillForward, device_type: str, world: World, bf16: bool) -
     for layer in decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # The chunked LM head is recomputed in backward, so the root unit keeps its parameters gathered.
-    fully_shard(forward, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    fully_shard(forward, mesh=mesh, reshard_after_forward=False, mp_policy=MixedPrecisionPolicy())
 
 
 class Trainer:
@@ -113,11 +120,13 @@ class Trainer:
     `first_global_step` is the run's step count before this iteration and `horizon` the length of the
     learning-rate schedule in global steps (see learning_rate). `optimizer`, when given, is the previous
     iteration's AdamW over the same model (kept in memory by a resident `iterate`). `reference`, for grpo with
-    train.kl_coef, is the frozen base model whose log-probs the KL term compares with.
+    train.kl_coef, is the frozen base model whose log-probs the KL term compares with. `forward`, the previous
+    iteration's loss module around the same model (kept by a resident run), is reused: FSDP2 shards a module once.
     """
 
     def __init__(self, model, examples: list[Example], config: TrainConfig, world: World, pad_id: int,
-                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0, optimizer=None, reference=None):
+                 iteration: int = 0, first_global_step: int = 0, horizon: int = 0, optimizer=None, reference=None,
+                 forward: DistillForward | None = None):
         self.device = device()
         self.model = model.to(self.device)
         self.reference = reference.to(self.device).eval() if reference is not None else None
@@ -126,10 +135,13 @@ class Trainer:
         self.spec = LossSpec.of(config)
         self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed, iteration)
         self.horizon = horizon or first_global_step + len(self.batches)
-        self.forward = DistillForward(self.model, self.spec, config.chunk_positions)
         self.sharded = config.parallel == "fsdp" and world.size > 1
-        if self.sharded:
-            shard(self.forward, self.device.type, world, config.bf16)
+        if forward is not None and forward.model is model:  # kept by a resident run: sharded once, at its start
+            self.forward = forward
+        else:
+            self.forward = DistillForward(self.model, self.spec, config.chunk_positions)
+            if self.sharded:
+                shard(self.forward, self.device.type, world, config.bf16)
         # A resident process passes the previous iteration's optimizer: its moments continue, as after a reload.
         self.optimizer = optimizer or torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
                                                         weight_decay=config.weight_decay)
@@ -173,23 +185,32 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         totals = torch.zeros(1 + len(STAT_NAMES), device=self.device)  # the loss, then the distill stats
-        lengths = {i: len(self.examples[i].input_ids) for i in mine}
-        for indices in micro_batches(mine, lengths, config.micro_batch_size):
+        lengths = {i: len(self.examples[i].input_ids) for i in batch}
+        plan = micro_batches(mine, lengths, config.micro_batch_size)
+        # Under FSDP2 every forward and backward is a collective, so every rank makes as many passes: a rank with fewer
+        # sequences than rank 0 (a batch that does not divide, rollouts masked out) adds passes whose loss counts 0.
+        fillers = passes_per_rank(len(batch), world.size, config.micro_batch_size) - len(plan) if self.sharded else 0
+        shortest = min(batch, key=lengths.__getitem__)
+        for indices in plan + [None] * fillers:
+            filler = indices is None
+            indices = [shortest] if filler else indices
             micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
                             num_tokens, len(batch), self.pad_id).to(self.device)
             if self.reference is not None:
                 micro.targets.reference_token_N = self.reference_logprobs(micro)
-            # The LM head runs under autocast too (it is a quarter of a small model's FLOPs); the loss itself
-            # upcasts the logits to fp32.
+            # The decoder runs under autocast; the LM head and the loss run in fp32 (distill.py).
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss, stats = self.forward(micro)
             # FSDP2 averages the gradients it reduce-scatters; the loss is a share of a global-batch sum.
-            (loss * world.size if self.sharded else loss).backward()
-            totals += torch.cat([loss.detach().reshape(1), stats])
+            (loss * (0.0 if filler else world.size if self.sharded else 1.0)).backward()
+            if not filler:
+                totals += torch.cat([loss.detach().reshape(1), stats])
         params = [p for p in trainable(self.model).values()]
         if world.size > 1:
             if not self.sharded:
                 for param in params:
+                    if param.grad is None:  # a rank with no sequence in this step (before any backward of its own)
+                        param.grad = torch.zeros_like(param)
                     dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")

@@ -40,6 +40,7 @@ class Continuation:
     optimizer: object
     exported: dict | None = None  # the checkpoint's weights in model.dtype, for engines that take them from memory
     reference: object = None  # grpo with train.kl_coef: the frozen base model
+    forward: object = None  # the loss module around the model, sharded once under FSDP2 (trainer.DistillForward)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def replay_iteration(run: Path, iteration: int, world) -> Continuation:
                         f"(largest weight difference {difference:.3g}); training continues from the replayed "
                         "state", fg="yellow", err=True)
     wait_for_writes()
-    return Continuation(iteration, trainer.model, trainer.optimizer, None, trainer.reference)
+    return Continuation(iteration, trainer.model, trainer.optimizer, None, trainer.reference, trainer.forward)
 
 
 def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
@@ -173,7 +174,7 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
                       iteration, previous_global_step(policy, previous), schedule_horizon(run, config),
                       optimizer=kept.optimizer if in_memory and config.train.carry_optimizer else None,
-                      reference=reference)
+                      reference=reference, forward=kept.forward if in_memory else None)
     start = 0
     if started_from == "resume":
         start = trainer.load(state)
@@ -254,7 +255,7 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
         click.echo(train_summary(layout.metrics_file(session.run, session.iteration), session.out))
     world.barrier()  # every rank's engine loads this checkpoint next
     return Continuation(session.iteration, model, trainer.optimizer, exported if in_memory else None,
-                        trainer.reference)
+                        trainer.reference, trainer.forward)
 
 
 def schedule_horizon(run: Path, config: RunConfig) -> int:

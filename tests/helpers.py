@@ -121,3 +121,51 @@ def brute_force_nucleus(logits_V, p: float):
     kept_V = torch.zeros_like(probs_V, dtype=torch.bool)
     kept_V[order[above < p]] = True
     return kept_V
+
+
+def torchrun_iterate(config, run, port, iterations=2, overrides=(), ranks=2):
+    """The command that runs `iterate` on `ranks` processes under torchrun (gloo on a CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(port),
+            "-m", "rgsd_pipeline", "iterate", "--config", str(config), "--run-dir", str(run),
+            "--iterations", str(iterations), *map(str, overrides)]
+
+
+def stage_frame(run, iteration, stage):
+    """One iteration's rollouts or signals of a run, as a Polars frame."""
+    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.shards import read_stage
+    from rgsd_pipeline.signals import storage_schema
+    from schemas import ROLLOUTS
+
+    config = load_run_config(run)
+    schema = ROLLOUTS if stage == "rollouts" else storage_schema(
+        config.score, len(load_tokenizer(resolve_model(config.model.path))))
+    return read_stage(Path(run) / f"iter-{iteration:03d}" / stage, schema).lazy().collect()
+
+
+def assert_equivalent_runs(run, reference, iterations=2, weights_atol=1e-5):
+    """Rollouts identical token for token, log-probs and signals to 1e-6, checkpoint weights to `weights_atol` (thread
+    counts and summation order differ between one process and two)."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    for i in range(iterations):
+        for stage, exact in (("rollouts", ("prompt_id", "sample_idx", "response_token_ids", "finish_reason")),
+                             ("signals", ("prompt_id", "sample_idx", "topk_ids", "loss_mask", "status"))):
+            got, want = stage_frame(run, i, stage), stage_frame(reference, i, stage)
+            assert got.select(exact).equals(want.select(exact)), (i, stage)
+            for column in set(got.columns) - set(exact):
+                if got[column].dtype.is_numeric() or str(got[column].dtype).startswith("List"):
+                    values = [np.asarray(v, dtype=np.float64) for v in got[column].to_list()]
+                    wanted = [np.asarray(v, dtype=np.float64) for v in want[column].to_list()]
+                    for a, b in zip(values, wanted, strict=True):
+                        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=f"{stage} {column} {i}")
+        ours = load_file(Path(run) / f"iter-{i:03d}" / "checkpoint" / "model.safetensors")
+        for name, tensor in load_file(Path(reference) / f"iter-{i:03d}" / "checkpoint" / "model.safetensors").items():
+            torch.testing.assert_close(ours[name], tensor, atol=weights_atol, rtol=0)
+    chain = [link["iteration"] for link in json.loads((Path(run) / "chain.json").read_text())]
+    assert chain == list(range(iterations))

@@ -117,6 +117,23 @@ def test_hf_records_the_log_probs_of_the_distribution_it_sampled_from(tiny_path,
     check_sampling_logprobs(hf_engine(tiny_path), tiny_path, tiny_tokenizer, atol=2e-4)
 
 
+def test_hf_repetition_penalty_ignores_the_left_padding_of_a_batch(tiny_path, tiny_tokenizer):
+    """A prompt sampled alone and beside a longer prompt (so left-padded) draws from the same penalised distribution:
+    the pad id is not a token the prompt holds (it differed by 0.17 nats at penalty 2.0 when padding counted)."""
+    engine = hf_engine(tiny_path, batch_size=2)
+    short, long = sorted(prompts(tiny_tokenizer), key=len)[::3]
+    sampling = dataclasses.replace(TEMPERED, repetition_penalty=2.0, top_k=0, top_p=1.0, temperature=1.0)
+    alone = engine.generate([short], [5], sampling)[0]
+    padded = engine.generate([short, long], [5, 6], sampling)[0]
+    assert padded.token_ids == alone.token_ids
+    torch.testing.assert_close(torch.tensor(padded.sampling_logprobs), torch.tensor(alone.sampling_logprobs),
+                               atol=1e-5, rtol=0)
+    _, drawn = reference_sampling_logprobs(load_model(tiny_path), short, alone.token_ids,
+                                          dataclasses.replace(sampling, top_k=len(tiny_tokenizer)))  # no top-k
+    torch.testing.assert_close(torch.tensor(padded.sampling_logprobs, dtype=torch.float64), drawn.double(), atol=2e-4,
+                               rtol=0)
+
+
 def test_hf_sampling_follows_the_model_distribution(tiny_path, tiny_tokenizer):
     """First-token frequencies over many seeds match softmax(logits / T) restricted to top-k (chi-square-free check)."""
     engine = hf_engine(tiny_path, batch_size=64)

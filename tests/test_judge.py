@@ -214,3 +214,35 @@ def test_unreachable_judge_and_unknown_model_are_named(scripted_server, tmp_path
         Judge(JudgeSettings(url="http://127.0.0.1:9/v1", model="x", max_retries=0), cache).grade(items())
     with pytest.raises(JudgeError, match="does not serve 'other'; it serves: scripted"):
         Judge(JudgeSettings(url=scripted_server, model="other", max_retries=0), cache).grade(items())
+
+
+@pytest.mark.slow
+def test_a_cache_shared_by_ranks_waits_for_another_writer_longer_than_sqlites_default(tmp_path):
+    """Rank A holds a write transaction for 6 s (SQLite's default busy timeout is 5 s); rank B's verdicts are
+    written when A is done, not lost to 'database is locked'."""
+    import sqlite3
+    import threading
+
+    from rgsd_pipeline.judge import Verdict
+
+    path = tmp_path / "cache.sqlite"
+    VerdictCache(path).close()
+    holding, release = threading.Event(), threading.Event()
+
+    def other_rank():
+        db = sqlite3.connect(path)
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO verdicts VALUES ('a', 1, 'x', 'j')")
+        holding.set()
+        release.wait(6.0)
+        db.commit()
+        db.close()
+
+    thread = threading.Thread(target=other_rank)
+    thread.start()
+    holding.wait(10)
+    cache = VerdictCache(path)
+    cache.put_many([("b", Verdict(met=False, explanation="y"))], "j")
+    thread.join()
+    assert cache.get("a").met and cache.get("b").met is False
+    cache.close()

@@ -221,3 +221,31 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradients(spec):
         torch.testing.assert_close(stats, results[0][1])
         for a, b in zip(grads, results[0][2], strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_the_lm_head_and_loss_run_in_fp32_under_bf16_autocast():
+    """Under train.bf16 only the decoder is autocast: the loss's logits are the fp32 product of the fp32 hidden states
+    and head, as a float64 reference computes them (bf16 logits at scale 10 moved top-k log-probs by ~0.03 nats)."""
+    torch.manual_seed(0)
+    hidden_size, k, positions, vocab = 64, 20, 32, 512
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(10.0)  # logits of scale ~10, as a trained model's
+    hidden = torch.randn(positions, hidden_size, requires_grad=True)
+    teacher = torch.randn(positions, vocab, dtype=torch.float64).mul(3).log_softmax(-1)
+    top = teacher.topk(k, dim=-1)
+    tail = teacher.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
+    tokens = torch.randint(0, vocab, (positions,))
+    targets = Targets(top.indices, top.values.float(), tail.float(),
+                      teacher.gather(-1, tokens[:, None])[:, 0].float(), None, tokens,
+                      torch.full((positions,), 1 / positions))
+    spec = LossSpec(clip="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss, _ = distill_loss(hidden, head, targets, spec)
+    reference_head = torch.nn.Linear(hidden_size, vocab, bias=False).double()
+    reference_head.weight.data.copy_(head.weight.data)
+    reference_targets = Targets(*(t.double() if t is not None and t.is_floating_point() else t
+                                  for t in (getattr(targets, f) for f in targets.__dataclass_fields__)))
+    reference_loss, _ = distill_loss(hidden.double(), reference_head, reference_targets, spec)
+    assert autocast_loss.dtype == torch.float32
+    torch.testing.assert_close(autocast_loss.double(), reference_loss, rtol=1e-5, atol=1e-7)

@@ -10,53 +10,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import psutil
 import pytest
-import torch
-from helpers import ROOT, cli
-from safetensors.torch import load_file
-
-from rgsd_pipeline.shards import read_stage
-from rgsd_pipeline.signals import storage_schema
-from schemas import ROLLOUTS
+from helpers import ROOT, assert_equivalent_runs, cli, torchrun_iterate
 
 pytestmark = [pytest.mark.scale, pytest.mark.slow]
 SEED = 20261202
-
-
-def torchrun_iterate(config, run, port, iterations=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-            "-m", "rgsd_pipeline", "iterate", "--config", str(config), "--run-dir", str(run),
-            "--iterations", str(iterations)]
-
-
-def stage_frame(run, iteration, stage):
-    from rgsd_pipeline.config import load_run_config
-
-    schema = ROLLOUTS if stage == "rollouts" else storage_schema(load_run_config(run).score, 1024)
-    return read_stage(run / f"iter-{iteration:03d}" / stage, schema).lazy().collect()
-
-
-def assert_equivalent_runs(run, reference, iterations=2):
-    """Rollouts identical token for token, log-probs and signals to 1e-6, checkpoint weights to 1e-5 (thread counts
-    and summation order differ between one process and two)."""
-    for i in range(iterations):
-        for stage, exact in (("rollouts", ("prompt_id", "sample_idx", "response_token_ids", "finish_reason")),
-                             ("signals", ("prompt_id", "sample_idx", "topk_ids", "loss_mask", "status"))):
-            got, want = stage_frame(run, i, stage), stage_frame(reference, i, stage)
-            assert got.select(exact).equals(want.select(exact)), (i, stage)
-            for column in set(got.columns) - set(exact):
-                if got[column].dtype.is_numeric() or str(got[column].dtype).startswith("List"):
-                    values = [np.asarray(v, dtype=np.float64) for v in got[column].to_list()]
-                    wanted = [np.asarray(v, dtype=np.float64) for v in want[column].to_list()]
-                    for a, b in zip(values, wanted, strict=True):
-                        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=f"{stage} {column} {i}")
-        ours = load_file(run / f"iter-{i:03d}" / "checkpoint" / "model.safetensors")
-        for name, tensor in load_file(reference / f"iter-{i:03d}" / "checkpoint" / "model.safetensors").items():
-            torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=0)
-    chain = [link["iteration"] for link in __import__("json").loads((run / "chain.json").read_text())]
-    assert chain == list(range(iterations))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +73,32 @@ def test_ray_train_workers_write_the_run_torchrun_writes(two_ranks, tmp_path, sm
     assert_equivalent_runs(run, two_ranks[0])
     again = cli("iterate", "--run", run, "--iterations", 2).stdout
     assert again.count(": complete") == 6
+
+
+def uneven(per_step):
+    return ["engine.kind=hf", "data.max_prompts=16", "data.rows_per_shard=4",
+            f"rollout.prompts_per_iteration={per_step}", f"train.batch_size={per_step}", "train.micro_batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_uneven(tmp_path_factory):
+    """One-process runs of 2 iterations with 1 and with 3 sequences per step, by the sequences per step."""
+    runs = {}
+    for per_step in (1, 3):
+        runs[per_step] = tmp_path_factory.mktemp("uneven") / f"one-{per_step}"
+        cli("iterate", "--config", ROOT / "configs" / "tiny.yaml", "--run", runs[per_step], "--iterations", 2,
+            *uneven(per_step))
+    return runs
+
+
+@pytest.mark.parametrize("parallel, per_step, port", [("ddp", 1, 29621), ("fsdp", 1, 29622), ("fsdp", 3, 29623)])
+def test_ranks_with_different_numbers_of_micro_batches_make_the_one_process_update(one_process_uneven, tmp_path,
+                                                                                   parallel, per_step, port):
+    """1 or 3 sequences per step on 2 ranks with micro-batches of 1: rank 0 makes more passes than rank 1, which may
+    have none (FSDP2 hung at the first step; under DDP the rank without a sequence all-reduced a None gradient)."""
+    run = tmp_path / parallel
+    result = subprocess.run(torchrun_iterate(ROOT / "configs" / "tiny.yaml", run, port, 2,
+                                             [*uneven(per_step), f"train.parallel={parallel}"]),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert_equivalent_runs(run, one_process_uneven[per_step], 2)

@@ -19,6 +19,7 @@ from rgsd_pipeline.shards import (
     exclusive_lock,
     read_stage,
     shard_file,
+    split_into_shards,
 )
 from schemas import PROMPTS, ROLLOUTS, signals_schema
 
@@ -195,3 +196,20 @@ def test_shards_describe_their_columns_and_signals_their_encoding(tmp_path):
     encoding = read_encoding(tmp_path / "signals" / shard_file(0))
     assert encoding["k"] == 4 and encoding["topk_ids"]["type"] == "uint16"
     assert encoding["topk_logprobs"]["decode"] == "logprob = -(code / 63.75) ** 2"
+
+
+@pytest.mark.parametrize("rows, per_shard, workers", [(64, 2000, 8), (107, 16, 2), (3, 4, 8), (0, 4, 8), (10, 4, 1),
+                                                      (50, 5, 4), (9, 1000, 2)])
+def test_an_output_has_a_shard_for_every_worker_while_there_are_rows(rows, per_shard, workers):
+    """The qwen recipes' one shard of 2000 rows for 64 rollouts gave rank 0 all of them and 7 ranks nothing."""
+    items = list(range(rows))
+    pieces = split_into_shards(items, per_shard, workers)
+    assert [i for piece in pieces for i in piece] == items  # consecutive, nothing lost or repeated
+    assert all(len(p) <= per_shard for p in pieces)
+    shares = [sum(len(p) for p in pieces[w::workers]) for w in range(workers)]
+    assert min(shares) > 0 or rows < workers
+    assert max(shares) - min(shares) <= max(1, -(-rows // len(pieces)))  # no worker holds more than a shard extra
+    if workers == 1:
+        assert pieces == ([items[i:i + per_shard] for i in range(0, rows, per_shard)] or [[]])  # unchanged layout
+    # a resume with another number of workers keeps the layout the output was begun with
+    assert split_into_shards(items, per_shard, 3, started=len(pieces)) == pieces

@@ -95,7 +95,9 @@ class HfEngine(Engine):
         tokens, raw, behaviour = ([[] for _ in range(batch)] for _ in range(3))
         finished = [False] * batch
         finish = ["length"] * batch
-        history_B_T = ids_B_T.clone()
+        # The tokens the repetition penalty counts: a row's own, never its left padding (which would penalise the
+        # pad id in rows batched with longer prompts): padding repeats the row's last prompt token instead.
+        history_B_T = torch.where(mask_B_T.bool(), ids_B_T, ids_B_T[:, -1:])
         # Left padding: a row's positions count its own tokens only, so padding does not shift them.
         position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=position_B_T, use_cache=True,
