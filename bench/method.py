@@ -86,7 +86,7 @@ def gradient_share(run: Path, clip: str) -> float:
             hidden = model.get_decoder()(input_ids=micro.input_ids_B_T,
                                          attention_mask=micro.attention_mask_B_T).last_hidden_state
         hidden_N_H = hidden[micro.rows_N, micro.columns_N].detach().requires_grad_(True)
-        loss, _ = distill_loss(hidden_N_H, model.get_output_embeddings(), micro.targets, spec)
+        loss, _, _ = distill_loss(hidden_N_H, model.get_output_embeddings(), micro.targets, spec)
         (grad_N_H,) = torch.autograd.grad(loss, hidden_N_H)
         reached += int((grad_N_H.abs().sum(-1) > 0).sum())
         total += grad_N_H.shape[0]

@@ -222,6 +222,11 @@ class TrainConfig:
                                 minimum=1)
     epochs: int = opt(1, "Passes over this iteration's signals", minimum=1)
     max_grad_norm: float = opt(1.0, "Gradient-norm clip (0 disables)", minimum=0.0)
+    max_rollout_logprob_gap: float | None = opt(
+        None, "At an iteration's first step, the largest mean absolute difference between the trainer's and the "
+              "rollout engine's log-probs of the sampled tokens before the run stops (a weight load skipped, a tied "
+              "head not rebuilt, another dtype). null: 1e-3 with float32 engines and no autocast, else 0.1",
+        minimum=0.0)
     bf16: bool = opt(False, "bfloat16 autocast for the forward pass; weights, gradients and the loss stay fp32")
     gradient_checkpointing: bool = opt(False, "Recompute decoder activations in backward to save memory")
     chunk_positions: int = opt(512, "Positions per LM-head chunk in the loss", minimum=1)
@@ -328,9 +333,9 @@ def _build(cls, raw: dict, where: str):
             continue
         value = _coerce(value, hint, path)
         meta = fields[name].metadata
-        if meta.get("minimum") is not None and value < meta["minimum"]:
+        if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
             raise ConfigError(f"{path}: {value!r} is below the minimum {meta['minimum']}")
-        if meta.get("maximum") is not None and value > meta["maximum"]:
+        if meta.get("maximum") is not None and value is not None and value > meta["maximum"]:
             raise ConfigError(f"{path}: {value!r} is above the maximum {meta['maximum']}")
         values[name] = value
     return cls(**values)

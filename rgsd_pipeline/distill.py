@@ -90,7 +90,7 @@ def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_to
         zero = loss_C.new_zeros(())
         stats = {"divergence": kl_C.sum(), "clipped": clipped_C.float().sum(), "teacher_tail": zero,
                  "student_tail": zero, "importance_weight": ratio_C.sum()}
-        return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES])
+        return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES]), student_token_C.detach()
     student_C_K1 = student_buckets(student_C_V, topk_ids_C_K)
     teacher_C_K1 = teacher_buckets(teacher_topk_C_K, teacher_tail_C)
     importance_C = torch.ones_like(student_token_C)
@@ -107,7 +107,7 @@ def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, topk_ids_C_K, teacher_to
     stats = {"divergence": divergence_C.sum(), "clipped": clipped_C.float().sum(),
              "teacher_tail": teacher_C_K1[:, -1].exp().sum(), "student_tail": student_C_K1[:, -1].detach().exp().sum(),
              "importance_weight": importance_C.sum()}
-    return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES])
+    return (loss_C * weight_C).sum(), torch.stack([stats[name] for name in STAT_NAMES]), student_token_C.detach()
 
 
 def _call(function, *args, use_reentrant=False):
@@ -116,10 +116,12 @@ def _call(function, *args, use_reentrant=False):
 
 
 def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Targets, spec: LossSpec,
-                 chunk_positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss, per-stat sums in STAT_NAMES order) over N positions."""
+                 chunk_positions: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted loss, per-stat sums in STAT_NAMES order, the student's fp32 log-prob of each sampled token [N],
+    detached) over N positions."""
     loss = hidden_N_H.new_zeros((), dtype=torch.float32)
     stats = torch.zeros(len(STAT_NAMES), device=hidden_N_H.device)
+    student_token_parts = []
     positions = hidden_N_H.shape[0]
     # The last chunk's backward runs first, while no other chunk's logits are in memory: keeping its activations
     # costs no more than recomputing them would, so only the chunks before it are recomputed, and the short chunk
@@ -128,7 +130,7 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
         part = slice(max(hi - chunk_positions, 0), hi)
         cut = lambda t, part=part: None if t is None else t[part]  # noqa: E731
         recompute = hi < positions
-        chunk_loss, chunk_stats = (checkpoint if recompute else _call)(
+        chunk_loss, chunk_stats, chunk_tokens = (checkpoint if recompute else _call)(
             _chunk_loss, hidden_N_H[part], lm_head.weight, lm_head.bias, targets.topk_ids_N_K[part],
             targets.teacher_topk_N_K[part], targets.teacher_tail_N[part], targets.teacher_token_N[part],
             cut(targets.behaviour_token_N), targets.token_ids_N[part], targets.weight_N[part],
@@ -136,4 +138,5 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
             use_reentrant=False)
         loss = loss + chunk_loss
         stats += chunk_stats.detach()
-    return loss, stats
+        student_token_parts.append(chunk_tokens)
+    return loss, stats, torch.cat(student_token_parts) if student_token_parts else hidden_N_H.new_zeros(0)

@@ -1,7 +1,7 @@
 """Where every artifact of a run lives, and how policies are numbered (docs/architecture.md, "Run folder").
 
     runs/<name>/run.yaml, prompts/, chain.json
-    runs/<name>/iter-NNN/{rollouts, signals | rewards, checkpoint, metrics.jsonl}
+    runs/<name>/iter-NNN/{rollouts, signals | rewards, checkpoint, metrics.jsonl, memory.json}
     runs/<name>/eval/<set>/{prompts, quarantine.jsonl, <policy>/{answers, diagnostics.json, verdicts-<judge>,
                                                                   summary-<judge>.json}}
     runs/<name>/eval/judge-cache.sqlite
@@ -91,6 +91,11 @@ def provenance_file(checkpoint: Path) -> Path:
 def metrics_file(run: Path, iteration: int) -> Path:
     """One JSON line per optimizer step of the iteration."""
     return iteration_dir(run, iteration) / "metrics.jsonl"
+
+
+def memory_file(run: Path, iteration: int) -> Path:
+    """Each phase's measured memory peak beside the memory plan's estimate (rgsd_pipeline/memory_watch.py)."""
+    return iteration_dir(run, iteration) / "memory.json"
 
 
 def policy_label(policy: int) -> str:

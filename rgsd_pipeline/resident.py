@@ -34,6 +34,8 @@ from rgsd_pipeline import layout
 from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
 from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.distributed import World
+from rgsd_pipeline.memory_watch import MemoryWatch
+from rgsd_pipeline.models import resolve_model
 from rgsd_pipeline.shards import is_complete, write_json_atomic
 from rgsd_pipeline.trainer_state import open_writes, wait_for_writes
 
@@ -45,6 +47,9 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
 
     config = load_run_config(run)
     engines = ResidentEngines(engine_kind, world)
+    watch = MemoryWatch(run, placed(config, engine_kind), world, resolve_model(config.model.path))
+    if gpu_engines_start_first(run, iterations, config):
+        engines.start(resolve_model(config.model.path), config)
     kept = None  # the model and AdamW state the last train step left
     seconds: dict[str, float] = defaultdict(float)
     links = []
@@ -58,22 +63,25 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                     continue
                 click.secho(f"── {stage} iteration {iteration}", bold=True)
                 started, ran = time.perf_counter(), True
-                if stage == "rollout":
-                    engines.next_weights = kept.exported if kept is not None else None
-                    if kept is not None:
-                        kept.exported = None  # the engine copies them in; held no longer than that
-                    steps.rollout(run, iteration, engines, world=world)
-                elif stage == "score":
-                    steps.score(run, iteration, engines, world=world)
-                elif stage == "reward":
-                    steps.reward(run, iteration, world=world)
-                else:
-                    kept = steps.train(run, iteration, world, kept=kept, keep_exported=engines.takes_weights_in_memory,
-                                       write_state=state_due(iteration, iterations, config))
+                with watch.phase(stage):
+                    if stage == "rollout":
+                        engines.next_weights = kept.exported if kept is not None else None
+                        if kept is not None:
+                            kept.exported = None  # the engine copies them in; held no longer than that
+                        steps.rollout(run, iteration, engines, world=world)
+                    elif stage == "score":
+                        steps.score(run, iteration, engines, world=world)
+                    elif stage == "reward":
+                        steps.reward(run, iteration, world=world)
+                    else:
+                        kept = steps.train(run, iteration, world, kept=kept,
+                                           keep_exported=engines.takes_weights_in_memory,
+                                           write_state=state_due(iteration, iterations, config))
                 seconds[stage] += time.perf_counter() - started
             links.append(link(run, iteration, config))
             if world.main:
                 write_json_atomic(layout.chain_file(run), links)
+            watch.finish_iteration(iteration)
             if ran:
                 click.echo(f"iteration {iteration} took {time.perf_counter() - iteration_started:.1f} s")
         wait_for_writes()  # the last trainer state, written while the last checkpoint was exported
@@ -86,6 +94,25 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
                    f"swapped in place {engines.weight_loads} time(s)" + (f", on each of {world.size} ranks"
                                                                            if world.size > 1 else ""))
     return dict(seconds)
+
+
+def placed(config, engine_kind: str | None):
+    """The config with the engine kind this run uses (`--engine` or the recipe's)."""
+    import dataclasses
+
+    from rgsd_pipeline.engines import resolve_kind
+
+    kind = resolve_kind(engine_kind or config.engine.kind)
+    return dataclasses.replace(config, engine=dataclasses.replace(config.engine, kind=kind))
+
+
+def gpu_engines_start_first(run: Path, iterations: int, config) -> bool:
+    """Whether this run builds its engines before anything else: on a GPU (vLLM's start needs its share of the memory
+    free, and a data-parallel job's engines start together), when some iteration still has work to do."""
+    import torch
+
+    return torch.cuda.is_available() and any(not is_complete(output_dir(run, i, stage)) for i in range(iterations)
+                                             for stage in stages_for(config))
 
 
 def state_due(iteration: int, iterations: int, config) -> bool:

@@ -142,6 +142,9 @@ class Trainer:
             self.forward = DistillForward(self.model, self.spec, config.chunk_positions)
             if self.sharded:
                 shard(self.forward, self.device.type, world, config.bf16)
+        # Set by the caller for an iteration's first step (rollout_check.py): the rollouts' recorded log-probs against
+        # the trainer's, before the first update.
+        self.rollout_check = None
         # A resident process passes the previous iteration's optimizer: its moments continue, as after a reload.
         self.optimizer = optimizer or torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
                                                         weight_decay=config.weight_decay)
@@ -200,11 +203,16 @@ class Trainer:
                 micro.targets.reference_token_N = self.reference_logprobs(micro)
             # The decoder runs under autocast; the LM head and the loss run in fp32 (distill.py).
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss, stats = self.forward(micro)
+                loss, stats, student_token_N = self.forward(micro)
+            if self.rollout_check is not None and not filler:
+                self.rollout_check.observe(student_token_N, micro.targets.old_token_N)
             # FSDP2 averages the gradients it reduce-scatters; the loss is a share of a global-batch sum.
             (loss * (0.0 if filler else world.size if self.sharded else 1.0)).backward()
             if not filler:
                 totals += torch.cat([loss.detach().reshape(1), stats])
+        # Before anything is updated: were these rollouts sampled from the weights being trained (rollout_check.py)?
+        checked = self.rollout_check.verdict(world, self.device) if self.rollout_check is not None else {}
+        self.rollout_check = None
         params = [p for p in trainable(self.model).values()]
         if world.size > 1:
             if not self.sharded:
@@ -232,4 +240,4 @@ class Trainer:
                         "importance_weight": per_token["importance_weight"]}
         return {"step": step + 1, "global_step": global_step + 1, "loss": loss, **measured,
                 "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], "sequences": len(batch),
-                "loss_tokens": num_tokens, "tokens_per_s": processed / elapsed}
+                "loss_tokens": num_tokens, "tokens_per_s": processed / elapsed, **checked}

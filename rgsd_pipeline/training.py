@@ -182,6 +182,12 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
         trainer.load(state, load_optimizer=config.train.carry_optimizer)
     elif started_from == "exported" and iteration > 0 and world.main:
         warn_without_state(policy, config)
+    if start == 0:  # the weights are still the policy that sampled these rollouts
+        from rgsd_pipeline.engines import resolve_kind
+        from rgsd_pipeline.rollout_check import RolloutCheck, gap_limit
+
+        trainer.rollout_check = RolloutCheck(iteration, resolve_kind(config.engine.kind), gap_limit(config),
+                                             layout.rollouts_dir(run, iteration))
     if world.main:
         if not replaying:
             truncate_metrics(layout.metrics_file(run, iteration), start)
@@ -270,9 +276,10 @@ def schedule_horizon(run: Path, config: RunConfig) -> int:
 
 def read_metrics(path: Path) -> list[dict]:
     """The lines of a metrics.jsonl, each checked against schemas.METRICS_*: ArtifactError naming the line."""
-    from schemas import METRICS_COMMON, METRICS_DISTILL, METRICS_POLICY_GRADIENT
+    from schemas import METRICS_COMMON, METRICS_DISTILL, METRICS_POLICY_GRADIENT, METRICS_ROLLOUT_CHECK
 
-    known = METRICS_COMMON.keys() | METRICS_DISTILL.keys() | METRICS_POLICY_GRADIENT.keys()
+    known = (METRICS_COMMON.keys() | METRICS_DISTILL.keys() | METRICS_POLICY_GRADIENT.keys()
+             | METRICS_ROLLOUT_CHECK.keys())
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():

@@ -241,6 +241,12 @@ METRICS_POLICY_GRADIENT = {
     "ratio_clip_fraction": "Share of tokens whose ratio pi_theta / pi_old was clipped (train.grpo_clip)",
     "ratio_mean": "Mean ratio pi_theta / pi_old (1 on the first step of an iteration: on-policy)",
 }
+METRICS_ROLLOUT_CHECK = {
+    "rollout_logprob_gap_mean": "Mean absolute difference between the trainer's and the rollout engine's log-probs of "
+                                "the sampled tokens, first micro-batch of each rank, before any update "
+                                "(train.max_rollout_logprob_gap)",
+    "rollout_logprob_gap_max": "The largest such difference",
+}
 
 MANIFEST_VERSION = 1
 """manifest.json: `{"manifest_version", "schema": {"name", "version"}, "shards": [{"index", "file", "rows",
@@ -272,6 +278,7 @@ def column_reference() -> str:
             parts[-1] += f"\n| `{field.name}` | `{type_name(field.type)}`{nullable} | {description} |"
     parts.append(f"**metrics.jsonl**: {METRICS_DOC}\n\n| field | on | meaning |\n| --- | --- | --- |")
     for fields, on in ((METRICS_COMMON, "every line"), (METRICS_DISTILL, "distillation losses"),
-                       (METRICS_POLICY_GRADIENT, "train.loss=grpo")):
+                       (METRICS_POLICY_GRADIENT, "train.loss=grpo"),
+                       (METRICS_ROLLOUT_CHECK, "an iteration's first step")):
         parts[-1] += "".join(f"\n| `{name}` | {on} | {meaning} |" for name, meaning in fields.items())
     return "\n\n".join(parts) + "\n"

@@ -128,7 +128,7 @@ def test_student_equal_to_teacher_gives_zero_loss_and_gradient_at_any_temperatur
                       own.gather(-1, tokens[:, None])[:, 0], tokens, torch.full((positions,), 1 / positions,
                                                                                  dtype=torch.float64))
     beta = {"jsd": 0.5, "forward": 0.0, "reverse": 1.0}[kind]
-    loss, _ = distill_loss(hidden, head, targets, LossSpec(beta=beta, clip="none", temperature=temperature))
+    loss, _, _ = distill_loss(hidden, head, targets, LossSpec(beta=beta, clip="none", temperature=temperature))
     grads = torch.autograd.grad(loss, [hidden, head.weight])
     # The loss computes logits in fp32, so "zero" is fp32 rounding (a mismatch gives 0.03-0.06 per position).
     assert abs(loss.item()) < 1e-7
@@ -213,9 +213,11 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradients(spec):
                       torch.full((positions,), 1 / positions, dtype=torch.float64))
     results = []
     for chunk in (1, 4, positions):
-        loss, stats = distill_loss(hidden, head, targets, spec, chunk_positions=chunk)
+        loss, stats, student_token = distill_loss(hidden, head, targets, spec, chunk_positions=chunk)
         grads = torch.autograd.grad(loss, [hidden, head.weight])
         results.append((loss.detach(), stats, grads))
+        own = torch.nn.functional.linear(hidden, head.weight).float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        torch.testing.assert_close(student_token, own.detach())  # the sampled tokens' log-probs, in position order
     for loss, stats, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0])
         torch.testing.assert_close(stats, results[0][1])
@@ -241,11 +243,11 @@ def test_the_lm_head_and_loss_run_in_fp32_under_bf16_autocast():
                       torch.full((positions,), 1 / positions))
     spec = LossSpec(clip="none")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast_loss, _ = distill_loss(hidden, head, targets, spec)
+        autocast_loss, _, _ = distill_loss(hidden, head, targets, spec)
     reference_head = torch.nn.Linear(hidden_size, vocab, bias=False).double()
     reference_head.weight.data.copy_(head.weight.data)
     reference_targets = Targets(*(t.double() if t is not None and t.is_floating_point() else t
                                   for t in (getattr(targets, f) for f in targets.__dataclass_fields__)))
-    reference_loss, _ = distill_loss(hidden.double(), reference_head, reference_targets, spec)
+    reference_loss, _, _ = distill_loss(hidden.double(), reference_head, reference_targets, spec)
     assert autocast_loss.dtype == torch.float32
     torch.testing.assert_close(autocast_loss.double(), reference_loss, rtol=1e-5, atol=1e-7)

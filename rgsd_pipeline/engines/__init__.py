@@ -33,11 +33,12 @@ def resolve_kind(kind: str) -> str:
 
 
 def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig,
-                max_logprobs: int = 0, sampling: Sampling | None = None, rank_of=None) -> Engine:
+                max_logprobs: int = 0, sampling: Sampling | None = None, rank_of=None, sleeps: bool = False) -> Engine:
     """An engine over the model folder; `max_logprobs` is the largest k that score() will be asked for, and
     `sampling` the settings generate() will be asked to sample with (vLLM fixes its log-prob mode at start).
     `rank_of` is the data-parallel job (distributed.World) this process is a rank of, if any: on GPUs its vLLM
-    engine then runs inside this process on this rank's GPU."""
+    engine then runs inside this process on this rank's GPU. `sleeps`: the engine will be put to sleep between uses
+    (a GPU vLLM engine is then built with sleep mode, without which its sleep frees nothing)."""
     kind = resolve_kind(kind)
     if kind == "server":
         from rgsd_pipeline.engines.server_engine import ServerEngine
@@ -46,7 +47,8 @@ def make_engine(kind: str, model_path: Path, engine_config: EngineConfig, model_
     if kind == "vllm":
         from rgsd_pipeline.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, engine_config, model_config, max_logprobs, sampling, rank_of=rank_of)
+        return VllmEngine(model_path, engine_config, model_config, max_logprobs, sampling, rank_of=rank_of,
+                          sleeps=sleeps)
     from rgsd_pipeline.engines.hf_engine import HfEngine
 
     return HfEngine(model_path, engine_config, model_config)

@@ -100,8 +100,8 @@ class Engine:
         `discard_weights`, the caller will load new weights before the next request, so the kind may free its
         weights too (weights_discarded says whether it did)."""
 
-    def wake_up(self) -> None:
-        """Take back what sleep() freed."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back what sleep() freed (all of it, or the memory of `tags` alone where the kind can)."""
 
     def close(self) -> None:
         """Release everything; the engine is not used again."""

@@ -5,8 +5,11 @@ resident `iterate` keeps them (`ResidentEngines`): the student's engine is built
 policy's weights in place (vLLM's `reload_weights`, or a state-dict load in the transformers engine), and
 the teacher's engine, always the frozen base model, is built once. The student's vLLM engine sleeps while
 the teacher scores and the trainer trains, and wakes up for the next rollout. On a GPU that is vLLM's own
-sleep (weights offloaded, KV cache freed): the colocated layout, each part within its own memory budget
-(`engine.vllm_gpu_memory_utilization` for vLLM, the rest for the teacher and the trainer). On a CPU the KV
+sleep at level 2 (weights and KV cache freed; the engine is built with sleep mode, without which it frees
+nothing), woken in two steps around each weight update (the weights' memory, the new policy's tensors, then the KV
+cache): the colocated layout, each part within its own memory budget (`engine.vllm_gpu_memory_utilization` for
+vLLM, the rest for the teacher and the trainer). A vLLM teacher never sleeps: vLLM's sleep acts on every engine
+of its process's memory pool, so the teacher stays out of it and keeps its share. On a CPU the KV
 cache's memory goes back to the system, and so do the weights with the packed copies vLLM's kernels keep of them
 (engines/vllm_worker.py), since the next rollout loads the next policy's weights anyway: the trainer's peak no
 longer has vLLM's model beside it.
@@ -34,7 +37,7 @@ class StageEngines:
 
     def student(self, policy: Path, config: RunConfig) -> Engine:
         return make_engine(self.engine_kind or config.engine.kind, policy, config.engine, config.model,
-                           sampling=Sampling.of(config), rank_of=self.world)
+                           sampling=Sampling.of(config), rank_of=self.world, sleeps=self.resident)
 
     def teacher(self, teacher: Path, config: RunConfig) -> Engine:
         kind = self.engine_kind or config.engine.score_kind or config.engine.kind
@@ -64,13 +67,24 @@ class ResidentEngines(StageEngines):
             self._student = super().student(policy, config)
             self.start_seconds += time.perf_counter() - started
         else:
-            self._student.wake_up()
             if Path(self._student.model_path) != Path(policy) or self._student.weights_discarded:
-                self._student.load_weights(policy, self.next_weights)
+                self._student.load_weights(policy, self.next_weights)  # a sleeping GPU engine wakes its weights
                 self.weight_loads += 1
+            self._student.wake_up()  # then its KV cache, after the update: the two are never held beside the new
         self.next_weights = None
         open_writes()  # the trainer state held back while the weights went in (training.export_policy)
         return self._student
+
+    def start(self, base: Path, config: RunConfig) -> None:
+        """Build the engines now, in a fixed order, before the trainer holds any memory: the student (from the base
+        model, then asleep with its weights dropped: the first rollout loads its policy's), then the teacher. On GPUs
+        vLLM takes its share of the memory only if that much is free when it starts, and a data-parallel job's
+        engines start together (vLLM agrees on the KV cache's size across ranks), so no rank may build its engine
+        later than another, as a resumed iteration whose rollouts are done on one rank would."""
+        if self._student is None:
+            self.student(base, config)
+            self.done(self._student)
+        self.teacher(base, config)
 
     @property
     def takes_weights_in_memory(self) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig
-from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
+from rgsd_pipeline.engines.base import Engine, EngineError, Generation, Sampling, Scores
 
 
 def memory_nodes(online: str | None = None) -> int:
@@ -51,16 +51,18 @@ class VllmEngine(Engine):
     kind = "vllm"
 
     def __init__(self, model_path: Path, engine_config: EngineConfig, model_config: ModelConfig, max_logprobs: int = 0,
-                 sampling: Sampling | None = None, in_process: bool | None = None, rank_of=None):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
-        if (os.cpu_count() or 1) <= 4:
-            # vLLM's CPU backend keeps one core for its scheduler process; on a 2-core machine that halves
-            # the worker's threads. Measured here with SmolLM2-135M: 93 tok/s with none reserved, 69 with one.
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+                 sampling: Sampling | None = None, in_process: bool | None = None, rank_of=None,
+                 sleeps: bool = False):
         import torch
 
-        if not torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the stage output
+        if not on_gpu:  # vllm-cpu's settings, measured on CPUs and applied there alone
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_config.vllm_cpu_kvcache_gib))
+            if (os.cpu_count() or 1) <= 4:
+                # vLLM's CPU backend keeps one core for its scheduler process; on a 2-core machine that halves
+                # the worker's threads. Measured here with SmolLM2-135M: 93 tok/s with none reserved, 69 with one.
+                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             # vllm-cpu cannot load the model it compiled ahead of time ("'function' object has no attribute
             # 'finalize_loading'") and compiles again at every start (engine.vllm_enforce_eager=false). Without that
             # step inductor's own cache serves the next start: starting SmolLM2-135M and sampling 3 x 1,883 tokens on
@@ -71,14 +73,14 @@ class VllmEngine(Engine):
         # vllm-cpu rewinds a seeded request's generator when the scheduler splits its prompt across steps
         # (chunked prefill), which CPU generators cannot do: the engine dies ('CPU Generator does not use
         # offset'). Without chunked prefill every prompt is scheduled whole.
-        chunked = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+        chunked = {} if on_gpu else {"enable_chunked_prefill": False}
         # One rank of a data-parallel job on GPUs: vLLM joins the job's process group ("external launcher") and runs
         # in this process on this rank's GPU, as TRL's colocated mode does; each rank is its own engine (TP = 1).
         launcher, one_of_many = {}, rank_of is not None and rank_of.size > 1
         if in_process is None:  # a GPU engine keeps vLLM's engine-core process; a CPU engine joins this one
-            in_process = (not torch.cuda.is_available() and engine_config.vllm_cpu_in_process and not one_of_many
+            in_process = (not on_gpu and engine_config.vllm_cpu_in_process and not one_of_many
                           and engine_config.vllm_tensor_parallel_size == 1 and memory_nodes() == 1)
-        if one_of_many and torch.cuda.is_available():
+        if one_of_many and on_gpu:
             if engine_config.vllm_tensor_parallel_size != 1:
                 from rgsd_pipeline.config import ConfigError
 
@@ -91,21 +93,40 @@ class VllmEngine(Engine):
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.model_path = Path(model_path)
-        self.asleep = False  # sleep() freed what a request needs: wake_up() first (generate and score do)
+        self.on_gpu = on_gpu
+        # What sleep() freed and a request needs back ("weights", "kv_cache"): wake_up() first (generate and score do)
+        self.sleeping: set[str] = set()
+        # On a GPU, vLLM's sleep frees only what it allocated in its own memory pool, which it does only when built with
+        # sleep mode: the engine that sleeps between rollouts (a resident run's student) is. The pool is one per
+        # process, and sleeping or waking acts on every engine in it, so an engine that never sleeps (the teacher,
+        # which may share the student's process) stays outside it.
+        self.sleep_mode = sleeps and on_gpu
         self.processed = sampling is not None and sampling.behaviour_logprobs and not sampling.is_model_distribution
-        self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
-                       max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
-                       trust_remote_code=model_config.trust_remote_code, seed=0,
-                       tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
-                       gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
-                       enforce_eager=engine_config.vllm_enforce_eager, use_tqdm_on_load=False,
-                       worker_extension_cls="rgsd_pipeline.engines.vllm_worker.WeightSync", **launcher,
-                       logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs", **chunked)
-        if in_process:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-            if previous is not None:
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
-        if not torch.cuda.is_available():
+        try:
+            self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
+                           max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
+                           trust_remote_code=model_config.trust_remote_code, seed=0,
+                           tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
+                           gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
+                           enforce_eager=engine_config.vllm_enforce_eager, use_tqdm_on_load=False,
+                           worker_extension_cls="rgsd_pipeline.engines.vllm_worker.WeightSync", **launcher,
+                           logprobs_mode="processed_logprobs" if self.processed else "raw_logprobs",
+                           **({"enable_sleep_mode": True} if self.sleep_mode else {}), **chunked)
+        except ValueError as err:
+            if "Free memory on device" not in str(err):
+                raise
+            raise EngineError(f"vLLM could not take engine.vllm_gpu_memory_utilization="
+                              f"{engine_config.vllm_gpu_memory_utilization} of this GPU for {model_path}: "
+                              f"{str(err).split('. ')[0]}. Something else in this process or on this GPU holds the "
+                              "rest (a trainer, a teacher, another job): `rgsd-pipeline plan --config CFG` shows what "
+                              "each part takes; lower engine.vllm_gpu_memory_utilization, use the teacher service "
+                              "(engine.score_kind=server), or give the job more GPUs") from None
+        finally:
+            if in_process:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+                if previous is not None:
+                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        if not on_gpu:
             # vllm-cpu writes zeros over its whole KV cache at start (engine.vllm_cpu_kvcache_gib of memory in use
             # at once); freshly allocated, it takes memory only where requests write their blocks.
             self.sleep()
@@ -195,7 +216,10 @@ class VllmEngine(Engine):
         tied LM head it would leave behind: engines/vllm_worker.py), then drop the prefix cache, whose blocks were
         computed with the old weights. `weights`, when given, are that checkpoint's tensors already in memory
         (gathered by the trainer): an engine running in this process takes them as they are instead of reading
-        `model_path` back; an engine in its own process reads the folder."""
+        `model_path` back; an engine in its own process reads the folder. A sleeping GPU engine gets its weights'
+        memory back first and its KV cache only at the next request, so the update never holds both."""
+        if self.on_gpu and "weights" in self.sleeping:
+            self.wake_up(["weights"])
         if weights is not None and self.in_process:
             self.llm.collective_rpc("rgsd_reload_weights", kwargs={"named_weights": list(weights.items())})
         else:
@@ -205,39 +229,49 @@ class VllmEngine(Engine):
         self.model_path = Path(model_path)
 
     def sleep(self, discard_weights: bool = False) -> int:
-        """Free the engine's memory while others use the machine: on a GPU vLLM's own sleep (weights offloaded, KV
-        cache dropped); on a CPU, where that needs CUDA, the KV cache goes back to the system, and with
-        `discard_weights` the weights and the packed copies vLLM's CPU kernels made of them (0.7 GB on SmolLM2)
-        until load_weights. Returns the bytes released (0 on a GPU, or when nothing more was held)."""
-        import torch
+        """Free the engine's memory while others use the machine. On a GPU, vLLM's sleep (an engine built with sleep
+        mode): level 1 offloads the weights to host memory and drops the KV cache; with `discard_weights` (the next
+        policy's weights come anyway) level 2 drops both. On a CPU, where that needs CUDA, the KV cache goes back to
+        the system, and with `discard_weights` the weights and the packed copies vLLM's CPU kernels made of them
+        (0.7 GB on SmolLM2) until load_weights. Returns the bytes released (on a GPU, the device memory freed; 0 when
+        nothing more was held, or for an engine without sleep mode, which frees nothing)."""
+        if self.on_gpu:
+            if not self.sleep_mode or self.sleeping:
+                return 0
+            import torch
 
-        if torch.cuda.is_available():
-            if not self.asleep:
-                self.llm.sleep(level=1)
-            self.asleep = True
-            return 0
-        released = 0 if self.asleep else sum(self.llm.collective_rpc("rgsd_release_kv_cache"))
-        self.asleep = True
+            free_before, _ = torch.cuda.mem_get_info()
+            self.llm.sleep(level=2 if discard_weights else 1)
+            self.sleeping = {"weights", "kv_cache"}
+            self.weights_discarded = discard_weights
+            return max(torch.cuda.mem_get_info()[0] - free_before, 0)
+        released = 0 if self.sleeping else sum(self.llm.collective_rpc("rgsd_release_kv_cache"))
+        self.sleeping.add("kv_cache")
         if discard_weights and not self.weights_discarded:
             released += sum(self.llm.collective_rpc("rgsd_discard_weights"))
             self.weights_discarded = True
         return released
+
+    @property
+    def asleep(self) -> bool:
+        """Whether sleep() freed something a request needs."""
+        return bool(self.sleeping)
 
     def _ready(self) -> None:
         if self.weights_discarded:
             raise RuntimeError("this vLLM engine discarded its weights while it slept; load_weights first")
         self.wake_up()
 
-    def wake_up(self) -> None:
-        import torch
-
-        if not self.asleep:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back what sleep() freed: all of it, or on a GPU only the memory of `tags` ("weights", "kv_cache")."""
+        wanted = self.sleeping & set(tags or self.sleeping)
+        if not wanted:
             return
-        if torch.cuda.is_available():
-            self.llm.wake_up()
+        if self.on_gpu:
+            self.llm.wake_up(tags=sorted(wanted) if tags else None)
         else:
             self.llm.collective_rpc("rgsd_restore_kv_cache")
-        self.asleep = False
+        self.sleeping -= wanted if self.on_gpu else self.sleeping
 
     def close(self) -> None:
         import contextlib
