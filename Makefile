@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-scale test-long test-fast lint demo clean bench proof
+.PHONY: setup test test-scale test-long test-fast lint demo clean bench proof gpu-check
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ test-scale: setup
 # Seeded fuzz (random kill -9s) and the learning benchmark's quick run (CI runs them after `make test`).
 test-long: setup
 	$(PY) -m pytest -q --durations=12 -m long tests
+
+# Every GPU path we ship, run once on one GPU (bench/gpu_check.py; at most 8 minutes, nothing downloaded).
+# `$(PY) bench/gpu_check.py --dry-run` runs the same steps on a CPU (in make test-long).
+gpu-check: setup
+	$(PY) bench/gpu_check.py --out runs/gpu-check
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not scale and not long" tests

@@ -30,12 +30,13 @@ from rgsd_pipeline.direct_io import write_safetensors
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
 from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
-from rgsd_pipeline.trainer_state import exported_global_step, final_state, full_tensor, state_global_step
+from rgsd_pipeline.trainer_state import exported_global_step, final_state, gather, state_global_step
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's whole state dict on the CPU (a collective under FSDP2)."""
-    return {name: full_tensor(value) for name, value in model.state_dict().items()}
+def full_state_dict(model, keep: bool = True, dtype: str | None = None) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict on the CPU, floating tensors in `dtype` (a collective under FSDP2, one tensor at
+    a time; None on a process that does not `keep` it)."""
+    return gather(model.state_dict(), keep, getattr(torch, dtype) if dtype else None)
 
 
 def cast_floating(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:

@@ -122,12 +122,18 @@ def config_reference(markdown):
 @click.option("--gpus-per-node", default=8, type=click.IntRange(min=1), show_default=True, help="GPUs per machine.")
 @click.option("--gpu-memory-gib", default=80.0, type=click.FloatRange(min=1), show_default=True,
               help="Memory of one GPU.")
+@click.option("--disk-gbps", default=1.0, type=click.FloatRange(min=0.001), show_default=True,
+              help="Write bandwidth of the run folder's file system, GB/s.")
 @click.argument("overrides", nargs=-1)
-def plan(config_path, nodes, gpus_per_node, gpu_memory_gib, overrides):
-    """Memory per GPU of a resident iterate; refuses a recipe that does not fit."""
+def plan(config_path, nodes, gpus_per_node, gpu_memory_gib, disk_gbps, overrides):
+    """Memory per GPU of a resident iterate, refused when it does not fit; what an iteration writes and how long
+    that and the iteration take (an estimate)."""
+    from rgsd_pipeline import disk_plan
     from rgsd_pipeline.config import load_config
     from rgsd_pipeline.memory_plan import Launch, Shape, check
     from rgsd_pipeline.models import resolve_model
 
     config = load_config(config_path, list(overrides))
-    click.echo(check(Shape.of(resolve_model(config.model.path)), config, Launch(nodes, gpus_per_node, gpu_memory_gib)))
+    shape, launch = Shape.of(resolve_model(config.model.path)), Launch(nodes, gpus_per_node, gpu_memory_gib)
+    click.echo(check(shape, config, launch))
+    click.echo(disk_plan.describe(shape, config, launch, disk_gbps))

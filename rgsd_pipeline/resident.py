@@ -90,9 +90,11 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
         engines.close()
     if seconds:
         spent = ", ".join(f"{stage} {spent:.1f} s" for stage, spent in seconds.items())
+        freed = (f"; the student engine's sleeps gave back {max(engines.freed_bytes) / (1 << 30):.2f} GiB at most"
+                 if any(engines.freed_bytes) else "")
         click.echo(f"in this process: {spent}; engines started once ({engines.start_seconds:.1f} s), policy weights "
                    f"swapped in place {engines.weight_loads} time(s)" + (f", on each of {world.size} ranks"
-                                                                           if world.size > 1 else ""))
+                                                                           if world.size > 1 else "") + freed)
     return dict(seconds)
 
 

@@ -83,11 +83,25 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; for an FSDP2 shard (DTensor) a collective every process must join."""
+def full_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole tensor on the CPU, a floating one cast to `dtype` on its device first (half the copy for bf16); for
+    an FSDP2 shard (DTensor) a collective every process must join."""
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
     return tensor.detach().cpu().contiguous()
+
+
+def gather(tensors: dict[str, torch.Tensor], keep: bool = True, dtype: torch.dtype | None = None) -> dict | None:
+    """The whole tensors on the CPU, gathered one at a time (under FSDP2 every process joins each gather, so a rank's
+    device holds one full tensor at a time); a process that does not `keep` them joins and holds nothing."""
+    gathered = {}
+    for name, tensor in tensors.items():
+        whole = full_tensor(tensor, dtype)
+        if keep:
+            gathered[name] = whole
+    return gathered if keep else None
 
 
 def _optimizer_file(world: World, sharded: bool) -> str:
@@ -139,7 +153,7 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
     if not (sharded or world.main):
         return
     wait_for_writes()
-    weights = {n: full_tensor(p) for n, p in trainable(model).items()}  # a collective under FSDP2
+    weights = gather(trainable(model), keep=world.main)  # a collective under FSDP2, kept by the writer alone
     bundle = {"optimizer": _local_state(optimizer.state_dict()), "torch_rng": torch.get_rng_state()}
     state = {"step": step, "global_step": step if global_step is None else global_step,
              "processes": world.size if sharded else 1}
@@ -254,7 +268,7 @@ def prune_states(run: Path, iteration: int, keep: int) -> list[Path]:
     """Delete the trainer states of iterations before the newest `keep` final ones (see final_state) up to
     `iteration` (0 keeps all); returns what was deleted.
 
-    At one optimizer step per iteration a 7B model leaves ~84 GB of fp32 weights and AdamW moments per
+    At one optimizer step per iteration a 7B model leaves ~91 GB of fp32 weights and AdamW moments per
     iteration; only the latest is needed to continue. A state still being written is not final on disk yet, so
     the one before it stays until the next prune: training can always continue from the disk, and a resumed
     iteration starts from what it first started from."""

@@ -115,7 +115,7 @@ def replay_iteration(run: Path, iteration: int, world) -> Continuation:
     run_training(session)
     save_final_state(session)
     trainer = session.trainer
-    weights = full_state_dict(trainer.model) if trainer.sharded else None  # a collective under FSDP2
+    weights = full_state_dict(trainer.model, world.main) if trainer.sharded else None  # a collective under FSDP2
     if world.main and not (session.config.train.lora and session.config.train.save_adapters):
         difference = largest_difference(exported_weights(trainer.model, session.config, weights), session.out)
         if difference > 0:
@@ -244,9 +244,11 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
 
     trainer, world, config = session.trainer, session.world, session.config
     model = trainer.model
-    weights = full_state_dict(model) if trainer.sharded else None  # a collective under FSDP2
     merged = not (config.train.lora and config.train.save_adapters)  # else the checkpoint holds adapters alone
     in_memory = keep_exported and merged
+    keep = merged and (world.main or in_memory)  # a rank whose engine does not take them joins the gathers alone
+    dtype = None if config.train.lora else config.model.dtype  # adapters are merged in master precision first
+    weights = full_state_dict(model, keep, dtype) if trainer.sharded else None  # a collective under FSDP2
     exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
     if world.main:
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),

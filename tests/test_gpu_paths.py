@@ -140,3 +140,31 @@ def test_a_start_without_enough_free_memory_names_the_share_and_what_to_do(on_a_
     with pytest.raises(EngineError, match=r"engine.vllm_gpu_memory_utilization=0.3 of this GPU .*20.1/79.2 GiB"
                                           r".*rgsd-pipeline plan"):
         VllmEngine(tiny_path, config.engine, config.model)
+
+
+class RecordingShard:
+    """Stands in for an FSDP2 DTensor: full_tensor() is the gather; it records each gather."""
+
+    alive: list = []
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def full_tensor(self) -> torch.Tensor:
+        whole = self.value.clone()
+        RecordingShard.alive.append(whole.data_ptr())
+        return whole
+
+
+def test_the_fsdp2_export_gathers_one_tensor_at_a_time_casts_it_on_its_device_and_keeps_it_on_the_writer_alone():
+    """Every rank joins every gather (a collective), but only the ranks that write or hand over the weights keep them,
+    in model.dtype: the old export kept the whole fp32 model on every rank's host."""
+    from rgsd_pipeline.trainer_state import gather
+
+    shards = {f"layer{i}.weight": RecordingShard(torch.full((4, 4), float(i))) for i in range(3)}
+    shards["step"] = RecordingShard(torch.tensor([7]))
+    kept = gather(shards, keep=True, dtype=torch.bfloat16)
+    assert list(kept) == list(shards) and kept["layer2.weight"].dtype == torch.bfloat16
+    assert kept["step"].dtype == torch.int64 and kept["step"].item() == 7  # only floating tensors are cast
+    RecordingShard.alive.clear()
+    assert gather(shards, keep=False) is None and len(RecordingShard.alive) == 4  # every gather joined

@@ -95,10 +95,12 @@ class Engine:
         """Take another checkpoint of the same architecture in place (from memory when `weights` is given)."""
         raise NotImplementedError(f"the {self.kind} engine cannot take new weights in place")
 
-    def sleep(self, discard_weights: bool = False) -> None:
-        """Free what it holds on a shared device while others use it (a no-op unless the kind can). With
-        `discard_weights`, the caller will load new weights before the next request, so the kind may free its
-        weights too (weights_discarded says whether it did)."""
+    def sleep(self, discard_weights: bool = False) -> int:
+        """Free what it holds on a shared device while others use it (a no-op unless the kind can); returns the
+        bytes given back, as far as the kind can tell (0 otherwise). With `discard_weights`, the caller will load
+        new weights before the next request, so the kind may free its weights too (weights_discarded says whether
+        it did)."""
+        return 0
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take back what sleep() freed (all of it, or the memory of `tags` alone where the kind can)."""

@@ -58,6 +58,7 @@ class ResidentEngines(StageEngines):
         self._student: Engine | None = None
         self._teacher: Engine | None = None
         self.weight_loads = 0  # in-place swaps, for the summary
+        self.freed_bytes: list[int] = []  # what each sleep of the student's engine gave back, for the summary
         self.start_seconds = 0.0  # spent building engines
         self.next_weights: dict | None = None  # the next policy's weights in memory, when the trainer kept them
 
@@ -100,7 +101,7 @@ class ResidentEngines(StageEngines):
 
     def done(self, engine: Engine) -> None:
         if engine is self._student:  # the next rollout loads the next policy's weights: these can go meanwhile
-            engine.sleep(discard_weights=True)
+            self.freed_bytes.append(engine.sleep(discard_weights=True))
 
     def close(self) -> None:
         for engine in (self._student, self._teacher):
