@@ -22,6 +22,7 @@ from rgsd_pipeline.engines.hosting import StageEngines
 from rgsd_pipeline.fingerprints import fingerprint, model_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import load_tokenizer, resolve_model
+from rgsd_pipeline.recipe import made_under
 from rgsd_pipeline.render import student_messages, teacher_messages
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
@@ -117,7 +118,7 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
     reads_rubric = label == layout.TEACHER_LABEL
     if reads_rubric:
         inputs["view"] = fingerprint(to_dict(config.template))
-    with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
+    with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces)), made_under(config)) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
             engine = (engines or StageEngines(engine_kind)).student(policy, config)

@@ -40,6 +40,10 @@ def run_on_ray(address: str, run: Path, iterations: int, engine_kind: str | None
                gpus_per_worker: float, cpus_per_worker: float) -> None:
     """Run the resident iterations as `workers` Ray Train workers on the cluster at `address` (auto, host:port, or
     local: start a cluster of this machine alone, bound to 127.0.0.1, stopped at the end)."""
+    local = address == "local"
+    if local:
+        for key, value in LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -47,12 +51,9 @@ def run_on_ray(address: str, run: Path, iterations: int, engine_kind: str | None
     except ImportError:
         raise RayError("--ray needs Ray Train: pip install 'rgsd-pipeline[ray]'") from None
 
-    local = address == "local"
     if local:
-        for key, value in LOCAL_CLUSTER_ENV.items():
-            os.environ.setdefault(key, value)
         ray.init(num_cpus=max(int(workers * cpus_per_worker) + 1, 2), include_dashboard=False,
-                 object_store_memory=200_000_000, log_to_driver=True)
+                 object_store_memory=200_000_000, log_to_driver=True, _node_ip_address="127.0.0.1")
     else:
         try:
             ray.init(address=address, log_to_driver=True)

@@ -29,6 +29,16 @@ def run_config_file(run: Path) -> Path:
     return Path(run) / "run.yaml"
 
 
+def frozen_recipe_file(run: Path) -> Path:
+    """The recipe of run.yaml as it was frozen, with its digest: what an edit of run.yaml is named against."""
+    return Path(run) / ".run.yaml.frozen"
+
+
+def train_lock_file(run: Path, iteration: int) -> Path:
+    """Held by the one process that trains an iteration: its metrics, trainer state and checkpoint (shards.py)."""
+    return iteration_dir(run, iteration) / ".train.lock"
+
+
 def prompts_dir(run: Path) -> Path:
     return Path(run) / "prompts"
 

@@ -20,10 +20,11 @@ import click
 import polars as pl
 
 from rgsd_pipeline import layout, tracking
-from rgsd_pipeline.config import RunConfig, load_run_config
+from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.inputs import train_inputs
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
+from rgsd_pipeline.recipe import load_run_config, made_under
 from rgsd_pipeline.sampling import optimizer_steps_per_epoch
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_stage, write_text_atomic
 from rgsd_pipeline.signals import storage_schema
@@ -243,7 +244,7 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
     exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
     if world.main:
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
-                      "global_step": trainer.first_global_step + trainer.total_steps}
+                      "global_step": trainer.first_global_step + trainer.total_steps, **made_under(config)}
         write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory)
     if write_state:
         if in_memory:  # the write starts once the student's engine has these weights (ResidentEngines.student)

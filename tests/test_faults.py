@@ -61,7 +61,7 @@ def rows(run, stage):
         return read_stage(run / "prompts", PROMPTS).lazy().collect().to_dicts()
     if stage == "rollout":
         return read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
-    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.recipe import load_run_config
 
     schema = storage_schema(load_run_config(run).score, 1024)
     return read_stage(run / "iter-000" / "signals", schema).lazy().collect().to_dicts()

@@ -27,7 +27,7 @@ def checkpoint_weights(run, iteration):
 
 
 def signals_frame(run, iteration):
-    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.recipe import load_run_config
 
     schema = storage_schema(load_run_config(run).score, 1024)
     return read_stage(run / f"iter-{iteration:03d}" / "signals", schema).lazy().collect()
@@ -208,6 +208,9 @@ def test_prepare_on_an_existing_run_reads_its_run_yaml(tmp_path):
     assert "prompts already complete" in cli("prepare", "--run", run, "--data", data).stdout
     changed = cli("prepare", "--run", run, "template.pitfalls=inline", check=False)
     assert changed.returncode == 2 and "template.pitfalls: 'avoid' -> 'inline'" in changed.stderr
-    # iterate on that run: an override that differs from run.yaml is refused, not silently left unused
-    ignored = cli("iterate", "--run", run, "--iterations", 1, "train.state_every_iterations=4", check=False)
-    assert ignored.returncode == 2 and "train.state_every_iterations: 1 -> 4" in ignored.stderr, ignored.stderr[-2000:]
+    # iterate on that run: a recipe override that differs from run.yaml is refused, not silently left unused
+    ignored = cli("iterate", "--run", run, "--iterations", 1, "train.epochs=4", check=False)
+    assert ignored.returncode == 2 and "train.epochs: 1 -> 4" in ignored.stderr, ignored.stderr[-2000:]
+    # a stage command takes placement, and refuses the recipe
+    refused = cli("rollout", "--run", run, "--iteration", 0, "rollout.temperature=0.5", check=False)
+    assert refused.returncode == 2 and "rollout.temperature is part of the run's recipe" in refused.stderr

@@ -32,7 +32,7 @@ def torchrun_iterate(config, run, port, iterations=2):
 
 
 def stage_frame(run, iteration, stage):
-    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.recipe import load_run_config
 
     schema = ROLLOUTS if stage == "rollouts" else storage_schema(load_run_config(run).score, 1024)
     return read_stage(run / f"iter-{iteration:03d}" / stage, schema).lazy().collect()

@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import cli, copy_run, kill_after_first_shard
 
-from rgsd_pipeline.config import ScoreConfig, TemplateConfig, load_run_config
+from rgsd_pipeline.config import ScoreConfig, TemplateConfig
 from rgsd_pipeline.models import load_model, load_tokenizer, resolve_model
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.render import chat_ids, teacher_messages
 from rgsd_pipeline.shards import read_stage
 from rgsd_pipeline.signals import decode_logprobs, loss_mask, storage_schema
