@@ -185,7 +185,7 @@ def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenan
     for name in TOKENIZER_FILES:
         if (policy / name).exists():
             shutil.copy2(policy / name, out / name)
-    record_weight_hashes(out, digests)
     write_json_atomic(layout.provenance_file(out), {**provenance, "dtype": config.model.dtype,
                                               "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
+    record_weight_hashes(out, digests)  # every file above, checked by whoever reads the checkpoint
     mark_complete(out)

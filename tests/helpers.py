@@ -53,12 +53,18 @@ def copy_run(source_run: Path, target_run: Path, keep: tuple[str, ...] | None = 
         else:
             target_run.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source_run / name, target_run / name)
-    if settings:
+    if settings:  # a run of its own: its run.yaml frozen again (a recipe change gives it another digest)
+        from rgsd_pipeline import layout
+        from rgsd_pipeline.config import build_config
+        from rgsd_pipeline.recipe import freeze
+
         config = yaml.safe_load((target_run / "run.yaml").read_text())
         for key, value in settings.items():
             section, field = key.split("__")
             config[section][field] = value
-        (target_run / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=120))
+        (target_run / "run.yaml").unlink()
+        layout.frozen_recipe_file(target_run).unlink(missing_ok=True)
+        freeze(target_run, build_config(config, "copy_run"))
     return target_run
 
 

@@ -108,8 +108,7 @@ def test_kill_during_score_then_resume_equals_uninterrupted(rolled, tmp_path):
 
 
 def test_too_long_teacher_input_is_skipped_with_reason(rolled, tmp_path):
-    run = copy_run(rolled, tmp_path / "run", without=("signals",))
-    (run / "run.yaml").write_text((run / "run.yaml").read_text().replace("max_model_len: 1024", "max_model_len: 300"))
+    run = copy_run(rolled, tmp_path / "run", without=("signals",), model__max_model_len=300)
     cli("score", "--run", run, "--iteration", 0)
     stored = signals(run).lazy().collect()
     skipped = stored.filter(pl.col("status") != "ok")
@@ -121,7 +120,7 @@ def test_too_long_teacher_input_is_skipped_with_reason(rolled, tmp_path):
 def test_student_and_teacher_must_share_a_tokenizer(rolled, tmp_path):
     run = copy_run(rolled, tmp_path / "run", without=("signals",))
     fake = tmp_path / "policy"
-    shutil.copytree(resolve_model("builtin:tiny"), fake)
+    shutil.copytree(resolve_model("builtin:tiny"), fake, ignore=shutil.ignore_patterns("rgsd-weights.json"))
     (fake / "chat_template.jinja").write_text("{{ messages }}")
     checkpoint = run / "iter-000" / "checkpoint"
     shutil.copytree(fake, checkpoint)
