@@ -93,6 +93,11 @@ def trainer_state_dir(checkpoint: Path) -> Path:
     return Path(checkpoint) / "trainer_state"
 
 
+def trainer_state_lock(state: Path) -> Path:
+    """Held while a trainer state is written (beside it, so that its swap never loses it)."""
+    return Path(state).with_name(f".{Path(state).name}.lock")
+
+
 def provenance_file(checkpoint: Path) -> Path:
     """What a checkpoint was trained from (policy, signals, global step, dtype)."""
     return Path(checkpoint) / "rgsd.json"

@@ -40,7 +40,7 @@ from rgsd_pipeline.shards import (
     split_into_shards,
 )
 from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, teacher_inputs, token_span_ids, topk_bytes
-from rgsd_pipeline.training import Continuation, export_policy, run_training, set_up_training
+from rgsd_pipeline.training import Continuation, export_policy, run_training, set_up_training, training_lock
 from schemas import PROMPTS, REWARDS, ROLLOUTS
 
 
@@ -231,13 +231,14 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
 
     world = world or World()
     out = layout.checkpoint_dir(run, iteration)
-    if is_complete(out):
-        if world.main:
-            click.echo(f"checkpoint already complete in {out}")
-        return None
-    session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
-    run_training(session)  # 2. optimizer steps, metrics, trainer state
-    return export_policy(session, keep_exported, write_state)  # 3. the checkpoint the next rollout loads, its state
+    with training_lock(run, iteration, world):  # one trainer per iteration: its metrics, states, checkpoint
+        if is_complete(out):
+            if world.main:
+                click.echo(f"checkpoint already complete in {out}")
+            return None
+        session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
+        run_training(session)  # 2. optimizer steps, metrics, trainer state
+        return export_policy(session, keep_exported, write_state)  # 3. the checkpoint the next rollout loads
 
 
 def _plan(total: int, num_shards: int, shard_index: int, world) -> ShardPlan:

@@ -1,6 +1,7 @@
 """A user's mistakes beyond data files, and what the toolkit refuses to load or run: a clear message, exit 2,
 no traceback."""
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -89,6 +90,12 @@ def test_trainer_state_is_never_unpickled_beyond_tensors(tmp_path, monkeypatch):
     assert load_state(state, model, optimizer) == 3
     bundle = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "extra": RunsCode()}
     (state / "optimizer.pt").write_bytes(pickle.dumps(bundle))
+    with pytest.raises(ArtifactError, match="does not match its checksum"):
+        load_state(state, model, optimizer)
+    saved = json.loads((state / "state.json").read_text())  # a checksum forged to match: still never unpickled
+    saved["files"]["optimizer.pt"] = {"sha256": hashlib.sha256((state / "optimizer.pt").read_bytes()).hexdigest(),
+                                      "size": (state / "optimizer.pt").stat().st_size}
+    (state / "state.json").write_text(json.dumps(saved))
     with pytest.raises(ArtifactError, match="not unpickled"):
         load_state(state, model, optimizer)
     assert not (tmp_path / "MARKER").exists()

@@ -162,3 +162,19 @@ def test_a_second_writer_is_refused_by_the_lock(reference, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is being written by another process" in result.stderr
     cli("rollout", "--run", run, "--iteration", 0)  # once the holder is gone, the stage runs
+
+
+@pytest.mark.slow
+def test_a_second_trainer_of_an_iteration_is_refused_by_its_lock(reference, tmp_path):
+    """`train --iteration 0` while another process trains iteration 0 (an `iterate`, say) holds its lock."""
+    from rgsd_pipeline import layout
+
+    reference_run, _ = reference
+    run = copy_run(reference_run, tmp_path / "run", keep=("prompts", "iter-000"),
+                   without=("checkpoint", "metrics.jsonl"))
+    with exclusive_lock(layout.train_lock_file(run, 0), "held by the test"):
+        result = cli("train", "--run", run, "--iteration", 0, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "is being written by another process" in result.stderr
+    assert not (run / "iter-000" / "metrics.jsonl").exists() and not (run / "iter-000" / "checkpoint").exists()
+    cli("train", "--run", run, "--iteration", 0)  # once the holder is gone, it trains

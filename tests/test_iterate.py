@@ -233,3 +233,18 @@ def test_a_replaced_checkpoint_is_refused_and_the_chain_left_alone(two_iteration
     assert rewritten == chain[:len(rewritten)] and not (run / "iter-002").exists()  # no link records the swap
     report = cli("report", "--run", run, "--iteration", 1, "--heldout", 2, check=False)
     assert report.returncode == 2 and f"{replaced} does not hold" in report.stderr, report.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_damaged_trainer_state_is_refused_not_trained_on(two_iterations, tmp_path):
+    """A flipped bit in iteration 0's fp32 weights, then iteration 1 trained again, which continues from that state."""
+    run = copy_run(two_iterations, tmp_path / "run")
+    shutil.rmtree(run / "iter-001")
+    state = run / "iter-000" / "checkpoint" / "trainer_state" / "weights.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0x10
+    state.write_bytes(bytes(data))
+    result = cli("iterate", "--run", run, "--iterations", 2, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{state} does not match its checksum" in result.stderr, result.stderr[-2000:]
+    assert not (run / "iter-001" / "checkpoint" / "_SUCCESS").exists()
