@@ -87,10 +87,20 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def read_manifest(folder: Path) -> dict:
-    """The manifest of a complete stage output (no checksum pass: see read_stage for a verified read)."""
+    """The manifest of a complete stage output (no checksum pass: see read_stage for a verified read); an
+    ArtifactError naming it, and saying how to write it again, when it is missing, damaged or not a manifest."""
+    folder = Path(folder)
     if not is_complete(folder):
         raise ArtifactError(f"{folder} is not complete (no {SUCCESS}); run or resume the stage that writes it")
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        reason = "" if isinstance(manifest, dict) and {"shards", "inputs"} <= manifest.keys() else "not a manifest"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = f"{type(err).__name__}: {err}"
+    if reason:
+        raise ArtifactError(f"{folder / MANIFEST} cannot be read ({reason}); delete {folder} and rerun the command: "
+                            "the stage then writes it again")
+    return manifest
 
 
 def manifest_mtime(folder: Path) -> int:
@@ -399,12 +409,7 @@ def read_stage(folder: Path, schema: ArtifactSchema, expect_inputs: dict[str, st
     Raises ArtifactError that names the folder or shard and says what to do.
     """
     folder = Path(folder)
-    if not (folder / SUCCESS).exists():
-        raise ArtifactError(f"{folder} is not complete (no {SUCCESS}); run or resume the stage that writes it")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{folder / MANIFEST} cannot be read: {err}") from err
+    manifest = read_manifest(folder)
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ArtifactError(f"{folder / MANIFEST}: manifest version {manifest.get('manifest_version')!r}, "
                             f"this rgsd-pipeline reads version {MANIFEST_VERSION}")

@@ -112,3 +112,19 @@ def test_manifest_names_that_escape_the_run_are_refused_by_a_stage(evaluated_run
     result = cli("score", "--run", run, "--iteration", 0, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not a plain part-NNNNN.parquet inside the stage folder; refusing to read it" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "deleted", "not a manifest"])
+def test_a_damaged_manifest_beside_its_success_marker_is_named_by_iterate_and_inspect(evaluated_run, tmp_path,
+                                                                                      damage):
+    run = copy_run(evaluated_run, tmp_path / "run", keep=("prompts", "iter-000"))
+    manifest = run / "iter-000" / "rollouts" / "manifest.json"
+    if damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_text("{garbage" if damage == "garbage" else "[]")
+    for args in (("iterate", "--run", run, "--iterations", 1), ("inspect", run)):
+        result = cli(*args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert f"{manifest} cannot be read" in result.stderr and f"delete {manifest.parent}" in result.stderr, args
