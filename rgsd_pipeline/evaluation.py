@@ -30,6 +30,7 @@ from rgsd_pipeline.shards import (
     ShardPlan,
     StageData,
     StageOutput,
+    is_complete,
     read_stage,
     split_into_shards,
     write_jsonl_atomic,
@@ -54,6 +55,12 @@ def evaluated_policy(run: Path, iteration: str, base: Path) -> tuple[str, Path]:
     if iteration == layout.TEACHER_LABEL:
         return layout.TEACHER_LABEL, base
     policy = 0 if iteration == layout.BASE_LABEL else int(iteration) + 1
+    if policy and not is_complete(layout.checkpoint_dir(run, policy - 1)):
+        trained = [i for i in layout.iterations(run) if is_complete(layout.checkpoint_dir(run, i))]
+        raise ArtifactError(f"--iteration {iteration}: {layout.checkpoint_dir(run, policy - 1)} is missing or "
+                            f"incomplete (trained iterations: {', '.join(map(str, trained)) or 'none'}); evaluate one "
+                            f"of those, base or teacher, or train it first (`rgsd-pipeline train --run {run} "
+                            f"--iteration {iteration}`)")
     return layout.policy_label(policy), layout.policy_path(run, policy, base)
 
 

@@ -128,3 +128,10 @@ def test_a_damaged_manifest_beside_its_success_marker_is_named_by_iterate_and_in
         result = cli(*args, check=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
         assert f"{manifest} cannot be read" in result.stderr and f"delete {manifest.parent}" in result.stderr, args
+
+
+def test_inspect_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    result = cli("inspect", tmp_path, check=False)  # it printed an empty table and exited 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path} is not a run folder (no run.yaml)" in result.stderr
