@@ -41,10 +41,10 @@ def heldout_jsd(run: Path, policy: Path) -> float:
     import polars as pl
 
     from rgsd_pipeline import layout
-    from rgsd_pipeline.config import load_run_config
     from rgsd_pipeline.diagnostics import heldout_divergence
     from rgsd_pipeline.engines.hf_engine import HfEngine
     from rgsd_pipeline.models import resolve_model
+    from rgsd_pipeline.recipe import load_run_config
     from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_seed
     from rgsd_pipeline.shards import read_stage
     from schemas import PROMPTS
@@ -63,10 +63,10 @@ def gradient_share(run: Path, clip: str) -> float:
     import torch
 
     from rgsd_pipeline import layout
-    from rgsd_pipeline.config import load_run_config
     from rgsd_pipeline.distill import LossSpec, distill_loss
     from rgsd_pipeline.examples import collate, load_examples
     from rgsd_pipeline.models import load_model, load_tokenizer, resolve_model
+    from rgsd_pipeline.recipe import load_run_config
     from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import storage_schema
     from schemas import ROLLOUTS

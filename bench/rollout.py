@@ -112,7 +112,7 @@ def main():
 
 def prepared_run(config) -> Path:
     """A run folder holding `config`'s prepared prompts, copied for each timed rollout stage."""
-    from rgsd_pipeline.config import freeze_or_check
+    from rgsd_pipeline.recipe import freeze_or_check
     from stages.prepare import prepare
 
     prepared = Path(tempfile.mkdtemp(prefix="bench-prompts-"))

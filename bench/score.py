@@ -51,11 +51,12 @@ def main():
     from common import GivenEngine, peak_memory_mb, record, timed
 
     from rgsd_pipeline import steps
-    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.config import load_config
     from rgsd_pipeline.engines import make_engine
     from rgsd_pipeline.engines.hf_engine import left_pad, length_buckets
     from rgsd_pipeline.engines.hosting import StageEngines
     from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.recipe import freeze_or_check
     from rgsd_pipeline.render import chat_ids, teacher_messages
     from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import storage_schema, topk_bytes

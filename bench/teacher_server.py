@@ -51,7 +51,7 @@ def scoring_seconds(run: Path, *overrides: str) -> float:
 
 
 def token_logprobs(run: Path) -> np.ndarray:
-    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.recipe import load_run_config
     from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import storage_schema
 

@@ -30,8 +30,8 @@ def main():
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from rgsd_pipeline import layout
-    from rgsd_pipeline.config import load_run_config
     from rgsd_pipeline.models import resolve_model
+    from rgsd_pipeline.recipe import load_run_config
     from rgsd_pipeline.render import format_criteria
     from rgsd_pipeline.shards import read_stage
     from schemas import PROMPTS

@@ -16,6 +16,7 @@ from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.fingerprints import model_fingerprint
 from rgsd_pipeline.inputs import reward_inputs, rollout_inputs, score_inputs, train_inputs
 from rgsd_pipeline.models import resolve_model
+from rgsd_pipeline.recipe import made_under
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_manifest
 
 STAGES = ("rollout", "score", "train")  # RGSD: the teacher scores the rollouts
@@ -50,6 +51,9 @@ def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> N
         wanted = {"rollout": rollout_inputs, "score": score_inputs, "reward": reward_inputs}[stage](run, iteration,
                                                                                                    config)
     changed = [key for key in wanted if recorded.get(key) != wanted[key]]
+    made = json.loads(layout.provenance_file(folder).read_text()) if stage == "train" else read_manifest(folder)
+    if made.get("recipe_digest") not in (None, made_under(config)["recipe_digest"]):  # None: an earlier release's
+        changed.append("recipe")
     if not changed:
         return
     why = {"prompts": f"it was sampled from other prompts than {layout.prompts_dir(run)} holds now",
@@ -59,7 +63,9 @@ def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> N
            "rewards": f"it was trained on other rewards than {layout.rewards_dir(run, iteration)}",
            "teacher": f"its teacher is not {config.model.path} as it is now",
            "signals": f"it was trained on other signals than {layout.signals_dir(run, iteration)}",
-           "config": f"it was made with other settings than {layout.run_config_file(run)}"}
+           "config": f"it was made with other settings than {layout.run_config_file(run)}",
+           "recipe": f"it was made under another recipe than {layout.run_config_file(run)} holds (recipe digest "
+                     f"{made.get('recipe_digest', '')[:12]}...)"}
     raise _stale(folder, iteration, "; ".join(why[key] for key in changed))
 
 

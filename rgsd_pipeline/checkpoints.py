@@ -29,7 +29,7 @@ from rgsd_pipeline.config import ConfigError, RunConfig, TrainConfig
 from rgsd_pipeline.direct_io import write_safetensors
 from rgsd_pipeline.fingerprints import TOKENIZER_FILES, record_weight_hashes
 from rgsd_pipeline.models import load_model
-from rgsd_pipeline.shards import mark_complete, remove_leftovers, write_json_atomic
+from rgsd_pipeline.shards import ArtifactError, mark_complete, remove_leftovers, write_json_atomic
 from rgsd_pipeline.trainer_state import exported_global_step, final_state, gather, state_global_step
 
 
@@ -175,6 +175,17 @@ def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenan
     `weights` is what exported_weights returns (computed here when None). LoRA adapters are merged (unless
     train.save_adapters, which writes the adapters alone). `past_cache`: the next rollout takes these weights from
     memory, so the files skip the page cache."""
+    try:
+        _write_checkpoint(model, policy, out, config, provenance, weights, past_cache)
+    except OSError as err:  # disk full, file-size limit: the folder has no _SUCCESS, so nothing reads it
+        for partial in out.glob("*.safetensors"):  # the trainer state beside them is kept for the resume
+            partial.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write the checkpoint {out}: {err.strerror or err}; nothing was published, free "
+                            "space (or raise the limit) and rerun the command to resume") from err
+
+
+def _write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict, weights: dict | None,
+                      past_cache: bool) -> None:
     remove_leftovers(out)
     digests = None
     if config.train.lora and config.train.save_adapters:
@@ -186,7 +197,7 @@ def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenan
     for name in TOKENIZER_FILES:
         if (policy / name).exists():
             shutil.copy2(policy / name, out / name)
-    record_weight_hashes(out, digests)
     write_json_atomic(layout.provenance_file(out), {**provenance, "dtype": config.model.dtype,
                                               "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
+    record_weight_hashes(out, digests)  # every file above, checked by whoever reads the checkpoint
     mark_complete(out)

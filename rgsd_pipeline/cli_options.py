@@ -1,4 +1,5 @@
-"""Command-line options declared once: the engine stages' (rollout, score) and the judge's (evaluate)."""
+"""Command-line options declared once: the engine stages' (rollout, score), the judge's (evaluate), and the
+placement overrides every command on a run takes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,47 @@ import click
 from rgsd_pipeline.engines import KINDS
 
 
+def _use_placement(ctx, param, values):
+    if values:
+        from rgsd_pipeline.recipe import use_placement
+
+        use_placement(list(values))
+    return values
+
+
+def engine_placement(engine_kind: str | None) -> dict:
+    """What `--engine KIND` means as placement: that engine for sampling and for scoring."""
+    return {"engine.kind": engine_kind, "engine.score_kind": ""} if engine_kind else {}
+
+
+def _use_engine(ctx, param, value):
+    if value:
+        from rgsd_pipeline.recipe import use_placement
+
+        use_placement(engine_placement(value))
+    return value
+
+
+def engine_option(help_text: str):
+    """--engine KIND: engine.kind=KIND engine.score_kind= for this command (recorded as such in its outputs)."""
+    return click.option("--engine", "engine_kind", type=click.Choice(KINDS), callback=_use_engine, help=help_text)
+
+
+def placement_overrides(command):
+    """The `section.key=value` arguments of a command on an existing run: placement overrides (engines, teacher
+    servers, batch sizes that do not change results, trackers) applied on top of run.yaml for this command; a recipe
+    key is refused (recipe.use_placement)."""
+    return click.argument("placement", nargs=-1, callback=_use_placement, expose_value=False,
+                          metavar="[PLACEMENT=VALUE]...")(command)
+
+
 def engine_stage_options(command):
-    """--run, --iteration, --engine and the --num-shards / --shard-index split of a stage across workers."""
+    """--run, --iteration, --engine, the --num-shards / --shard-index split of a stage across workers, and placement
+    overrides."""
     options = [
         click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder."),
         click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration to work on."),
-        click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Override the config's engine."),
+        engine_option("Override the config's engine (engine.kind=KIND engine.score_kind=)."),
         click.option("--num-shards", default=1, type=click.IntRange(min=1),
                      help="Independent workers splitting the stage."),
         click.option("--shard-index", default=0, type=click.IntRange(min=0),
@@ -23,7 +59,7 @@ def engine_stage_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return placement_overrides(command)
 
 
 def judge_options(command):

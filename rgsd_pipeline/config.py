@@ -4,15 +4,15 @@ A recipe is a YAML mapping whose sections mirror the dataclasses below. Every fi
 default and a one-line `help` (shown by `rgsd-pipeline config-reference`). Unknown keys, wrong types
 and out-of-range values are refused with the file and the key named.
 
-The resolved config is written to `runs/<name>/run.yaml` the first time a run starts. Every later
-command on that run reads it; a command that brings a different config is refused with the
-difference shown, so one run never mixes two recipes.
+The resolved config is written to `runs/<name>/run.yaml` when a run starts, and every later command reads it:
+rgsd_pipeline/recipe.py freezes its recipe and applies each command's placement.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +21,8 @@ from typing import Literal
 
 import yaml
 
-from rgsd_pipeline import layout
 from rgsd_pipeline.choices import ClipMode, EngineKind, LossKind, RewardJudge, RowFormat, TeacherKind, TrackerKind
 from rgsd_pipeline.errors import UserError
-from rgsd_pipeline.shards import describe_difference, write_text_atomic
 
 
 class ConfigError(UserError, ValueError):
@@ -272,6 +270,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    digest = ""  # not a field: the digest of the frozen recipe this config was read from (load_run_config)
 
 
 def to_dict(config) -> dict:
@@ -332,6 +331,8 @@ def _build(cls, raw: dict, where: str):
             values[name] = _build(hint, value, path)
             continue
         value = _coerce(value, hint, path)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: {value!r} is not a finite number")
         meta = fields[name].metadata
         if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
             raise ConfigError(f"{path}: {value!r} is below the minimum {meta['minimum']}")
@@ -355,12 +356,15 @@ def check_combinations(config: RunConfig) -> None:
         raise ConfigError("reward.judge=llm needs reward.judge_url and reward.judge_model")
     if config.engine.score_kind == "server" and not config.engine.teacher_urls:
         raise ConfigError("engine.score_kind=server needs engine.teacher_urls: the base URLs of the teacher servers")
+    if config.data.heldout_fraction >= 1.0:
+        raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} holds out every prompt, leaving none "
+                          "to train on; use a fraction below 1 (evaluate --data FILE evaluates a whole file)")
     if train.lora and train.parallel == "fsdp":
         raise ConfigError("train.parallel=fsdp with train.lora=true is not supported; LoRA adapters are small, "
                           "train them with train.parallel=ddp")
 
 
-def _field_type(keys: list[str]):
+def field_type(keys: list[str]):
     """The declared type of the field at a dotted path, or None when the path is unknown."""
     cls = RunConfig
     for key in keys:
@@ -376,7 +380,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, _, raw = text.partition("=")
-    if _field_type(key.strip().split(".")) is str:
+    if field_type(key.strip().split(".")) is str:
         return key.strip().split("."), raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -407,45 +411,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {key} is not a section")
         node[keys[-1]] = value
-    return _build_root(raw, where)
+    return build_config(raw, where)
 
 
-def _build_root(raw: dict, where: str) -> RunConfig:
+def build_config(raw: dict, where: str, combinations: bool = True) -> RunConfig:
+    """A RunConfig from a mapping of sections, every value checked (and, with `combinations`, every combination);
+    ConfigError naming `where` and the key."""
     try:
         config = _build(RunConfig, raw, "")
-        check_combinations(config)
+        if combinations:
+            check_combinations(config)
         return config
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-
-
-def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
-    """Write run.yaml on first start; on later starts refuse a config that differs from the frozen one, read as every
-    stage reads it (a key that a run made by an earlier release lacks takes its default)."""
-    run_dir = Path(run_dir)
-    frozen_path = layout.run_config_file(run_dir)
-    resolved = to_dict(config)
-    if frozen_path.exists():
-        frozen = to_dict(load_run_config(run_dir))
-        if frozen != resolved:
-            raise ConfigError(
-                f"{frozen_path} holds a different config than this command:\n"
-                f"{describe_difference(frozen, resolved)}\n"
-                "Use the same config (or none: later stages read run.yaml), or start a new --run folder."
-            )
-        return config
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(frozen_path, yaml.safe_dump(resolved, sort_keys=False, width=120))
-    return config
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The frozen config of an existing run."""
-    frozen_path = layout.run_config_file(run_dir)
-    if not frozen_path.exists():
-        raise ConfigError(f"{frozen_path} does not exist: start the run with "
-                          f"`rgsd-pipeline prepare --config CFG --run {run_dir}`")
-    return _build_root(yaml.safe_load(frozen_path.read_text()) or {}, str(frozen_path))
 
 
 def reference(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -139,9 +139,10 @@ def write_safetensors(tensors: dict, path: os.PathLike, metadata: dict[str, str]
                 file.write(data.reshape(-1).view(torch.uint8).numpy())
 
 
-def write_torch(obj, path: os.PathLike) -> None:
-    """`torch.save(obj, path)`, written past the page cache (`torch.load` reads it)."""
+def write_torch(obj, path: os.PathLike, digest=None) -> None:
+    """`torch.save(obj, path)`, written past the page cache (`torch.load` reads it) and hashed into `digest` on the
+    way."""
     import torch
 
-    with DirectFile(path) as file:
+    with DirectFile(path, digest=digest) as file:
         torch.save(obj, file)

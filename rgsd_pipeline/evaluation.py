@@ -22,6 +22,7 @@ from rgsd_pipeline.engines.hosting import StageEngines
 from rgsd_pipeline.fingerprints import fingerprint, model_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import load_tokenizer, resolve_model
+from rgsd_pipeline.recipe import made_under
 from rgsd_pipeline.render import student_messages, teacher_messages
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
@@ -29,6 +30,7 @@ from rgsd_pipeline.shards import (
     ShardPlan,
     StageData,
     StageOutput,
+    is_complete,
     read_stage,
     split_into_shards,
     write_jsonl_atomic,
@@ -53,6 +55,12 @@ def evaluated_policy(run: Path, iteration: str, base: Path) -> tuple[str, Path]:
     if iteration == layout.TEACHER_LABEL:
         return layout.TEACHER_LABEL, base
     policy = 0 if iteration == layout.BASE_LABEL else int(iteration) + 1
+    if policy and not is_complete(layout.checkpoint_dir(run, policy - 1)):
+        trained = [i for i in layout.iterations(run) if is_complete(layout.checkpoint_dir(run, i))]
+        raise ArtifactError(f"--iteration {iteration}: {layout.checkpoint_dir(run, policy - 1)} is missing or "
+                            f"incomplete (trained iterations: {', '.join(map(str, trained)) or 'none'}); evaluate one "
+                            f"of those, base or teacher, or train it first (`rgsd-pipeline train --run {run} "
+                            f"--iteration {iteration}`)")
     return layout.policy_label(policy), layout.policy_path(run, policy, base)
 
 
@@ -117,7 +125,7 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
     reads_rubric = label == layout.TEACHER_LABEL
     if reads_rubric:
         inputs["view"] = fingerprint(to_dict(config.template))
-    with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces))) as out:
+    with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces)), made_under(config)) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
             engine = (engines or StageEngines(engine_kind)).student(policy, config)

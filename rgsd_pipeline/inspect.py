@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import StageData, is_complete, manifest_mtime, read_stage
 from rgsd_pipeline.signals import read_encoding
 from schemas import ROLLOUTS

@@ -29,6 +29,16 @@ def run_config_file(run: Path) -> Path:
     return Path(run) / "run.yaml"
 
 
+def frozen_recipe_file(run: Path) -> Path:
+    """The recipe of run.yaml as it was frozen, with its digest: what an edit of run.yaml is named against."""
+    return Path(run) / ".run.yaml.frozen"
+
+
+def train_lock_file(run: Path, iteration: int) -> Path:
+    """Held by the one process that trains an iteration: its metrics, trainer state and checkpoint (shards.py)."""
+    return iteration_dir(run, iteration) / ".train.lock"
+
+
 def prompts_dir(run: Path) -> Path:
     return Path(run) / "prompts"
 
@@ -81,6 +91,11 @@ def checkpoint_dir(run: Path, iteration: int) -> Path:
 def trainer_state_dir(checkpoint: Path) -> Path:
     """fp32 weights, AdamW moments, step and RNG beside a checkpoint, to continue from (checkpoints.py)."""
     return Path(checkpoint) / "trainer_state"
+
+
+def trainer_state_lock(state: Path) -> Path:
+    """Held while a trainer state is written (beside it, so that its swap never loses it)."""
+    return Path(state).with_name(f".{Path(state).name}.lock")
 
 
 def provenance_file(checkpoint: Path) -> Path:

@@ -249,15 +249,26 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False):
-    """A causal LM from a local folder, safetensors only unless `allow_pickle`."""
+    """A causal LM from a local folder, safetensors only unless `allow_pickle`; ModelError when the weights files do
+    not hold exactly the tensors its config's architecture has (transformers would start the missing ones at random
+    and drop the others)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
     with _no_remote_code(path):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
-                                                    trust_remote_code=trust_remote_code,
-                                                    use_safetensors=not allow_pickle or None)
+        model, loading = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                              trust_remote_code=trust_remote_code,
+                                                              use_safetensors=not allow_pickle or None,
+                                                              output_loading_info=True)
+    problems = {kind: sorted(loading.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected", "mismatched")}
+    if any(problems.values()):
+        named = "; ".join(f"{kind}: {', '.join(map(str, names[:8]))}" + (f" and {len(names) - 8} more"
+                                                                         if len(names) > 8 else "")
+                          for kind, names in problems.items() if names)
+        raise ModelError(f"{path}: its weights files do not hold the tensors of the {type(model).__name__} its "
+                         f"config.json describes ({named}); the weights belong to another model, or config.json does")
+    return model
 
 
 def eos_token_ids(path: Path, tokenizer) -> set[int]:

@@ -32,10 +32,10 @@ import click
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
-from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.distributed import World
 from rgsd_pipeline.memory_watch import MemoryWatch
 from rgsd_pipeline.models import resolve_model
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import is_complete, write_json_atomic
 from rgsd_pipeline.trainer_state import open_writes, wait_for_writes
 

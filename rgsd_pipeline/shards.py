@@ -4,8 +4,10 @@ A stage output is a folder:
 
     part-00000.parquet  part-00001.parquet  ...   complete shards (zstd Parquet)
     .progress/inputs.json                         fingerprints of the inputs this output is made from
-    .progress/part-00000.json                     rows and sha256 of each complete shard
-    manifest.json                                 every shard, its rows and sha256, schema, inputs
+    .progress/part-00000.json                     rows and sha256 of each complete shard, and who made it
+    .progress/placement-<digest>.json             the placement (engines, servers, batch sizes) a shard was made with
+    manifest.json                                 every shard, its rows and sha256, schema, inputs, the recipe's
+                                                  digest and each placement the shards were made with
     _SUCCESS                                      written last: the output is complete
 
 Work is planned as numbered shards whose content is a pure function of the inputs, so a stage that
@@ -86,10 +88,20 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def read_manifest(folder: Path) -> dict:
-    """The manifest of a complete stage output (no checksum pass: see read_stage for a verified read)."""
+    """The manifest of a complete stage output (no checksum pass: see read_stage for a verified read); an
+    ArtifactError naming it, and saying how to write it again, when it is missing, damaged or not a manifest."""
+    folder = Path(folder)
     if not is_complete(folder):
         raise ArtifactError(f"{folder} is not complete (no {SUCCESS}); run or resume the stage that writes it")
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        reason = "" if isinstance(manifest, dict) and {"shards", "inputs"} <= manifest.keys() else "not a manifest"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = f"{type(err).__name__}: {err}"
+    if reason:
+        raise ArtifactError(f"{folder / MANIFEST} cannot be read ({reason}); delete {folder} and rerun the command: "
+                            "the stage then writes it again")
+    return manifest
 
 
 def manifest_mtime(folder: Path) -> int:
@@ -232,11 +244,13 @@ class StageOutput:
     ...     out.finalize()          # writes manifest.json and _SUCCESS once every shard exists
     """
 
-    def __init__(self, folder: Path, schema: ArtifactSchema, inputs: dict[str, str], plan: ShardPlan):
+    def __init__(self, folder: Path, schema: ArtifactSchema, inputs: dict[str, str], plan: ShardPlan,
+                 made_under: dict | None = None):
         self.folder = Path(folder)
         self.schema = schema
         self.inputs = dict(inputs)
         self.plan = plan
+        self.made_under = made_under or {}  # recipe.made_under: the recipe's digest and this process's placement
         self._lock = None
 
     def __enter__(self) -> StageOutput:
@@ -311,9 +325,20 @@ class StageOutput:
                 sink.flush()
                 os.fsync(sink.fileno())
             record = {"index": index, "file": final.name, "rows": table.num_rows,
-                      "sha256": sha256_file(tmp), "size": tmp.stat().st_size}
+                      "sha256": sha256_file(tmp), "size": tmp.stat().st_size, **self._placement_record()}
             os.replace(tmp, final)
         write_json_atomic(self.folder / PROGRESS / f"part-{index:05d}.json", record)
+
+    def _placement_record(self) -> dict:
+        """{"placement": its digest} for a shard record, the placement itself written once beside the records."""
+        if "placement" not in self.made_under:
+            return {}
+        placement = self.made_under["placement"]
+        digest = hashlib.sha256(json.dumps(placement, sort_keys=True).encode()).hexdigest()[:16]
+        path = self.folder / PROGRESS / f"placement-{digest}.json"
+        if not path.exists():
+            write_json_atomic(path, placement)
+        return {"placement": digest}
 
     def finalize(self) -> bool:
         """Write manifest.json then _SUCCESS if every shard of the output is complete; return whether the output is
@@ -336,7 +361,7 @@ class StageOutput:
                 if not self.shard_done(index):
                     return False
                 record = json.loads((self.folder / PROGRESS / f"part-{index:05d}.json").read_text())
-                records.append({k: record[k] for k in ("index", "file", "rows", "sha256")})
+                records.append({k: record[k] for k in ("index", "file", "rows", "sha256", "placement") if k in record})
             manifest = {
                 "manifest_version": MANIFEST_VERSION,
                 "schema": {"name": self.schema.name, "version": self.schema.version},
@@ -344,6 +369,11 @@ class StageOutput:
                 "rows": sum(r["rows"] for r in records),
                 "inputs": self.inputs,
             }
+            if self.made_under:
+                used = sorted({r["placement"] for r in records if "placement" in r})
+                manifest["recipe_digest"] = self.made_under.get("recipe_digest", "")
+                manifest["placements"] = {d: json.loads((self.folder / PROGRESS / f"placement-{d}.json").read_text())
+                                          for d in used}
             remove_leftovers(self.folder)
             remove_leftovers(self.folder / PROGRESS)
             write_json_atomic(self.folder / MANIFEST, manifest)
@@ -408,12 +438,7 @@ def read_stage(folder: Path, schema: ArtifactSchema, expect_inputs: dict[str, st
     Raises ArtifactError that names the folder or shard and says what to do.
     """
     folder = Path(folder)
-    if not (folder / SUCCESS).exists():
-        raise ArtifactError(f"{folder} is not complete (no {SUCCESS}); run or resume the stage that writes it")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{folder / MANIFEST} cannot be read: {err}") from err
+    manifest = read_manifest(folder)
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ArtifactError(f"{folder / MANIFEST}: manifest version {manifest.get('manifest_version')!r}, "
                             f"this rgsd-pipeline reads version {MANIFEST_VERSION}")

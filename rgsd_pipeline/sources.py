@@ -49,6 +49,9 @@ def source_path(spec: str) -> Path:
     path = bundled_data_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
     if not path.exists():
         raise SourceError(f"data source {spec}: {path} does not exist")
+    if not (path.is_file() or path.is_dir()):  # a device or a pipe never ends: it would be hashed forever
+        raise SourceError(f"data source {spec}: {path} is not a regular file or folder (a device, pipe or socket); "
+                          "save the data to a .jsonl, .json or .parquet file and pass that")
     return path
 
 

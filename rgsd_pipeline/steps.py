@@ -25,11 +25,11 @@ import polars as pl
 import pyarrow as pa
 
 from rgsd_pipeline import layout, tracking
-from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.engines.base import EngineError
 from rgsd_pipeline.fingerprints import tokenizer_fingerprint
 from rgsd_pipeline.inputs import reward_inputs, rollout_inputs, score_inputs
 from rgsd_pipeline.models import eos_token_ids, load_tokenizer, resolve_model
+from rgsd_pipeline.recipe import load_run_config, made_under
 from rgsd_pipeline.sampling import iteration_prompts, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,
@@ -40,7 +40,7 @@ from rgsd_pipeline.shards import (
     split_into_shards,
 )
 from rgsd_pipeline.signals import loss_mask, signals_table, storage_schema, teacher_inputs, token_span_ids, topk_bytes
-from rgsd_pipeline.training import Continuation, export_policy, run_training, set_up_training
+from rgsd_pipeline.training import Continuation, export_policy, run_training, set_up_training, training_lock
 from schemas import PROMPTS, REWARDS, ROLLOUTS
 
 
@@ -62,7 +62,7 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
     workers = world.size if world is not None else num_shards
     pieces = split_into_shards(work, config.data.rows_per_shard, workers, StageOutput.started_shards(out_dir))
     plan = _plan(len(pieces), num_shards, shard_index, world)
-    with StageOutput(out_dir, ROLLOUTS, inputs, plan) as out:
+    with StageOutput(out_dir, ROLLOUTS, inputs, plan, made_under(config)) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
             engine = engines.student(policy, config)
@@ -106,7 +106,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
     # 2. One signals shard per rollouts shard, so row i of shard j always describes the same rollout.
     out_dir = layout.signals_dir(run, iteration)
     plan = _plan(len(rollouts.files), num_shards, shard_index, world)
-    with StageOutput(out_dir, schema, inputs, plan) as out:
+    with StageOutput(out_dir, schema, inputs, plan, made_under(config)) as out:
         todo = out.todo()
         if todo:
             from rgsd_pipeline.progress import TokenProgress
@@ -167,7 +167,7 @@ def reward(run: Path, iteration: int, num_shards: int = 1, shard_index: int = 0,
 
     # 2. One rewards shard per rollouts shard; a shard whose judge calls failed is not written (verdicts already
     #    obtained stay in the judge's cache, so a rerun asks only for the missing ones).
-    with StageOutput(out_dir, REWARDS, reward_inputs(run, iteration, config), plan) as out:
+    with StageOutput(out_dir, REWARDS, reward_inputs(run, iteration, config), plan, made_under(config)) as out:
         todo = out.todo()
         if todo:
             total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
@@ -232,13 +232,14 @@ def train(run: Path, iteration: int, world=None, kept: Continuation | None = Non
 
     world = world or World()
     out = layout.checkpoint_dir(run, iteration)
-    if is_complete(out):
-        if world.main:
-            click.echo(f"checkpoint already complete in {out}")
-        return None
-    session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
-    run_training(session)  # 2. optimizer steps, metrics, trainer state
-    return export_policy(session, keep_exported, write_state)  # 3. the checkpoint the next rollout loads, its state
+    with training_lock(run, iteration, world):  # one trainer per iteration: its metrics, states, checkpoint
+        if is_complete(out):
+            if world.main:
+                click.echo(f"checkpoint already complete in {out}")
+            return None
+        session = set_up_training(run, iteration, world, kept)  # 1. inputs, the student, where it starts
+        run_training(session)  # 2. optimizer steps, metrics, trainer state
+        return export_policy(session, keep_exported, write_state)  # 3. the checkpoint the next rollout loads
 
 
 def _plan(total: int, num_shards: int, shard_index: int, world) -> ShardPlan:

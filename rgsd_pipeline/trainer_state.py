@@ -3,7 +3,12 @@
     iter-I/checkpoint/trainer_state/
         weights.safetensors   the trainable weights in train.master_dtype (fp32)
         optimizer.pt          AdamW moments and the torch RNG (weights_only; one file per process under FSDP2)
-        state.json            the iteration's step, the run's global step, how many processes wrote it
+        state.json            the iteration's step, the run's global step, how many processes wrote it, and the
+                              sha256 and size of every file beside it, taken while writing
+
+A state is what a resume after a kill loads, so each file it reads is checked against state.json first (a read of
+what the load reads anyway): a damaged state is refused by name, never trained on. Writes take the state's lock
+(`.trainer_state.lock` beside it), the kind every writer of a run folder takes.
 
 A state is written to a temporary folder and swapped in whole, so a kill never leaves half of one. Its files go
 past the page cache (direct_io.py): they are read again only after a kill, and on machines that hand freed memory
@@ -22,6 +27,7 @@ step) is rebuilt by training that iteration again from its signals (training.rep
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -38,7 +44,7 @@ from safetensors.torch import load_file
 from rgsd_pipeline import layout
 from rgsd_pipeline.direct_io import write_safetensors, write_torch
 from rgsd_pipeline.distributed import World
-from rgsd_pipeline.shards import ArtifactError
+from rgsd_pipeline.shards import ArtifactError, exclusive_lock, sha256_file
 
 
 def _yield_to_the_work() -> None:
@@ -163,10 +169,12 @@ def save_state(folder: Path, model, optimizer, step: int, world: World = World()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        write_torch(bundle, tmp / _optimizer_file(world, sharded))
-        dist.barrier()
+        name, digest = _optimizer_file(world, sharded), hashlib.sha256()
+        write_torch(bundle, tmp / name, digest)
+        shards = [None] * world.size
+        dist.all_gather_object(shards, (name, {"sha256": digest.hexdigest(), "size": (tmp / name).stat().st_size}))
         if world.main:
-            _write(folder, tmp, weights, None, state)
+            _write(folder, tmp, weights, None, {**state, "files": dict(shards)})
     elif background:
         _pending = _writer.submit(_when_open, _write_or_explain, folder, tmp, weights, bundle, state)
     else:
@@ -183,19 +191,62 @@ def _write_or_explain(folder: Path, tmp: Path, weights: dict, bundle: dict, stat
 
 
 def _write(folder: Path, tmp: Path, weights: dict, bundle: dict | None, state: dict) -> None:
-    """The main process's part of a save: weights, optimizer (unless already written), state.json, then the swap."""
-    if bundle is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_torch(bundle, tmp / "optimizer.pt")
-    write_safetensors(weights, tmp / "weights.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state))
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """The main process's part of a save: weights, optimizer (unless already written), state.json with every file's
+    checksum, then the swap; under the state's lock."""
+    with exclusive_lock(layout.trainer_state_lock(folder), f"the trainer state {folder}"):
+        files = dict(state.pop("files", {}))
+        if bundle is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            files["optimizer.pt"] = _written(write_torch, bundle, tmp / "optimizer.pt")
+        files["weights.safetensors"] = _written(write_safetensors, weights, tmp / "weights.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "files": files}))
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _written(write, obj, path: Path) -> dict:
+    """Write `obj` with a direct_io writer, hashing it on the way; its sha256 and size."""
+    digest = hashlib.sha256()
+    if write is write_safetensors:
+        write(obj, path, digest=digest)
+    else:
+        write(obj, path, digest)
+    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+
+
+def read_state_file(folder: Path) -> dict:
+    """A trainer state's state.json; ArtifactError naming it when it cannot be read."""
+    path = Path(folder) / "state.json"
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+            raise ValueError("no step")
+        return saved
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path} cannot be read ({err}); delete {folder}: training then starts from the state "
+                            "before it (or trains the iteration before it again from its signals)") from None
+
+
+def _verified(folder: Path, name: str) -> Path:
+    """A file of a trainer state, checked against the sha256 and size state.json holds for it (a state written by an
+    earlier release, without them, is read as it is)."""
+    path = folder / name
+    recorded = read_state_file(folder).get("files", {}).get(name)
+    if recorded is None:
+        if "files" in read_state_file(folder):
+            raise ArtifactError(f"{folder / 'state.json'} lists no {name}; delete {folder} to train from the state "
+                                "before it")
+        return path
+    if not path.exists() or path.stat().st_size != recorded["size"] or sha256_file(path) != recorded["sha256"]:
+        raise ArtifactError(f"{path} does not match its checksum in {folder / 'state.json'} (damaged or replaced "
+                            f"since it was written); delete {folder}: training then starts from the state before it "
+                            "(or trains the iteration before it again from its signals), never from damaged bytes")
+    return path
 
 
 def load_state(folder: Path, model, optimizer, load_weights: bool = True, world: World = World(),
@@ -204,7 +255,7 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
     wait_for_writes()
     if not folder.exists() and folder.with_name(f".{folder.name}.old").exists():
         folder = folder.with_name(f".{folder.name}.old")  # killed between the two renames
-    saved_processes = json.loads((folder / "state.json").read_text()).get("processes", 1)
+    saved_processes = read_state_file(folder).get("processes", 1)
     if saved_processes != (world.size if sharded else 1):
         how = (f"torchrun --nproc-per-node {saved_processes} and train.parallel=fsdp" if saved_processes > 1
                else "train.parallel=ddp or one process")
@@ -212,7 +263,7 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
                             f"({'sharded by FSDP2' if saved_processes > 1 else 'whole'}); resume it with {how}, "
                             "or delete it to restart this iteration")
     if load_weights:
-        weights = load_file(folder / "weights.safetensors")
+        weights = load_file(_verified(folder, "weights.safetensors"))
         with torch.no_grad():
             for name, param in trainable(model).items():
                 if hasattr(param, "device_mesh"):
@@ -222,8 +273,8 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
                 else:
                     param.copy_(weights[name])
     if not load_optimizer:
-        return json.loads((folder / "state.json").read_text())["step"]
-    path = folder / _optimizer_file(world, sharded)
+        return read_state_file(folder)["step"]
+    path = _verified(folder, _optimizer_file(world, sharded))
     try:
         bundle = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -231,7 +282,7 @@ def load_state(folder: Path, model, optimizer, load_weights: bool = True, world:
                             f"(weights_only=True). Delete {folder} to train this iteration from its start") from err
     optimizer.load_state_dict(_sharded_like(optimizer, bundle["optimizer"]) if sharded else bundle["optimizer"])
     torch.set_rng_state(bundle["torch_rng"])
-    return json.loads((folder / "state.json").read_text())["step"]
+    return read_state_file(folder)["step"]
 
 
 def find_state(checkpoint: Path) -> Path | None:
@@ -245,7 +296,7 @@ def find_state(checkpoint: Path) -> Path | None:
 
 def state_global_step(state: Path) -> int:
     """The run's global step at which a trainer state was saved."""
-    saved = json.loads((state / "state.json").read_text())
+    saved = read_state_file(state)
     return saved.get("global_step", saved["step"])
 
 

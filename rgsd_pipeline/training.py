@@ -10,6 +10,7 @@ files a step reads and writes beside a checkpoint are rgsd_pipeline/checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -20,12 +21,13 @@ import click
 import polars as pl
 
 from rgsd_pipeline import layout, tracking
-from rgsd_pipeline.config import RunConfig, load_run_config
+from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.inputs import train_inputs
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
+from rgsd_pipeline.recipe import load_run_config, made_under
 from rgsd_pipeline.sampling import optimizer_steps_per_epoch
-from rgsd_pipeline.shards import ArtifactError, is_complete, read_stage, write_text_atomic
+from rgsd_pipeline.shards import ArtifactError, exclusive_lock, is_complete, read_stage, write_text_atomic
 from rgsd_pipeline.signals import storage_schema
 from schemas import PROMPTS, REWARDS, ROLLOUTS
 
@@ -104,6 +106,17 @@ def can_replay(run: Path, iteration: int, depth: int = 1) -> bool:
     return depth > 1 and is_complete(before) and can_replay(run, iteration - 1, depth - 1)
 
 
+@contextlib.contextmanager
+def training_lock(run: Path, iteration: int, world):
+    """Held by the main process while it trains iteration I (its metrics.jsonl, trainer states and checkpoint): a
+    second trainer of the same iteration (a `train` beside an `iterate`) is refused at once (shards.LockedError)."""
+    if not world.main:
+        yield
+        return
+    with exclusive_lock(layout.train_lock_file(run, iteration), f"iteration {iteration} of {run} (training)"):
+        yield
+
+
 def replay_iteration(run: Path, iteration: int, world) -> Continuation:
     """Iteration I's final trainer state, rebuilt by training I again from its signals (no checkpoint, no metrics
     written: both are on disk), saved beside its checkpoint and kept in memory. Training is deterministic here, so
@@ -111,9 +124,10 @@ def replay_iteration(run: Path, iteration: int, world) -> Continuation:
     from rgsd_pipeline.checkpoints import exported_weights, full_state_dict, largest_difference
     from rgsd_pipeline.trainer_state import wait_for_writes
 
-    session = set_up_training(run, iteration, world, kept=None, replaying=True)
-    run_training(session)
-    save_final_state(session)
+    with training_lock(run, iteration, world):
+        session = set_up_training(run, iteration, world, kept=None, replaying=True)
+        run_training(session)
+        save_final_state(session)
     trainer = session.trainer
     weights = full_state_dict(trainer.model, world.main) if trainer.sharded else None  # a collective under FSDP2
     if world.main and not (session.config.train.lora and session.config.train.save_adapters):
@@ -252,7 +266,7 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
     exported = exported_weights(model, config, weights) if merged and (world.main or in_memory) else None
     if world.main:
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
-                      "global_step": trainer.first_global_step + trainer.total_steps}
+                      "global_step": trainer.first_global_step + trainer.total_steps, **made_under(config)}
         write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory)
     if write_state:
         if in_memory:  # the write starts once the student's engine has these weights (ResidentEngines.student)

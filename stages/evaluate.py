@@ -24,10 +24,9 @@ import click
 
 from rgsd_pipeline import inspect as views
 from rgsd_pipeline import layout, tracking
-from rgsd_pipeline.cli_options import judge_options, judge_settings
-from rgsd_pipeline.config import load_run_config
-from rgsd_pipeline.engines import KINDS
+from rgsd_pipeline.cli_options import engine_option, judge_options, judge_settings, placement_overrides
 from rgsd_pipeline.models import resolve_model
+from rgsd_pipeline.recipe import load_run_config
 
 
 def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | None, max_prompts: int, samples: int,
@@ -94,10 +93,11 @@ def _iteration(value: str) -> str:
               help="Name of the evaluation set folder under eval/ (default from --data, or 'heldout').")
 @click.option("--max-prompts", default=0, type=click.IntRange(min=0), help="Evaluate at most N prompts (0: all).")
 @click.option("--samples", default=1, type=click.IntRange(min=1), help="Answers per prompt.")
-@click.option("--engine", "engine_kind", type=click.Choice(KINDS), help="Override the config's engine for answers.")
+@engine_option("Override the config's engine for answers.")
 @click.option("--divergence/--no-divergence", default=True, help="Teacher–policy JSD on the answers (HF engine).")
 @click.option("--resamples", default=1000, type=click.IntRange(min=10), help="Bootstrap resamples for intervals.")
 @judge_options
+@placement_overrides
 def command(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, divergence, resamples, **judge):
     """Answer held-out prompts with one policy; diagnostics, and rubric scores from a judge if one is given.
 

@@ -78,6 +78,9 @@ def command(run, iteration, top, context, html_out, html_rollouts, plot_out, eva
     """Tokens where teacher and student disagree most, statistics per policy, an HTML page and a plot."""
     if not run.exists():
         raise ArtifactError(f"{run} does not exist")
+    if not layout.run_config_file(run).exists():
+        raise ArtifactError(f"{run} is not a run folder (no {layout.run_config_file(run).name}); pass the folder "
+                            "that `prepare --run` or `iterate --run` made")
     if iteration is None:
         scored = [i for i in layout.iterations(run) if is_complete(layout.signals_dir(run, i))]
         iteration = scored[-1] if scored else None

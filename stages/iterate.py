@@ -29,8 +29,9 @@ import click
 
 from rgsd_pipeline import layout
 from rgsd_pipeline.chain import link, output_dir, stages_for, verify_output
-from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.cli_options import engine_placement
 from rgsd_pipeline.engines import KINDS
+from rgsd_pipeline.recipe import command_config, load_run_config, placement_of, use_placement
 from rgsd_pipeline.shards import is_complete, write_json_atomic
 
 
@@ -86,6 +87,8 @@ def command(config_path, run, iterations, engine_kind, per_stage, ray_address, w
     if world.main and (not is_complete(layout.prompts_dir(run)) or config_path or overrides):
         run_stage("prepare", *(["--config", config_path] if config_path else []), "--run", run, *overrides)
     world.barrier()
+    # The recipe is run.yaml's (prepare checked what was given against it); the placement is this command's.
+    use_placement({**placement_of(command_config(run, config_path, list(overrides))), **engine_placement(engine_kind)})
     if per_stage:
         if world.size > 1 or ray_address:
             raise click.UsageError("--per-stage runs one process per stage; start it without torchrun or --ray")

@@ -4,10 +4,11 @@
     rgsd-pipeline prepare --config configs/tiny.yaml --run runs/t --data my.jsonl --format rar
     rgsd-pipeline prepare --run runs/t --show 2        # what student and teacher see
 
-Freezes the resolved config into runs/<name>/run.yaml, reads every data source, quarantines bad
-rows with file, row, field and reason (prompts/quarantine.jsonl), de-duplicates, drops prompts over
-the token budget, splits train / held-out by a seeded hash, and writes prompts/part-*.parquet,
-manifest.json and _SUCCESS. A complete prompts/ is left as it is.
+Reads every data source, quarantines bad rows with file, row, field and reason (prompts/quarantine.jsonl),
+de-duplicates, drops prompts over the token budget, splits train / held-out by a seeded hash, writes
+prompts/part-*.parquet, freezes the resolved config into runs/<name>/run.yaml (its recipe digested), then
+manifest.json and _SUCCESS. A complete prompts/ is left as it is. A prepare that finds no training prompt
+writes the quarantine and no run.yaml.
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ import click
 import pyarrow as pa
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import (
-    freeze_or_check,
-    load_config,
-    load_run_config,
-    to_dict,
-)
+from rgsd_pipeline.config import to_dict
 from rgsd_pipeline.fingerprints import fingerprint, tokenizer_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model
+from rgsd_pipeline.recipe import command_config, freeze, load_run_config, made_under, placement_of, use_placement
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
 from rgsd_pipeline.rows import FORMATS
 from rgsd_pipeline.shards import (
@@ -40,27 +37,25 @@ from rgsd_pipeline.shards import (
     validate_table,
     write_jsonl_atomic,
 )
-from rgsd_pipeline.sources import source_fingerprint
+from rgsd_pipeline.sources import source_fingerprint, source_path
 from schemas import PROMPTS, QUARANTINE
 
 
 def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs: list[str], fmt: str | None) -> None:
-    # 1. Resolve and freeze the config (the first command on a run writes run.yaml).
-    # A run that exists starts from its frozen run.yaml, as every later stage does; what is given on top of it must
-    # agree with it (freeze_or_check shows any difference).
-    frozen = layout.run_config_file(run).exists()
-    if config_path is None and frozen and not overrides and not data_specs and not fmt:
-        config = load_run_config(run)
-    else:
-        if data_specs:
-            overrides = [*overrides, f"data.sources={json.dumps(list(data_specs))}"]
-        if fmt:
-            overrides = [*overrides, f"data.format={fmt}"]
-        source = config_path if config_path is not None else layout.run_config_file(run) if frozen else None
-        config = freeze_or_check(run, load_config(source, overrides))
+    # 1. Resolve the config; a run that exists starts from its frozen run.yaml, and what is given on top of it must
+    #    agree with its recipe (check_frozen shows any difference). run.yaml is written once the prompts are, so a
+    #    prepare that fails (bad data, no valid rows) leaves no recipe behind for a retry to be refused against.
+    if data_specs:
+        overrides = [*overrides, f"data.sources={json.dumps(list(data_specs))}"]
+    if fmt:
+        overrides = [*overrides, f"data.format={fmt}"]
+    config = command_config(run, config_path, overrides)
+    use_placement(placement_of(config))
     check_template(config.template)
 
     out_dir = layout.prompts_dir(run)
+    for spec in config.data.sources:  # a missing file, a device or a pipe is named before anything is read
+        source_path(spec)
     model_path = resolve_model(config.model.path)
     # Refused now rather than at the first rollout: pickle weights, a folder that needs its own code.
     check_loadable(model_path, config.model.allow_pickle_weights, config.model.trust_remote_code)
@@ -72,24 +67,34 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
     }
     if is_complete(out_dir):
         read_stage(out_dir, PROMPTS, expect_inputs=inputs)
+        freeze(run, config)  # a kill between the prompts and run.yaml left none
         click.echo(f"prompts already complete in {out_dir}")
         return
 
     # 2. Read, check and normalise every row.
     result = ingest(config.data, config.template, tokenizer)
     click.echo(result.summary())
-    if not result.prompts:
-        raise ArtifactError("no valid prompts in " + ", ".join(config.data.sources)
-                                   + (f"; see {layout.quarantine_file(run)}" if result.quarantine else ""))
+    quarantine = validate_table(pa.Table.from_pylist(result.quarantine, schema=QUARANTINE.arrow), QUARANTINE,
+                                str(layout.quarantine_file(run)))
+    training = sum(p["split"] == "train" for p in result.prompts)
+    if not training:
+        where = ""
+        if result.quarantine:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl_atomic(layout.quarantine_file(run), quarantine.to_pylist())
+            where = f"; why each row was rejected: {layout.quarantine_file(run)}"
+        what = (f"all {len(result.prompts)} valid prompts fell in the held-out split (data.heldout_fraction="
+                f"{config.data.heldout_fraction}): lower it or add data" if result.prompts else
+                "no valid prompts in " + ", ".join(config.data.sources))
+        raise ArtifactError(what + where)
 
-    # 3. Write prompt shards, the quarantine, the manifest and _SUCCESS.
+    # 3. Write prompt shards, the quarantine, run.yaml, the manifest and _SUCCESS.
     pieces = split_into_shards(result.prompts, config.data.rows_per_shard)
-    with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(len(pieces))) as out:
-        quarantine = validate_table(pa.Table.from_pylist(result.quarantine, schema=QUARANTINE.arrow), QUARANTINE,
-                                    str(layout.quarantine_file(run)))
+    with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(len(pieces)), made_under(config)) as out:
         write_jsonl_atomic(layout.quarantine_file(run), quarantine.to_pylist())
         for index in out.todo():
             out.write_shard(index, pa.Table.from_pylist(pieces[index], schema=PROMPTS.arrow))
+        freeze(run, config)
         out.finalize()
     rejected = f"; {len(result.quarantine)} rejected rows in {layout.quarantine_file(run)}" if result.quarantine else ""
     click.echo(f"wrote {len(result.prompts)} prompts in {len(pieces)} shard(s) to {out_dir}{rejected}")

@@ -18,7 +18,8 @@ import click
 import polars as pl
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.cli_options import placement_overrides
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import ArtifactError, read_stage
 from schemas import PROMPTS, ROLLOUTS
 
@@ -148,6 +149,7 @@ RGSD report — {run}, iteration {iteration}
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose checkpoint to compare.")
 @click.option("--heldout", default=0, type=click.IntRange(min=0), help="Held-out prompts to answer (0: all).")
+@placement_overrides
 def command(run, iteration, heldout):
     """Held-out divergence and rubric satisfaction before and after an iteration, with a sample answer."""
     report(run, iteration, heldout)

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import click
 
+from rgsd_pipeline.cli_options import placement_overrides
+
 
 @click.command("reward")
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose rollouts to grade.")
 @click.option("--num-shards", default=1, type=click.IntRange(min=1), help="Independent workers splitting the stage.")
 @click.option("--shard-index", default=0, type=click.IntRange(min=0), help="This worker's index in [0, num-shards).")
+@placement_overrides
 def command(run, iteration, num_shards, shard_index):
     """Grade every rollout with a judge (the GRPO baseline); writes iter-I/rewards/."""
     from rgsd_pipeline import steps

@@ -21,11 +21,14 @@ from pathlib import Path
 
 import click
 
+from rgsd_pipeline.cli_options import placement_overrides
+
 
 @click.command("train")
 @click.option("--run", "--run-dir", "run", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder (--run-dir under torchrun, whose own --run-path swallows --run).")
 @click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose signals to train on.")
+@placement_overrides
 def command(run, iteration):
     """Distil the teacher's signals into the student; writes the next policy."""
     import torch

@@ -53,12 +53,18 @@ def copy_run(source_run: Path, target_run: Path, keep: tuple[str, ...] | None = 
         else:
             target_run.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source_run / name, target_run / name)
-    if settings:
+    if settings:  # a run of its own: its run.yaml frozen again (a recipe change gives it another digest)
+        from rgsd_pipeline import layout
+        from rgsd_pipeline.config import build_config
+        from rgsd_pipeline.recipe import freeze
+
         config = yaml.safe_load((target_run / "run.yaml").read_text())
         for key, value in settings.items():
             section, field = key.split("__")
             config[section][field] = value
-        (target_run / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=120))
+        (target_run / "run.yaml").unlink()
+        layout.frozen_recipe_file(target_run).unlink(missing_ok=True)
+        freeze(target_run, build_config(config, "copy_run"))
     return target_run
 
 
@@ -132,8 +138,8 @@ def torchrun_iterate(config, run, port, iterations=2, overrides=(), ranks=2):
 
 def stage_frame(run, iteration, stage):
     """One iteration's rollouts or signals of a run, as a Polars frame."""
-    from rgsd_pipeline.config import load_run_config
     from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.recipe import load_run_config
     from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import storage_schema
     from schemas import ROLLOUTS

@@ -1,6 +1,7 @@
 """A user's mistakes beyond data files, and what the toolkit refuses to load or run: a clear message, exit 2,
 no traceback."""
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -89,6 +90,12 @@ def test_trainer_state_is_never_unpickled_beyond_tensors(tmp_path, monkeypatch):
     assert load_state(state, model, optimizer) == 3
     bundle = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "extra": RunsCode()}
     (state / "optimizer.pt").write_bytes(pickle.dumps(bundle))
+    with pytest.raises(ArtifactError, match="does not match its checksum"):
+        load_state(state, model, optimizer)
+    saved = json.loads((state / "state.json").read_text())  # a checksum forged to match: still never unpickled
+    saved["files"]["optimizer.pt"] = {"sha256": hashlib.sha256((state / "optimizer.pt").read_bytes()).hexdigest(),
+                                      "size": (state / "optimizer.pt").stat().st_size}
+    (state / "state.json").write_text(json.dumps(saved))
     with pytest.raises(ArtifactError, match="not unpickled"):
         load_state(state, model, optimizer)
     assert not (tmp_path / "MARKER").exists()
@@ -105,3 +112,26 @@ def test_manifest_names_that_escape_the_run_are_refused_by_a_stage(evaluated_run
     result = cli("score", "--run", run, "--iteration", 0, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not a plain part-NNNNN.parquet inside the stage folder; refusing to read it" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "deleted", "not a manifest"])
+def test_a_damaged_manifest_beside_its_success_marker_is_named_by_iterate_and_inspect(evaluated_run, tmp_path,
+                                                                                      damage):
+    run = copy_run(evaluated_run, tmp_path / "run", keep=("prompts", "iter-000"))
+    manifest = run / "iter-000" / "rollouts" / "manifest.json"
+    if damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_text("{garbage" if damage == "garbage" else "[]")
+    for args in (("iterate", "--run", run, "--iterations", 1), ("inspect", run)):
+        result = cli(*args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert f"{manifest} cannot be read" in result.stderr and f"delete {manifest.parent}" in result.stderr, args
+
+
+def test_inspect_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    result = cli("inspect", tmp_path, check=False)  # it printed an empty table and exited 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path} is not a run folder (no run.yaml)" in result.stderr

@@ -1,16 +1,12 @@
 """Config loading, overrides, validation and the run.yaml freeze."""
 
+import re
+
 import pytest
 import yaml
 
-from rgsd_pipeline.config import (
-    ConfigError,
-    freeze_or_check,
-    load_config,
-    load_run_config,
-    reference,
-    reference_markdown,
-)
+from rgsd_pipeline.config import ConfigError, load_config, reference, reference_markdown
+from rgsd_pipeline.recipe import freeze_or_check, load_run_config
 
 ROOT = __import__("pathlib").Path(__file__).parent.parent
 
@@ -65,15 +61,74 @@ def test_freeze_then_refuse_a_different_config(tmp_path):
 
 
 def test_a_run_frozen_before_an_option_existed_reads_it_as_its_default(tmp_path):
-    """A run.yaml written by an earlier release lacks the options added since; the run used their defaults, so the
-    same recipe is accepted and only a different value is refused."""
+    """A run.yaml written by an earlier release lacks the options added since (and the digest line); the run used
+    their defaults, so the same recipe is accepted and only a different value is refused."""
     freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))
     frozen = yaml.safe_load((tmp_path / "run.yaml").read_text())
-    del frozen["train"]["state_every_iterations"]
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(frozen))
+    del frozen["train"]["epochs"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(frozen))  # as an earlier release wrote it: no digest, no record
+    (tmp_path / ".run.yaml.frozen").unlink()
     freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))
-    with pytest.raises(ConfigError, match=r"train\.state_every_iterations: 1 -> 4"):
-        freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml", ["train.state_every_iterations=4"]))
+    with pytest.raises(ConfigError, match=r"train\.epochs: 1 -> 4"):
+        freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml", ["train.epochs=4"]))
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
+def test_non_finite_numbers_are_refused_when_the_config_loads(value):
+    with pytest.raises(ConfigError, match="train.learning_rate: .* is not a finite number"):
+        load_config(ROOT / "configs" / "tiny.yaml", [f"train.learning_rate={value}"])
+
+
+def test_holding_out_every_prompt_is_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match="data.heldout_fraction=1.0 holds out every prompt"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["data.heldout_fraction=1.0"])
+
+
+def test_a_hand_edit_of_the_recipe_in_run_yaml_is_refused_naming_the_keys(tmp_path):
+    freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))
+    frozen = tmp_path / "run.yaml"
+    assert re.search(r"^# recipe digest: [0-9a-f]{64}$", frozen.read_text(), re.MULTILINE)
+    original = frozen.read_text()
+    frozen.write_text(original.replace("learning_rate: 1.0e-05", "learning_rate: 0.001")
+                      .replace("top_k: 20", "top_k: 5"))
+    with pytest.raises(ConfigError) as refused:
+        load_run_config(tmp_path)
+    message = str(refused.value)
+    assert f"{frozen} was edited after the run started" in message
+    assert "train.learning_rate: 1e-05 -> 0.001" in message and "score.top_k: 20 -> 5" in message
+    assert f"rgsd-pipeline iterate --config {frozen} --run NEW_RUN_FOLDER" in message
+    # the edited file starts a new run as it is (its comments are comments)
+    assert load_config(frozen).train.learning_rate == 1e-3
+    # removing the digest line does not hide the edit
+    frozen.write_text("".join(line for line in frozen.read_text().splitlines(True) if "recipe digest" not in line))
+    with pytest.raises(ConfigError, match="the digest line was removed"):
+        load_run_config(tmp_path)
+    # placement keys are not the recipe: editing them is accepted
+    frozen.write_text(original.replace("kind: auto", "kind: hf", 1))
+    assert load_run_config(tmp_path).engine.kind == "hf"
+
+
+def test_a_command_may_override_placement_but_not_the_recipe(tmp_path, monkeypatch):
+    from rgsd_pipeline.recipe import PLACEMENT, PLACEMENT_ENV, placement_of, use_placement
+
+    monkeypatch.setenv(PLACEMENT_ENV, "{}")  # restored after the test: use_placement sets it
+    freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml"))
+    use_placement(["engine.score_kind=server", "engine.teacher_urls=[http://a:8000/v1, http://b:8000/v1]",
+                   "train.micro_batch_size=2"])
+    config = load_run_config(tmp_path)
+    assert config.engine.teacher_urls == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert placement_of(config)["train.micro_batch_size"] == 2
+    with pytest.raises(ConfigError, match="train.learning_rate is part of the run's recipe, frozen in run.yaml"):
+        use_placement(["train.learning_rate=1e-3"])
+    with pytest.raises(ConfigError, match="engine.hf_batch_size: -1 is below the minimum 1"):
+        use_placement(["engine.hf_batch_size=-1"])
+    with pytest.raises(ConfigError, match="unknown key 'engine.kinds'"):
+        use_placement(["engine.kinds=hf"])
+    # a different placement in a config given again is this command's, not a different recipe
+    freeze_or_check(tmp_path, load_config(ROOT / "configs" / "tiny.yaml", ["engine.kind=hf", "train.parallel=fsdp"]))
+    for key in PLACEMENT:  # every placement key is a field
+        section, name = key.split(".")
+        assert hasattr(getattr(config, section), name), key
 
 
 def test_every_field_is_documented():

@@ -26,3 +26,12 @@ def test_code_points_to_the_design_page_not_an_outside_one():
     sources = [p for folder in ("rgsd_pipeline", "stages", "schemas", "configs") for p in (ROOT / folder).rglob("*")
                if p.suffix in (".py", ".yaml")] + [ROOT / "Makefile"]
     assert not [p for p in sources if "DESIGN.md" in p.read_text()]
+
+
+def test_the_design_page_lists_every_placement_key_and_no_other():
+    from rgsd_pipeline.recipe import PLACEMENT
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    table = page.split("| placement keys | why they are not the recipe |", 1)[1].split("\n\n", 1)[0]
+    named = {key for row in table.splitlines()[2:] for key in re.findall(r"`(\w+\.\w+)`", row.split(" | ")[0])}
+    assert named == set(PLACEMENT), named ^ set(PLACEMENT)

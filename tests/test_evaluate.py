@@ -56,7 +56,8 @@ def test_evaluate_on_a_data_file_quarantines_bad_rows(evaluated_run, tmp_path):
 @pytest.mark.slow
 def test_evaluate_user_errors_exit_2_without_traceback(evaluated_run, tmp_path):
     cases = [
-        (["--iteration", 7], "iter-007/checkpoint"),
+        (["--iteration", 7], "--iteration 7: "),  # it named "iteration 8", which the user never asked for
+        (["--iteration", 7], "iter-007/checkpoint is missing or incomplete (trained iterations: 0)"),
         (["--iteration", "last"], "neither 'base', 'teacher' nor an iteration number"),
         (["--iteration", "base", "--data", tmp_path / "nope.jsonl"], "nope.jsonl"),
         (["--iteration", "base", "--judge-url", "http://127.0.0.1:9/v1"], "--judge-url and --judge-model go together"),

@@ -4,6 +4,7 @@ Every stage of one iteration is killed several times at seeded random moments an
 then equal an uninterrupted run's, with every row exactly once and every checksum valid.
 """
 
+import json
 import os
 import random
 import resource
@@ -61,7 +62,7 @@ def rows(run, stage):
         return read_stage(run / "prompts", PROMPTS).lazy().collect().to_dicts()
     if stage == "rollout":
         return read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
-    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.recipe import load_run_config
 
     schema = storage_schema(load_run_config(run).score, 1024)
     return read_stage(run / "iter-000" / "signals", schema).lazy().collect().to_dicts()
@@ -162,3 +163,42 @@ def test_a_second_writer_is_refused_by_the_lock(reference, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is being written by another process" in result.stderr
     cli("rollout", "--run", run, "--iteration", 0)  # once the holder is gone, the stage runs
+
+
+@pytest.mark.slow
+def test_a_second_trainer_of_an_iteration_is_refused_by_its_lock(reference, tmp_path):
+    """`train --iteration 0` while another process trains iteration 0 (an `iterate`, say) holds its lock."""
+    from rgsd_pipeline import layout
+
+    reference_run, _ = reference
+    run = copy_run(reference_run, tmp_path / "run", keep=("prompts", "iter-000"),
+                   without=("checkpoint", "metrics.jsonl"))
+    with exclusive_lock(layout.train_lock_file(run, 0), "held by the test"):
+        result = cli("train", "--run", run, "--iteration", 0, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "is being written by another process" in result.stderr
+    assert not (run / "iter-000" / "metrics.jsonl").exists() and not (run / "iter-000" / "checkpoint").exists()
+    cli("train", "--run", run, "--iteration", 0)  # once the holder is gone, it trains
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_during_the_checkpoint_write_fails_cleanly_and_a_rerun_writes_the_same_weights(
+        reference, tmp_path):
+    """The tiny model's weights are 2.2 MB: a 1 MB limit stops the checkpoint write (it was an EFBIG traceback)."""
+    reference_run, _ = reference
+    run = copy_run(reference_run, tmp_path / "run", keep=("prompts", "iter-000"),
+                   without=("checkpoint", "metrics.jsonl"))
+    # No state mid-iteration (placement): the checkpoint, not a trainer state, is the first file past the limit.
+    result = subprocess.run([*CLI, "train", "--run", str(run), "--iteration", "0", "train.save_every=100"], cwd=ROOT,
+                            capture_output=True, text=True, preexec_fn=limited_file_size(1 << 20),
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    checkpoint = run / "iter-000" / "checkpoint"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot write the checkpoint {checkpoint}: File too large; nothing was published" in result.stderr
+    assert not (checkpoint / "_SUCCESS").exists() and not list(checkpoint.glob("*.safetensors"))
+    cli("train", "--run", run, "--iteration", 0)
+    weights = "iter-000/checkpoint/model.safetensors"
+    assert (run / weights).read_bytes() == (reference_run / weights).read_bytes()
+    steps = [json.loads(line)["step"] for line in (run / "iter-000" / "metrics.jsonl").read_text().splitlines()
+             if '"step"' in line]
+    assert len(steps) == len(set(steps)), steps

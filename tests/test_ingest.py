@@ -8,7 +8,7 @@ import pytest
 
 from rgsd_pipeline.config import DataConfig, TemplateConfig
 from rgsd_pipeline.ingest import ingest
-from rgsd_pipeline.sources import SourceError, read_source
+from rgsd_pipeline.sources import SourceError, read_source, source_fingerprint
 
 
 def good(i, fmt="rubrichub"):
@@ -131,6 +131,24 @@ def test_unreadable_sources_are_clear_errors(tmp_path):
         list(read_source(str(text)))
     with pytest.raises(SourceError, match="unknown built-in data set"):
         list(read_source("builtin:nope"))
+
+
+def test_a_device_or_a_pipe_is_refused_before_it_is_read(tmp_path):
+    """/dev/urandom was hashed for minutes; a pipe blocks its reader. Both are refused by their kind, unread (the
+    pipe's writer and /dev/null would let a reader finish: on the old code both were fingerprinted)."""
+    import os
+    import threading
+
+    pipe = tmp_path / "rows.jsonl"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text(json.dumps(good(1)) + "\n"), daemon=True)
+    writer.start()
+    for spec in (str(pipe), "/dev/null"):
+        with pytest.raises(SourceError, match="is not a regular file or folder"):
+            source_fingerprint(spec)
+    with open(pipe) as reader:  # let the writer finish
+        reader.read()
+    writer.join(timeout=5)
 
 
 def test_bundled_medsci_data_is_clean_and_balanced(tiny_tokenizer):

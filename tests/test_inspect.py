@@ -10,8 +10,8 @@ import pytest
 from helpers import cli
 
 from rgsd_pipeline import inspect
-from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.models import load_tokenizer
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import read_stage
 from rgsd_pipeline.signals import decode_logprobs, storage_schema
 from schemas import ROLLOUTS

@@ -27,7 +27,7 @@ def checkpoint_weights(run, iteration):
 
 
 def signals_frame(run, iteration):
-    from rgsd_pipeline.config import load_run_config
+    from rgsd_pipeline.recipe import load_run_config
 
     schema = storage_schema(load_run_config(run).score, 1024)
     return read_stage(run / f"iter-{iteration:03d}" / "signals", schema).lazy().collect()
@@ -46,15 +46,18 @@ def test_two_iterations_chain_policies(two_iterations):
 
 @pytest.mark.slow
 def test_rollouts_of_a_retrained_policy_are_refused_not_reused(two_iterations, tmp_path):
-    """Retrain iteration 0 with another learning rate: iteration 1's rollouts came from the old weights."""
+    """Retrain iteration 0 with another micro-batch size (placement: the same update up to float rounding, other
+    bytes): iteration 1's rollouts came from the old weights."""
     chain = json.loads((two_iterations / "chain.json").read_text())
     assert chain[0]["policy_fingerprint"] != chain[0]["checkpoint_fingerprint"] != chain[1]["checkpoint_fingerprint"]
-    run = copy_run(two_iterations, tmp_path / "retrained", train__learning_rate=5e-4)
+    run = copy_run(two_iterations, tmp_path / "retrained")
     shutil.rmtree(run / "iter-000" / "checkpoint")
-    result = cli("iterate", "--run", run, "--iterations", 2, check=False)
+    result = cli("iterate", "--run", run, "--iterations", 2, "train.micro_batch_size=8", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"{run / 'iter-001' / 'rollouts'} is stale: it was sampled from other weights than" in result.stderr
     assert (run / "iter-000" / "checkpoint" / "_SUCCESS").exists()  # iteration 0 was retrained
+    provenance = json.loads((run / "iter-000" / "checkpoint" / "rgsd.json").read_text())
+    assert provenance["placement"]["train.micro_batch_size"] == 8  # recorded with the checkpoint
     shutil.rmtree(run / "iter-001")
     cli("iterate", "--run", run, "--iterations", 2)  # redone from the new weights
     redone = json.loads((run / "chain.json").read_text())
@@ -208,6 +211,40 @@ def test_prepare_on_an_existing_run_reads_its_run_yaml(tmp_path):
     assert "prompts already complete" in cli("prepare", "--run", run, "--data", data).stdout
     changed = cli("prepare", "--run", run, "template.pitfalls=inline", check=False)
     assert changed.returncode == 2 and "template.pitfalls: 'avoid' -> 'inline'" in changed.stderr
-    # iterate on that run: an override that differs from run.yaml is refused, not silently left unused
-    ignored = cli("iterate", "--run", run, "--iterations", 1, "train.state_every_iterations=4", check=False)
-    assert ignored.returncode == 2 and "train.state_every_iterations: 1 -> 4" in ignored.stderr, ignored.stderr[-2000:]
+    # iterate on that run: a recipe override that differs from run.yaml is refused, not silently left unused
+    ignored = cli("iterate", "--run", run, "--iterations", 1, "train.epochs=4", check=False)
+    assert ignored.returncode == 2 and "train.epochs: 1 -> 4" in ignored.stderr, ignored.stderr[-2000:]
+    # a stage command takes placement, and refuses the recipe
+    refused = cli("rollout", "--run", run, "--iteration", 0, "rollout.temperature=0.5", check=False)
+    assert refused.returncode == 2 and "rollout.temperature is part of the run's recipe" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_replaced_checkpoint_is_refused_and_the_chain_left_alone(two_iterations, tmp_path):
+    """iter-000's weights copied over iter-001's: every reader of the checkpoint refuses it by name."""
+    run = copy_run(two_iterations, tmp_path / "run")
+    chain = json.loads((run / "chain.json").read_text())
+    replaced = run / "iter-001" / "checkpoint" / "model.safetensors"
+    shutil.copy(run / "iter-000" / "checkpoint" / "model.safetensors", replaced)
+    result = cli("iterate", "--run", run, "--iterations", 3, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{replaced} does not hold what was written there" in result.stderr, result.stderr[-2000:]
+    rewritten = json.loads((run / "chain.json").read_text())
+    assert rewritten == chain[:len(rewritten)] and not (run / "iter-002").exists()  # no link records the swap
+    report = cli("report", "--run", run, "--iteration", 1, "--heldout", 2, check=False)
+    assert report.returncode == 2 and f"{replaced} does not hold" in report.stderr, report.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_damaged_trainer_state_is_refused_not_trained_on(two_iterations, tmp_path):
+    """A flipped bit in iteration 0's fp32 weights, then iteration 1 trained again, which continues from that state."""
+    run = copy_run(two_iterations, tmp_path / "run")
+    shutil.rmtree(run / "iter-001")
+    state = run / "iter-000" / "checkpoint" / "trainer_state" / "weights.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0x10
+    state.write_bytes(bytes(data))
+    result = cli("iterate", "--run", run, "--iterations", 2, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{state} does not match its checksum" in result.stderr, result.stderr[-2000:]
+    assert not (run / "iter-001" / "checkpoint" / "_SUCCESS").exists()

@@ -53,7 +53,7 @@ def test_model_names_and_weight_formats(tiny_path, tmp_path):
 
 def test_fingerprint_sees_a_changed_chat_template(tiny_path, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_path, copy)
+    shutil.copytree(tiny_path, copy, ignore=shutil.ignore_patterns(WEIGHTS_RECORD))  # a folder of the user's
     assert model_fingerprint(copy) == model_fingerprint(tiny_path)
     (copy / "chat_template.jinja").write_text("{{ messages }}")
     assert model_fingerprint(copy) != model_fingerprint(tiny_path)
@@ -79,15 +79,53 @@ def test_fingerprint_sees_the_weights_bytes_not_only_headers_and_sizes(tiny_path
     model_fingerprint(retrained)
 
 
-def test_a_stale_weights_record_is_not_trusted(tiny_path, tmp_path, monkeypatch):
+def test_a_folder_we_wrote_is_verified_against_its_record(tiny_path, tmp_path, monkeypatch):
+    """A changed byte, a file swapped in with the recorded mtime, a file added or removed: each refused by name. A
+    copy of the folder (new ctime) is hashed once and accepted."""
+    import os
+
+    from rgsd_pipeline.shards import ArtifactError
+
     monkeypatch.setenv("RGSD_CACHE_DIR", str(tmp_path / "cache"))
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_path, copy)  # copies rgsd-weights.json, keeps mtimes (copy2)
+    shutil.copytree(tiny_path, copy)  # copies rgsd-weights.json, keeps mtimes (copy2), new ctimes: hashed once
     assert (copy / WEIGHTS_RECORD).exists() and model_fingerprint(copy) == model_fingerprint(tiny_path)
-    data = bytearray((copy / "model.safetensors").read_bytes())
+    monkeypatch.setattr("rgsd_pipeline.fingerprints.sha256_file", lambda path: pytest.fail(f"{path} hashed again")
+                        if path.suffix == ".safetensors" else sha256_file(path))
+    model_fingerprint(copy)
+    monkeypatch.undo()
+    monkeypatch.setenv("RGSD_CACHE_DIR", str(tmp_path / "cache"))
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # the last byte of the last tensor
-    (copy / "model.safetensors").write_bytes(bytes(data))
-    assert model_fingerprint(copy) != model_fingerprint(tiny_path)
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only ctime tells
+    with pytest.raises(ArtifactError, match=f"{weights} does not hold what was written there"):
+        model_fingerprint(copy)
+    shutil.copy2(tiny_path / "model.safetensors", weights)
+    model_fingerprint(copy)  # the original bytes again: accepted
+    (copy / "model-extra.safetensors").write_bytes(b"")
+    with pytest.raises(ArtifactError, match="model-extra.safetensors was not written there"):
+        model_fingerprint(copy)
+    (copy / "model-extra.safetensors").unlink()
+    (copy / "generation_config.json").unlink()
+    with pytest.raises(ArtifactError, match="generation_config.json is missing"):
+        model_fingerprint(copy)
+
+
+def test_weights_of_another_architecture_are_refused_naming_the_tensors(tiny_path, tmp_path):
+    """tiny-qwen2's tensors (q/k/v biases, no lm_head: tied) in a folder whose config is the tiny Llama's."""
+    from rgsd_pipeline.models import ModelError, load_model, resolve_model
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_path, mixed, ignore=shutil.ignore_patterns(WEIGHTS_RECORD))
+    shutil.copy(resolve_model("builtin:tiny-qwen2") / "model.safetensors", mixed / "model.safetensors")
+    with pytest.raises(ModelError) as refused:
+        load_model(mixed)
+    message = str(refused.value)
+    assert "missing: lm_head.weight" in message and "unexpected: model.layers.0.self_attn.k_proj.bias" in message
+    load_model(tiny_path)  # its own weights load
 
 
 def test_a_tokenizer_is_loaded_once_per_process_for_equal_files(tiny_path, tmp_path):

@@ -6,8 +6,8 @@ import polars as pl
 import pytest
 from helpers import cli, copy_run, kill_after_first_shard
 
-from rgsd_pipeline.config import load_run_config
 from rgsd_pipeline.examples import load_examples
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import ArtifactError, read_manifest, read_stage
 from rgsd_pipeline.signals import storage_schema
 from schemas import ROLLOUTS

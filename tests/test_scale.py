@@ -60,16 +60,56 @@ def test_a_rank_killed_at_a_random_moment_then_rerun_gives_the_same_run(two_rank
     assert not list(run.rglob(".*.tmp-*"))
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(mark):
+    """(process name, address, port) of every listening TCP socket held by a process whose environment carries
+    `mark`, however it was started (Ray's agents and workers are not all children of the command)."""
+    found = set()
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.environ().get("RGSD_TEST_MARK") != mark:
+                continue
+            for sock in process.net_connections(kind="inet"):
+                if sock.status == psutil.CONN_LISTEN:
+                    found.add((process.info["name"], sock.laddr.ip, sock.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 def test_ray_train_workers_write_the_run_torchrun_writes(two_ranks, tmp_path, small_config):
-    """The same rank function as Ray Train workers on a local cluster bound to 127.0.0.1."""
+    """The same rank function as Ray Train workers on a local cluster: every socket any of its processes listens on
+    while the run goes is on loopback, and Ray's token auth is on with no token file written to the home folder."""
     pytest.importorskip("ray", reason="the `ray` extra (make setup installs it)")
-    run = tmp_path / "ray"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    result = subprocess.run([sys.executable, "-m", "rgsd_pipeline", "iterate", "--config", str(small_config), "--run",
-                             str(run), "--iterations", "2", "--ray", "local", "--workers", "2"], cwd=ROOT,
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run, home, mark = tmp_path / "ray", tmp_path / "home", f"ray-{os.getpid()}-{time.time_ns()}"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(HOME=str(home), RGSD_TEST_MARK=mark)
+    job = subprocess.Popen([sys.executable, "-m", "rgsd_pipeline", "iterate", "--config", str(small_config), "--run",
+                            str(run), "--iterations", "2", "--ray", "local", "--workers", "2"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
+    listeners, auth_modes = set(), set()
+    try:
+        while job.poll() is None:
+            listeners |= listening_sockets(mark)
+            for process in psutil.process_iter(["name"]):
+                try:
+                    if process.environ().get("RGSD_TEST_MARK") == mark and "raylet" in process.info["name"]:
+                        auth_modes.add(process.environ().get("RAY_AUTH_MODE"))
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            time.sleep(0.5)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert len(listeners) >= 5, listeners  # GCS, raylet, object manager, agents, workers were seen
+    assert {ip for _, ip, _ in listeners} <= LOOPBACK, sorted(s for s in listeners if s[1] not in LOOPBACK)
+    assert auth_modes == {"token"} and not (home / ".ray" / "auth_token").exists()
     assert_equivalent_runs(run, two_ranks[0])
     again = cli("iterate", "--run", run, "--iterations", 2).stdout
     assert again.count(": complete") == 6

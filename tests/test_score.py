@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import cli, copy_run, kill_after_first_shard
 
-from rgsd_pipeline.config import ScoreConfig, TemplateConfig, load_run_config
+from rgsd_pipeline.config import ScoreConfig, TemplateConfig
 from rgsd_pipeline.models import load_model, load_tokenizer, resolve_model
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.render import chat_ids, teacher_messages
 from rgsd_pipeline.shards import read_stage
 from rgsd_pipeline.signals import decode_logprobs, loss_mask, storage_schema
@@ -107,8 +108,7 @@ def test_kill_during_score_then_resume_equals_uninterrupted(rolled, tmp_path):
 
 
 def test_too_long_teacher_input_is_skipped_with_reason(rolled, tmp_path):
-    run = copy_run(rolled, tmp_path / "run", without=("signals",))
-    (run / "run.yaml").write_text((run / "run.yaml").read_text().replace("max_model_len: 1024", "max_model_len: 300"))
+    run = copy_run(rolled, tmp_path / "run", without=("signals",), model__max_model_len=300)
     cli("score", "--run", run, "--iteration", 0)
     stored = signals(run).lazy().collect()
     skipped = stored.filter(pl.col("status") != "ok")
@@ -120,7 +120,7 @@ def test_too_long_teacher_input_is_skipped_with_reason(rolled, tmp_path):
 def test_student_and_teacher_must_share_a_tokenizer(rolled, tmp_path):
     run = copy_run(rolled, tmp_path / "run", without=("signals",))
     fake = tmp_path / "policy"
-    shutil.copytree(resolve_model("builtin:tiny"), fake)
+    shutil.copytree(resolve_model("builtin:tiny"), fake, ignore=shutil.ignore_patterns("rgsd-weights.json"))
     (fake / "chat_template.jinja").write_text("{{ messages }}")
     checkpoint = run / "iter-000" / "checkpoint"
     shutil.copytree(fake, checkpoint)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import VllmServer, cli, copy_run
 
-from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import read_stage
 from rgsd_pipeline.signals import storage_schema
 

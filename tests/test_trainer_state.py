@@ -256,3 +256,49 @@ def test_states_written_every_few_iterations_a_kill_between_them_replays_the_ite
         metrics = (run / f"iter-{iteration:03d}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["global_step"] for line in metrics] == [iteration + 1]  # written once
     assert state_global_step(final_state(run / "iter-002" / "checkpoint")) == 3
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["weights.safetensors", "optimizer.pt"])
+def test_a_state_is_verified_against_the_checksums_taken_while_it_was_written(tmp_path, damaged):
+    """A flipped bit in either file is refused by name before anything is loaded; the intact state loads."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    state = tmp_path / "trainer_state"
+    trainer_state.save_state(state, model, optimizer, step=2)
+    files = json.loads((state / "state.json").read_text())["files"]
+    assert set(files) == {"weights.safetensors", "optimizer.pt"}
+    assert files["weights.safetensors"]["sha256"] == __import__("hashlib").sha256(
+        (state / "weights.safetensors").read_bytes()).hexdigest()
+    fresh = torch.nn.Linear(4, 3)
+    assert trainer_state.load_state(state, fresh, torch.optim.AdamW(fresh.parameters())) == 2
+    torch.testing.assert_close(fresh.weight, model.weight, atol=0, rtol=0)
+    _flip(state / damaged, (state / damaged).stat().st_size - 9)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(ArtifactError, match=f"{state / damaged} does not match its checksum"):
+        trainer_state.load_state(state, fresh, torch.optim.AdamW(fresh.parameters()))
+    if damaged == "weights.safetensors":
+        assert torch.equal(fresh.weight, before)  # nothing of it was loaded
+    (state / "state.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="state.json cannot be read"):
+        trainer_state.state_global_step(state)
+
+
+def test_a_second_writer_of_a_trainer_state_is_refused_by_its_lock(tmp_path):
+    from rgsd_pipeline import layout
+    from rgsd_pipeline.shards import LockedError, exclusive_lock
+
+    model = torch.nn.Linear(2, 2)
+    state = tmp_path / "checkpoint" / "trainer_state"
+    with exclusive_lock(layout.trainer_state_lock(state), "held by the test"):
+        with pytest.raises(LockedError, match="is being written by another process"):
+            trainer_state.save_state(state, model, torch.optim.AdamW(model.parameters()), step=1)
+    trainer_state.save_state(state, model, torch.optim.AdamW(model.parameters()), step=1)
+    assert find_state(tmp_path / "checkpoint") == state
