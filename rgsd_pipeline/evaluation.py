@@ -23,6 +23,7 @@ from rgsd_pipeline.fingerprints import fingerprint, model_fingerprint
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import load_tokenizer, resolve_model
 from rgsd_pipeline.render import student_messages, teacher_messages
+from rgsd_pipeline.rows import split_draw
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,
@@ -62,21 +63,27 @@ def eval_prompts(run: Path, config: RunConfig, data_spec: str | None, set_name: 
     if data_spec is None:
         run_prompts = read_stage(layout.prompts_dir(run), PROMPTS)
         inputs = {"prompts": fingerprint(run_prompts.manifest["shards"]), "max_prompts": str(max_prompts)}
+        if max_prompts:  # a seeded sample since this release, no longer the first N
+            inputs["sample_seed"] = str(config.data.split_seed + 2)
     else:
         inputs = {f"source:{data_spec}": source_fingerprint(data_spec), "max_prompts": str(max_prompts),
                   "template": fingerprint(to_dict(config.template))}
     with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(1)) as out:
         if out.todo():
-            rows = _heldout_rows(run, run_prompts, max_prompts) if data_spec is None else \
+            rows = _heldout_rows(run, run_prompts, max_prompts, config.data.split_seed + 2) if data_spec is None else \
                 _data_rows(run, config, data_spec, set_name, max_prompts)
             out.write_shard(0, pa.Table.from_pylist(rows, schema=PROMPTS.arrow))
         out.finalize()
     return read_stage(out_dir, PROMPTS).lazy().collect().to_dicts()
 
 
-def _heldout_rows(run: Path, run_prompts: StageData, max_prompts: int) -> list[dict]:
+def _heldout_rows(run: Path, run_prompts: StageData, max_prompts: int, seed: int = 0) -> list[dict]:
+    """The held-out prompts in source order; with `max_prompts`, a seeded sample of that many (the first N in source
+    order would all come from the first file, or the first domain, of the sources)."""
     rows = run_prompts.lazy().filter(pl.col("split") == "heldout").collect().to_dicts()
-    rows = rows[:max_prompts] if max_prompts else rows
+    if max_prompts and max_prompts < len(rows):
+        chosen = set(sorted(range(len(rows)), key=lambda i: split_draw(rows[i]["prompt_id"], seed))[:max_prompts])
+        rows = [row for i, row in enumerate(rows) if i in chosen]
     if not rows:
         raise ArtifactError(f"{layout.prompts_dir(run)} has no held-out prompts; set data.heldout_fraction > 0 at "
                             "prepare, or pass --data")

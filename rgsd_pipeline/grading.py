@@ -78,12 +78,22 @@ def summarize(verdicts: pl.DataFrame, domains: dict[str, str], resamples: int = 
     return out
 
 
-def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int = 1000, seed: int = 0) -> dict:
-    """Mean per-prompt score difference (after - before) over the prompts both policies have a score on, with a
-    percentile bootstrap interval over those prompts: the paired comparison of two policies' verdicts."""
+def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """After minus before over the prompts both policies have a score on, as the rows show them: the difference of
+    the two clipped means (so it is exactly the difference of the table's rows when both cover the same prompts),
+    with a paired percentile bootstrap interval (the same prompts resampled for both)."""
     a, b = (prompt_scores(answer_scores(v)).drop_nulls("score") for v in (after, before))
     both = a.join(b, on="prompt_id", suffix="_before")
-    return interval((both["score"] - both["score_before"]).to_numpy(), resamples, seed, clip=False)
+    after_P, before_P = (both[c].to_numpy().astype(np.float64) for c in ("score", "score_before"))
+    if not len(after_P):
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    draws = np.random.default_rng(seed).integers(0, len(after_P), size=(resamples, len(after_P)))
+    clipped = lambda values: np.clip(values, 0.0, 1.0)  # noqa: E731
+    differences = clipped(after_P[draws].mean(axis=1)) - clipped(before_P[draws].mean(axis=1))
+    tail = (1 - level) / 2 * 100
+    return {"mean": clipped_mean(after_P) - clipped_mean(before_P), "low": float(np.percentile(differences, tail)),
+            "high": float(np.percentile(differences, 100 - tail)), "n": int(len(after_P))}
 
 
 def make_grader(judge, run: Path):

@@ -91,7 +91,7 @@ def report(run: Path, iteration: int, heldout: int) -> None:
 
     # 2. The base model, the teacher itself (when the rule judge can grade the rubric) and the trained policy answer
     #    the held-out prompts with the same seeds, through `evaluate`: its answers, diagnostics and verdicts.
-    set_name = "heldout" if not heldout or heldout >= len(held) else f"heldout-first-{heldout}"
+    set_name = "heldout" if not heldout or heldout >= len(held) else f"heldout-sample-{heldout}"
     judge = "rules" if rules_can_grade(held) else None
     policies = ["base", *(["teacher"] if judge else []), str(iteration)]
     results = {}

@@ -167,3 +167,26 @@ def test_report_satisfaction_is_what_evaluate_judge_rules_measures(howto_run, tm
         .alias("score")).select("prompt_id", "score").iter_rows()) for label, v in verdicts.items()}
     assert difference["mean"] == pytest.approx(np.mean([scores["iter-000"][p] - scores["base"][p]
                                                         for p in scores["base"]]))
+
+
+def test_a_heldout_subset_is_a_seeded_sample_not_the_first_rows():
+    """`--heldout N` / `--max-prompts N` on the held-out split: the N prompts of smallest seeded draw, kept in source
+    order, not the first N rows (which would all be the first source's, here every medical prompt)."""
+    import polars as pl
+
+    from rgsd_pipeline.evaluation import _heldout_rows
+    from rgsd_pipeline.rows import split_draw
+
+    rows = [{"prompt_id": f"{i:016x}", "split": "heldout", "domain": "medical" if i < 30 else "science"}
+            for i in range(60)]
+
+    class Prompts:
+        def lazy(self):
+            return pl.DataFrame(rows).lazy()
+
+    chosen = _heldout_rows(None, Prompts(), 12, seed=2)
+    want = sorted(rows, key=lambda r: split_draw(r["prompt_id"], 2))[:12]
+    assert [r["prompt_id"] for r in chosen] == sorted(r["prompt_id"] for r in want)  # source order
+    assert {r["domain"] for r in chosen} == {"medical", "science"}
+    assert [r["prompt_id"] for r in _heldout_rows(None, Prompts(), 12, seed=3)] != [r["prompt_id"] for r in chosen]
+    assert _heldout_rows(None, Prompts(), 0) == rows
