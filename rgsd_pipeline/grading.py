@@ -96,6 +96,30 @@ def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int 
             "high": float(np.percentile(differences, 100 - tail)), "n": int(len(after_P))}
 
 
+class OtherCriteria:
+    """A grader of the same answers against another data set's criteria for their questions (evaluate
+    --also-grade): its verdicts and summary go under its own name, and its identity names the criteria's source."""
+
+    def __init__(self, grader, name: str, source: str):
+        self.grader, self.name, self.source = grader, f"{grader.name}-{name}", source
+
+    @property
+    def stats(self):
+        return self.grader.stats
+
+    def identity(self) -> dict:
+        return {**self.grader.identity(), "criteria": self.source}
+
+    def describe(self) -> str:
+        return f"{self.grader.describe()}, on the criteria of {self.source}"
+
+    def grade(self, items, on_progress=None):
+        return self.grader.grade(items, on_progress)
+
+    def close(self) -> None:
+        self.grader.close()
+
+
 def make_grader(judge, run: Path):
     """The grader for a judge: "rules" (the rule judge), or JudgeSettings (an LLM judge, its verdicts cached in the
     run's judge cache)."""
@@ -143,7 +167,8 @@ def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], ans
     `grader` is a judge.Judge or a rule_judge.RuleJudge: anything with name, identity(), describe(), grade(),
     stats and close(). Skipped answers are not graded."""
     by_id = {p["prompt_id"]: p for p in prompts}
-    answered = answers.lazy().filter(~pl.col("finish_reason").str.starts_with("skipped")).collect().to_dicts()
+    answered = answers.lazy().filter(~pl.col("finish_reason").str.starts_with("skipped")
+                                     & pl.col("prompt_id").is_in(list(by_id))).collect().to_dicts()
     out_dir = layout.verdicts_dir(run, set_name, label, grader.name)
     inputs = {"answers": fingerprint(answers.manifest["shards"]), "judge": fingerprint(grader.identity())}
     with StageOutput(out_dir, EVAL_VERDICTS, inputs, ShardPlan(1)) as out:

@@ -10,13 +10,16 @@ Per GPU, in bytes (P parameters, F ranks sharing the FSDP2 shards, b = bytes per
                 plus the LM head chunk's [C, V] logits, log-probs and their gradient in fp32
     teacher     b * P           the local teacher engine (the frozen base model); 0 with the teacher service
                                 (engine.score_kind=server)
+    reference   b * P           the trainer's frozen base model for a loss with a KL term (grpo with
+                                train.kl_coef), held in model.dtype for the whole run; else 0
     vLLM        utilization * G while it samples (weights b * P / TP, KV cache, its buffers); asleep while the
                 teacher and trainer run (weights offloaded to host memory, KV cache freed)
     overhead    CUDA context, NCCL and allocator slack, 2 GiB
 
 The peak is the larger of the two phases: sampling (vLLM + trainer + teacher + overhead) and training
-(trainer + gathered + activations + teacher + overhead). The estimate is deliberately simple and on the
-safe side; what it leaves out (fragmentation, vLLM's CUDA graphs beyond its budget) is why 2 GiB stay free.
+(trainer + gathered + activations + teacher + overhead), each with the reference. The estimate is deliberately
+simple and on the safe side; what it leaves out (fragmentation, vLLM's CUDA graphs beyond its budget) is why
+2 GiB stay free.
 """
 
 from __future__ import annotations
@@ -114,12 +117,14 @@ def plan(shape: Shape, config: RunConfig, launch: Launch) -> dict[str, int]:
     tokens = train.micro_batch_size * config.model.max_model_len
     parts["activations"] = tokens * shape.hidden * compute_bytes * values + 3 * 4 * train.chunk_positions * shape.vocab
     parts["teacher"] = 0 if engine.score_kind == "server" else shape.parameters * weight_bytes
+    parts["reference"] = shape.parameters * weight_bytes if train.objective.needs_reference(train) else 0
     parts["vllm"] = int(engine.vllm_gpu_memory_utilization * launch.gpu_memory_gib * GIB) \
         if engine.kind != "hf" else shape.parameters * weight_bytes
     parts["overhead"] = OVERHEAD
-    parts["sampling_peak"] = parts["vllm"] + parts["trainer"] + parts["teacher"] + parts["overhead"]
+    parts["sampling_peak"] = parts["vllm"] + parts["trainer"] + parts["teacher"] + parts["reference"] + \
+        parts["overhead"]
     parts["training_peak"] = (parts["trainer"] + parts["gathered"] + parts["activations"] + parts["teacher"]
-                              + parts["overhead"] + (0 if engine.kind != "hf" else parts["vllm"]))
+                              + parts["reference"] + parts["overhead"] + (0 if engine.kind != "hf" else parts["vllm"]))
     parts["vllm_weights"] = shape.parameters * weight_bytes // engine.vllm_tensor_parallel_size
     parts["kv_bytes_per_token"] = 2 * shape.layers * shape.kv_heads * shape.head_dim * weight_bytes
     return parts
@@ -142,6 +147,8 @@ def describe(shape: Shape, config: RunConfig, launch: Launch, parts: dict[str, i
         f"  teacher      {gib(parts['teacher'])}   "
         + ("the teacher service (engine.score_kind=server)" if config.engine.score_kind == "server"
            else f"the frozen base model, a local engine in {config.model.dtype}"),
+        *([f"  reference    {gib(parts['reference'])}   the frozen base model for train.kl_coef, in "
+           f"{config.model.dtype}"] if parts["reference"] else []),
         f"  student      {gib(parts['vllm'])}   vLLM at {config.engine.vllm_gpu_memory_utilization:g} of the GPU: "
         f"weights {gib(parts['vllm_weights']).strip()}, KV cache {gib(kv_budget).strip()} "
         f"({max(kv_budget, 0) // parts['kv_bytes_per_token']:,} tokens)",
