@@ -64,16 +64,13 @@ def main():
     from common import GivenEngine, peak_memory_mb, record, timed
 
     from rgsd_pipeline import steps
-    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.config import load_config
     from rgsd_pipeline.engines import make_engine
     from rgsd_pipeline.engines.hf_engine import left_pad, length_buckets
-    from rgsd_pipeline.engines.hosting import StageEngines
     from rgsd_pipeline.models import load_tokenizer, resolve_model
     from rgsd_pipeline.render import chat_ids, teacher_messages
     from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import storage_schema, topk_bytes
-    from schemas import PROMPTS, ROLLOUTS
-    from stages.prepare import prepare
 
     for model in args.models if not (args.memory_only or args.guidance_only) else []:
         results = {}
@@ -84,12 +81,7 @@ def main():
                                     f"rollout.max_new_tokens={args.tokens}",
                                     f"engine.hf_batch_size={args.prompts}", "engine.vllm_enforce_eager=true",
                                     "engine.kind=hf"])
-        prepared = Path(tempfile.mkdtemp(prefix="bench-score-"))
-        freeze_or_check(prepared, config)
-        prepare(prepared, None, [], [], None)
-        steps.rollout(prepared, 0, StageEngines("hf"))
-        prompts = {p["prompt_id"]: p for p in read_stage(prepared / "prompts", PROMPTS).lazy().collect().to_dicts()}
-        rows = read_stage(prepared / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
+        prepared, prompts, rows = rolled_out(config, "bench-score-")
         teacher_ids = [chat_ids(tokenizer, teacher_messages(prompts[r["prompt_id"]], config.template)) for r in rows]
         sequences = [t + r["response_token_ids"] for t, r in zip(teacher_ids, rows, strict=True)]
         lens = [len(t) for t in teacher_ids]
@@ -136,34 +128,41 @@ def main():
         "chunked_over_full_above_baseline": (chunked - baseline) / (full - baseline)})
 
 
+def rolled_out(config, prefix: str) -> tuple[Path, dict, list[dict]]:
+    """(run folder, prompts by id, rollout rows) of a fresh run of `config`, prepared and sampled with HF."""
+    from rgsd_pipeline import steps
+    from rgsd_pipeline.config import freeze_or_check
+    from rgsd_pipeline.engines.hosting import StageEngines
+    from rgsd_pipeline.shards import read_stage
+    from schemas import PROMPTS, ROLLOUTS
+    from stages.prepare import prepare
+
+    run = Path(tempfile.mkdtemp(prefix=prefix))
+    freeze_or_check(run, config)
+    prepare(run, None, [], [], None)
+    steps.rollout(run, 0, StageEngines("hf"))
+    prompts = {p["prompt_id"]: p for p in read_stage(run / "prompts", PROMPTS).lazy().collect().to_dicts()}
+    return run, prompts, read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
+
+
 def guidance(model: str, args) -> None:
     """Rubric guidance's cost on HF and the error of vLLM's candidate lists against HF's exact guided signals, on the
     teacher sequences of a real rollout (builtin:howto, the demo's template)."""
     import numpy as np
     from common import record, timed
 
-    from rgsd_pipeline import steps
-    from rgsd_pipeline.config import freeze_or_check, load_config
+    from rgsd_pipeline.config import load_config
     from rgsd_pipeline.engines import make_engine
-    from rgsd_pipeline.engines.hosting import StageEngines
     from rgsd_pipeline.guidance import Contrast
     from rgsd_pipeline.models import load_tokenizer, resolve_model
-    from rgsd_pipeline.shards import read_stage
     from rgsd_pipeline.signals import teacher_inputs
-    from schemas import PROMPTS, ROLLOUTS
-    from stages.prepare import prepare
 
     path = resolve_model(model)
     config = load_config("configs/smollm2-cpu.yaml", [
         f"model.path={model}", f"data.max_prompts={args.prompts}", "data.heldout_fraction=0",
         f"data.rows_per_shard={args.prompts}", f"rollout.max_new_tokens={args.tokens}",
         f"engine.hf_batch_size={args.prompts}", "engine.kind=hf", f"score.guidance={args.guidance}"])
-    run = Path(tempfile.mkdtemp(prefix="bench-guidance-"))
-    freeze_or_check(run, config)
-    prepare(run, None, [], [], None)
-    steps.rollout(run, 0, StageEngines("hf"))
-    prompts = {p["prompt_id"]: p for p in read_stage(run / "prompts", PROMPTS).lazy().collect().to_dicts()}
-    rows = read_stage(run / "iter-000" / "rollouts", ROLLOUTS).lazy().collect().to_dicts()
+    run, prompts, rows = rolled_out(config, "bench-guidance-")
     shutil.rmtree(run)
     inputs = teacher_inputs(rows, prompts, load_tokenizer(path), config.template, config.model.max_model_len,
                             config.score)

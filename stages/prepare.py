@@ -6,8 +6,8 @@
 
 Freezes the resolved config into runs/<name>/run.yaml, reads every data source, quarantines bad
 rows with file, row, field and reason (prompts/quarantine.jsonl), de-duplicates, drops prompts over
-the token budget, splits train / held-out by a seeded hash, and writes prompts/part-*.parquet,
-manifest.json and _SUCCESS. A complete prompts/ is left as it is.
+the token budget, splits train / held-out by a seeded hash of each question, and writes
+prompts/part-*.parquet, manifest.json and _SUCCESS. A complete prompts/ is left as it is.
 """
 
 from __future__ import annotations
