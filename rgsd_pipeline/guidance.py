@@ -30,6 +30,7 @@ Shapes as in rgsd_pipeline/__init__.py (T response positions of one sequence, K 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,6 @@ from rgsd_pipeline.render import student_messages, teacher_messages
 from rgsd_pipeline.rows import split_draw
 
 NEGATIVES = names(GuidanceNegative)
-LOG_FLOOR = -30.0  # the least log-mass a candidate bucket keeps (about 1e-13, as losses.TAIL_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,13 @@ def from_candidates(rubric, negative, token_ids_T: np.ndarray, k: int, scale: fl
     logits_T_K = (1.0 + g) * rubric_T_K - g * negative_of_T_K
     if width >= vocabulary:  # both passes listed every token: nothing is left for the bucket
         rest_logit_T = np.full(positions, -np.inf)
-    else:  # masses floored so that rounding cannot make a bucket empty (or its guided mass infinite)
-        rest_rubric_T = np.maximum(_log1m(np.logaddexp.reduce(rubric_T_K, axis=-1)), LOG_FLOOR)
-        rest_negative_T = np.maximum(_log1m(np.logaddexp.reduce(negative_of_T_K, axis=-1)), LOG_FLOOR)
-        rest_logit_T = (1.0 + g) * rest_rubric_T - g * rest_negative_T
+    else:
+        # A list's missing mass below the rounding of its K' float32 values is noise, not mass: the rubric pass's
+        # bucket is then empty, and the negative pass's is taken at that noise level (guidance would divide by it).
+        noise = math.log(4 * width * np.finfo(np.float32).eps)
+        rest_rubric_T = _log1m(np.logaddexp.reduce(rubric_T_K, axis=-1))
+        rest_negative_T = np.maximum(_log1m(np.logaddexp.reduce(negative_of_T_K, axis=-1)), noise)
+        rest_logit_T = np.where(rest_rubric_T > noise, (1.0 + g) * rest_rubric_T - g * rest_negative_T, -np.inf)
     log_z_T = np.logaddexp(np.logaddexp.reduce(logits_T_K, axis=-1), rest_logit_T)
     guided_T_K = logits_T_K - log_z_T[:, None]
     order_T_K = np.argsort(-guided_T_K, axis=-1, kind="stable")[:, :k]

@@ -87,6 +87,18 @@ def test_from_candidates_over_the_whole_vocabulary_is_exact_and_partial_lists_st
     assert (exact.topk_ids_T_K == top.indices.numpy()).all()
     np.testing.assert_allclose(exact.token_logprob_T, guided[range(positions), tokens].numpy(), atol=1e-6)
     np.testing.assert_allclose(exact.tail_logprob_T, (1 - top.values.exp().sum(-1)).log().numpy(), atol=1e-5)
+    # A teacher server's lists of the whole vocabulary, in float32, from an engine that does not know they are
+    # complete: the rounding left outside them is noise, not a bucket for guidance to divide by.
+    as_served = lambda scores: Scores(scores.topk_ids_T_K, scores.topk_logprobs_T_K.astype(np.float32),  # noqa: E731
+                                      scores.token_logprob_T.astype(np.float32), scores.tail_logprob_T)
+    flat = 1024  # a random model's flat rows (the tiny model's vocabulary): rounding leaves 1e-6 outside a list
+    rubric_flat = (0.1 * torch.randn(positions, flat, generator=generator, dtype=torch.float64)).log_softmax(-1)
+    negative_flat = (rubric_flat + 0.1 * torch.randn(positions, flat, generator=generator,
+                                                     dtype=torch.float64)).log_softmax(-1)
+    want = ((1 + scale) * rubric_flat - scale * negative_flat).log_softmax(-1).topk(k, dim=-1).values.exp()
+    served = from_candidates(as_served(float64_scores(rubric_flat, tokens, flat)),
+                             as_served(float64_scores(negative_flat, tokens, flat)), tokens.numpy(), k, scale, 1 << 62)
+    np.testing.assert_allclose(np.exp(served.topk_logprobs_T_K), want.numpy(), rtol=1e-4)
     errors = []
     for width in (20, 50, 100):  # fewer candidates: an approximation that stays a distribution
         part = from_candidates(float64_scores(rubric, tokens, width), float64_scores(negative, tokens, width),
