@@ -111,12 +111,14 @@ bench: setup $(BENCH_VENV)/.installed
 	$(PY) bench/trl_compare.py
 	$(PY) bench/table.py
 
-# Does RGSD raise rubric satisfaction? SmolLM2 on builtin:checkable, graded by the rule judge, every arm (RGSD with
-# the rubric, chosen-kinds and reference teachers, the placebo and learning-rate controls, judge-based GRPO; a few
-# hours on a 2-core CPU; ARMS=rubric,placebo,grpo for some, finished arms are reused); writes docs/figures/learning.*.
-ARMS ?= rubric,chosen,reference,placebo,lr,grpo
+# Does RGSD raise rubric satisfaction? SmolLM2 on builtin:checkable (DATA=builtin:howto: the demo's recipe), graded by
+# the rule judge, every arm (RGSD with the rubric, chosen-kinds and reference teachers, rubric guidance at 0.5, 1 and
+# 2 and against another rubric, the placebo and learning-rate controls, judge-based GRPO, the jsd+grpo hybrid; hours
+# on a 2-core CPU; ARMS=rubric,placebo,grpo for some, finished arms are reused); writes docs/figures/learning.*.
+ARMS ?= rubric,chosen,reference,placebo,lr,grpo,g0.5,g1,g2,g1-other,hybrid
+DATA ?= builtin:checkable
 proof: setup
-	$(PY) bench/learning.py --arms $(ARMS)
+	$(PY) bench/learning.py --data $(DATA) --arms $(ARMS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache

@@ -20,12 +20,14 @@ from rgsd_pipeline.recipe import made_under
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_manifest
 
 STAGES = ("rollout", "score", "train")  # RGSD: the teacher scores the rollouts
-REWARD_STAGES = ("rollout", "reward", "train")  # the judge-based baseline (train.loss=grpo): a judge grades them
 
 
 def stages_for(config: RunConfig) -> tuple[str, ...]:
-    """The steps of one iteration of this run: RGSD's, or the judge-based baseline's."""
-    return REWARD_STAGES if config.train.loss == "grpo" else STAGES
+    """The steps of one iteration of this run: rollout, then what the loss reads (the teacher's score, a judge's
+    reward, or both), then train."""
+    objective = config.train.objective
+    return ("rollout", *(["score"] if objective.reads_signals else []),
+            *(["reward"] if objective.reads_rewards else []), "train")
 
 
 def output_dir(run: Path, iteration: int, stage: str) -> Path:
@@ -77,8 +79,12 @@ def link(run: Path, iteration: int, config: RunConfig) -> dict:
             raise ArtifactError(f"{output_dir(run, iteration, stage)} is not complete")
         verify_output(run, iteration, stage, config)
     policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
-    graded = "rewards" if "reward" in stages else "signals"
+    names = {"score": "signals", "reward": "rewards"}
+    graded = {names[stage]: read_manifest(output_dir(run, iteration, stage))["inputs"]
+              for stage in stages if stage in names}
+    if "signals" in graded:  # which teacher the signals are: the rubric pass alone, or rubric-guided against a negative
+        graded["teacher_guidance"] = {"scale": config.score.guidance, "negative": config.score.guidance_negative
+                                      if config.score.guidance else None}
     return {"iteration": iteration, "policy": str(policy), "policy_fingerprint": model_fingerprint(policy),
-            "rollouts": read_manifest(layout.rollouts_dir(run, iteration))["inputs"],
-            graded: read_manifest(output_dir(run, iteration, stages[1]))["inputs"],
+            "rollouts": read_manifest(layout.rollouts_dir(run, iteration))["inputs"], **graded,
             "checkpoint_fingerprint": model_fingerprint(layout.checkpoint_dir(run, iteration))}

@@ -21,7 +21,17 @@ from typing import Literal
 
 import yaml
 
-from rgsd_pipeline.choices import ClipMode, EngineKind, LossKind, RewardJudge, RowFormat, TeacherKind, TrackerKind
+from rgsd_pipeline.choices import (
+    ClipMode,
+    EngineKind,
+    GuidanceNegative,
+    LossKind,
+    Reduction,
+    RewardJudge,
+    RowFormat,
+    TeacherKind,
+    TrackerKind,
+)
 from rgsd_pipeline.errors import UserError
 
 
@@ -62,6 +72,9 @@ class DataConfig:
     max_prompt_tokens: int = opt(1024, "Prompts whose teacher view is longer than this are quarantined", minimum=1)
     rows_per_shard: int = opt(1000, "Rows per Parquet shard of every stage output", minimum=1)
     max_prompts: int = opt(0, "Keep only the first N training prompts after the split (0 keeps all)", minimum=0)
+    also_grade: str = opt("", "report: grade the held-out answers against this data set's criteria for the same "
+                              "questions too (e.g. builtin:checkable beside builtin:howto: did content survive?); "
+                              "empty: none")
 
 
 DEFAULT_TEACHER_TEMPLATE = (
@@ -168,6 +181,17 @@ class ScoreConfig:
     think_open: str = opt("<think>", "Opening tag of the reasoning span")
     think_close: str = opt("</think>", "Closing tag of the reasoning span")
     eos_in_loss: bool = opt(True, "Distil the final end-of-sequence token too (the stop decision)")
+    guidance: float = opt(0.0, "Rubric guidance scale g: the stored teacher distribution is softmax(z_rubric + g * "
+                               "(z_rubric - z_negative)), one more teacher prefill per rollout (classifier-free "
+                               "guidance, arXiv 2306.17806). 0: the paper's teacher", minimum=0.0)
+    guidance_negative: GuidanceNegative = opt(
+        "plain", "What the negative pass of score.guidance reads: the student's view (plain), or the question with "
+                 "another training prompt's rubric (other_rubric: cancels the style any rubric causes)")
+    guidance_candidates: int = opt(
+        256, "score.guidance on engines that return top-k log-probs only (vLLM, the teacher service): top-K' of each "
+             "pass the guided distribution is built from (the rest as one bucket; bench/score.py measures the "
+             "error). 0: the whole vocabulary from vLLM (exact, slow). The transformers engine is always exact",
+        minimum=0)
 
 
 @dataclass
@@ -186,8 +210,9 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     loss: LossKind = opt(
-        "jsd", "jsd (generalized JSD, see beta), sampled_reverse_kl (on-policy distillation estimator), or grpo (the "
-               "judge-based baseline: group-normalised rewards from iter-I/rewards, clipped policy gradient)")
+        "jsd", "jsd (generalized JSD, see beta), sampled_reverse_kl (on-policy distillation estimator), grpo (the "
+               "judge-based baseline: group-normalised rewards from iter-I/rewards, clipped policy gradient), or "
+               "jsd+grpo (both on the same rollouts: jsd plus train.reward_weight times grpo)")
     beta: float = opt(0.5, "JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL, 0.5 the paper's JSD",
                       minimum=0.0, maximum=1.0)
     clip: ClipMode = opt(
@@ -196,15 +221,19 @@ class TrainConfig:
     tau: float = opt(0.05, "Clip threshold (the paper reports 0.05)", minimum=0.0)
     distill_temperature: float = opt(1.0, "Temperature applied to both distributions' top-k + tail buckets in the loss",
                                      minimum=0.01)
-    importance_cap: float = opt(2.0, "sampled_reverse_kl: cap of the importance weight pi_theta / pi_behaviour that "
-                                     "corrects for stale or tempered rollouts (0 turns the correction off)",
-                                minimum=0.0)
+    importance_cap: float = opt(2.0, "sampled_reverse_kl and grpo: cap of the truncated importance weight that "
+                                     "corrects for stale or tempered rollouts against the distribution the engine "
+                                     "drew from (pi_theta / pi_behaviour; grpo: pi_old / pi_behaviour); 0 turns "
+                                     "the correction off", minimum=0.0)
     grpo_clip: float = opt(0.2, "grpo: the ratio pi_theta / pi_old is clipped to [1 - grpo_clip, 1 + grpo_clip]",
                            minimum=0.0)
     kl_coef: float = opt(0.0, "grpo: weight of the KL to the base model (k3 estimate; 0 loads no reference model)",
                          minimum=0.0)
-    reduction: Literal["token", "sequence"] = opt(
-        "token", "Average the loss over tokens of the batch, or per sequence then over sequences")
+    reward_weight: float = opt(1.0, "jsd+grpo: weight of the GRPO term beside the distillation term", minimum=0.0)
+    reduction: Reduction = opt(
+        "token", "Average the loss over tokens of the batch (DAPO's token mean), per sequence then over sequences "
+                 "(GRPO's, which weights a short answer's tokens more), or constant: the batch's sum over sequences x "
+                 "rollout.max_new_tokens (Dr. GRPO's constant normaliser)")
     ce_weight: float = opt(0.0, "Weight of cross-entropy on the sampled tokens mixed into the loss", minimum=0.0)
     master_dtype: Literal["float32", "bfloat16"] = opt(
         "float32", "dtype of the trainable weights and AdamW state, whatever model.dtype the engines use")
@@ -253,9 +282,16 @@ class TrainConfig:
     report_project: str = opt("rgsd-pipeline", "W&B project / MLflow experiment of report_to")
 
     @property
+    def objective(self):
+        """The loss object train.loss names (rgsd_pipeline/objectives.py): what it reads, its forward, its metrics."""
+        from rgsd_pipeline.objectives import of
+
+        return of(self.loss)
+
+    @property
     def reads_behaviour_logprobs(self) -> bool:
-        """Whether the loss reads the behaviour policy's log-probs (sampled_reverse_kl's importance weight)."""
-        return self.loss == "sampled_reverse_kl" and self.importance_cap > 0
+        """Whether the loss reads the behaviour policy's log-probs (its importance weights)."""
+        return self.objective.reads_behaviour(self)
 
 
 @dataclass
@@ -345,15 +381,13 @@ def _build(cls, raw: dict, where: str):
 def check_combinations(config: RunConfig) -> None:
     """Refuse settings that are valid one by one but not together."""
     train = config.train
-    if train.loss == "sampled_reverse_kl" and train.distill_temperature != 1.0:
-        raise ConfigError(f"train.distill_temperature={train.distill_temperature} with train.loss=sampled_reverse_kl: "
-                          "the sampled-token estimator is defined for the model's own distribution (temperature 1); "
-                          "use loss=jsd to distil at another temperature")
-    if train.loss == "grpo" and config.rollout.samples_per_prompt < 2:
-        raise ConfigError("train.loss=grpo needs rollout.samples_per_prompt >= 2: its advantages compare the samples "
-                          "of one prompt (the paper's baseline samples 16)")
+    train.objective.check(config)
     if config.reward.judge == "llm" and not (config.reward.judge_url and config.reward.judge_model):
         raise ConfigError("reward.judge=llm needs reward.judge_url and reward.judge_model")
+    if config.score.guidance > 0 and config.score.guidance_candidates == 0 and config.engine.score_kind == "server":
+        raise ConfigError("score.guidance_candidates=0 (the whole vocabulary) needs a local teacher engine; the "
+                          "teacher service returns top-k lists: set score.guidance_candidates to K' <= its "
+                          "--max-logprobs")
     if config.engine.score_kind == "server" and not config.engine.teacher_urls:
         raise ConfigError("engine.score_kind=server needs engine.teacher_urls: the base URLs of the teacher servers")
     if config.data.heldout_fraction >= 1.0:

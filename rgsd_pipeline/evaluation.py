@@ -24,6 +24,7 @@ from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import load_tokenizer, resolve_model
 from rgsd_pipeline.recipe import made_under
 from rgsd_pipeline.render import student_messages, teacher_messages
+from rgsd_pipeline.rows import split_draw
 from rgsd_pipeline.sampling import EVAL_SEED_ROUND, sample_shards
 from rgsd_pipeline.shards import (
     ArtifactError,
@@ -70,21 +71,27 @@ def eval_prompts(run: Path, config: RunConfig, data_spec: str | None, set_name: 
     if data_spec is None:
         run_prompts = read_stage(layout.prompts_dir(run), PROMPTS)
         inputs = {"prompts": fingerprint(run_prompts.manifest["shards"]), "max_prompts": str(max_prompts)}
+        if max_prompts:  # a seeded sample since this release, no longer the first N
+            inputs["sample_seed"] = str(config.data.split_seed + 2)
     else:
         inputs = {f"source:{data_spec}": source_fingerprint(data_spec), "max_prompts": str(max_prompts),
                   "template": fingerprint(to_dict(config.template))}
     with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(1)) as out:
         if out.todo():
-            rows = _heldout_rows(run, run_prompts, max_prompts) if data_spec is None else \
+            rows = _heldout_rows(run, run_prompts, max_prompts, config.data.split_seed + 2) if data_spec is None else \
                 _data_rows(run, config, data_spec, set_name, max_prompts)
             out.write_shard(0, pa.Table.from_pylist(rows, schema=PROMPTS.arrow))
         out.finalize()
     return read_stage(out_dir, PROMPTS).lazy().collect().to_dicts()
 
 
-def _heldout_rows(run: Path, run_prompts: StageData, max_prompts: int) -> list[dict]:
+def _heldout_rows(run: Path, run_prompts: StageData, max_prompts: int, seed: int = 0) -> list[dict]:
+    """The held-out prompts in source order; with `max_prompts`, a seeded sample of that many (the first N in source
+    order would all come from the first file, or the first domain, of the sources)."""
     rows = run_prompts.lazy().filter(pl.col("split") == "heldout").collect().to_dicts()
-    rows = rows[:max_prompts] if max_prompts else rows
+    if max_prompts and max_prompts < len(rows):
+        chosen = set(sorted(range(len(rows)), key=lambda i: split_draw(rows[i]["prompt_id"], seed))[:max_prompts])
+        rows = [row for i, row in enumerate(rows) if i in chosen]
     if not rows:
         raise ArtifactError(f"{layout.prompts_dir(run)} has no held-out prompts; set data.heldout_fraction > 0 at "
                             "prepare, or pass --data")
@@ -111,6 +118,27 @@ def _data_rows(run: Path, config: RunConfig, data_spec: str, set_name: str, max_
     return result.prompts
 
 
+def also_graded_prompts(run: Path, config: RunConfig, prompts: list[dict], data_spec: str) -> list[dict]:
+    """The evaluation prompts with the criteria another data set gives their questions (matched by the question's
+    messages: rows.question_id), keyed by the evaluation prompts' ids, for grading the same answers against them
+    (`evaluate --also-grade`, `report`); prompts whose question the data set lacks are left out (warned)."""
+    from rgsd_pipeline.rows import question_id
+
+    source_path(data_spec)  # a missing file is named before anything else happens
+    data = dataclasses.replace(config.data, sources=[data_spec], heldout_fraction=0.0, max_prompts=0)
+    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    other = {question_id(p["messages"]): p for p in ingest(data, config.template, tokenizer).prompts}
+    matched = [{**other[question_id(p["messages"])], "prompt_id": p["prompt_id"], "domain": p["domain"]}
+               for p in prompts if question_id(p["messages"]) in other]
+    if not matched:
+        raise ArtifactError(f"--also-grade {data_spec}: none of the {len(prompts)} evaluated questions is in it; it "
+                            "grades the same questions against other criteria")
+    if len(matched) < len(prompts):
+        click.secho(f"warning: {len(prompts) - len(matched)} of the {len(prompts)} evaluated questions are not in "
+                    f"{data_spec}; they are left out of its scores", fg="yellow", err=True)
+    return matched
+
+
 def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name: str, label: str, policy: Path,
                      samples: int, engine_kind: str | None, engines=None) -> StageData:
     """eval/<set>/<policy>/answers/: `samples` answers per prompt, seeded per (prompt, sample) alone. `engines`, when
@@ -123,18 +151,34 @@ def generate_answers(run: Path, config: RunConfig, prompts: list[dict], set_name
                                      "max_model_len": config.model.max_model_len, "samples": samples})}
     out_dir = layout.answers_dir(run, set_name, label)
     reads_rubric = label == layout.TEACHER_LABEL
+    guided = reads_rubric and config.score.guidance > 0  # the teacher the signals hold: sampled guided
     if reads_rubric:
         inputs["view"] = fingerprint(to_dict(config.template))
+    if guided:
+        inputs["guidance"] = fingerprint({"scale": config.score.guidance, "negative": config.score.guidance_negative})
     with StageOutput(out_dir, ROLLOUTS, inputs, ShardPlan(len(pieces)), made_under(config)) as out:
         shards = {i: pieces[i] for i in out.todo()}
         if shards:
-            engine = (engines or StageEngines(engine_kind)).student(policy, config)
+            # Sampling the guided distribution needs both passes' full logits at every step: the transformers engine.
+            hosts = StageEngines("hf") if guided else (engines or StageEngines(engine_kind))
+            engine = hosts.student(policy, config)
             click.echo(f"evaluate: {len(work)} answers with {engine.kind} from {policy}"
-                       + (" reading the rubric (the teacher itself)" if reads_rubric else ""))
+                       + (" reading the rubric (the teacher itself)" if reads_rubric else "")
+                       + (f", guided at {config.score.guidance:g} against the {config.score.guidance_negative} "
+                          "negative" if guided else ""))
             tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+            negative_view = None
+            if guided:
+                from rgsd_pipeline.guidance import negative_messages, other_rubrics
+
+                train = read_stage(layout.prompts_dir(run), PROMPTS).lazy().filter(pl.col("split") == "train")
+                others = other_rubrics(prompts, config.data.split_seed, train.collect().to_dicts())
+                negative_view = lambda p: negative_messages(p, config.template,  # noqa: E731
+                                                            config.score.guidance_negative, others)
             sample_shards(out, shards, engine, tokenizer, config, EVAL_SEED_ROUND, seed_round=EVAL_SEED_ROUND,
-                          unit="answer", view=teacher_messages if reads_rubric else student_messages)
-            if engines is None:
+                          unit="answer", view=teacher_messages if reads_rubric else student_messages,
+                          negative_view=negative_view)
+            if engines is None or guided:
                 engine.close()
         out.finalize()
     return read_stage(out_dir, ROLLOUTS)

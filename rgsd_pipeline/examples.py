@@ -23,8 +23,11 @@ class Example:
     tail_logprob: np.ndarray  # float32 [N], the teacher's exact log-mass outside its top-k
     token_logprob: np.ndarray  # float32 [N], the teacher's log-prob of the sampled token
     sampling_logprob: np.ndarray | None  # float32 [N], the behaviour policy's log-prob (None: not recorded)
-    response_logprob: np.ndarray | None = None  # float32 [N], the sampling policy's own (temperature 1) log-prob
+    response_logprob: np.ndarray | None = None  # float32 [N], the engine's record of the policy's own (temperature
+    # 1) log-prob, for the guard against stale weights (rollout_check.py)
     advantage: float = 0.0  # grpo: the rollout's group advantage
+    old_logprob: np.ndarray | None = None  # float32 [N], grpo: the trainer's log-prob at the iteration's starting
+    # weights (pi_old), kept by the trainer for the steps after the first
 
 
 def synthetic_example(input_ids: np.ndarray, prompt_len: int, topk_ids_N_K: np.ndarray, topk_probs_N_K: np.ndarray,
@@ -60,32 +63,56 @@ def _aligned_rows(rollouts: StageData, graded: StageData, stage: str):
             yield rollout, table, row, f"{rollouts.files[index]} row {row}"
 
 
-def load_examples(rollouts: StageData, signals: StageData, behaviour: bool = False) -> list[Example]:
-    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out. `behaviour`:
-    the loss reads the behaviour log-probs, so a rollout without them is an error."""
+def load_examples(rollouts: StageData, signals: StageData | None, behaviour: bool = False,
+                  rewards: StageData | None = None) -> list[Example]:
+    """Every rollout with at least one token in the loss, in shard order; skipped rows are left out. With `signals`,
+    the teacher's signals at the positions of its loss mask; with `rewards` (row-aligned too), its group advantage
+    (policy_gradient.group_advantages over every rollout of the iteration) on each of those positions, every
+    response token when there are no signals. A rollout without a reward then teaches through its signals alone
+    (advantage 0), or not at all without signals. `behaviour`: the loss reads the behaviour log-probs, so a rollout
+    without them is an error."""
+    from rgsd_pipeline.policy_gradient import group_advantages
+
+    advantage = {}
+    if rewards is not None:
+        keyed = [((rollout["prompt_id"], rollout["sample_idx"]), table.column("reward")[row].as_py())
+                 for rollout, table, row, _ in _aligned_rows(rollouts, rewards, "reward")]
+        advantage = dict(zip((key for key, _ in keyed),
+                             group_advantages([key[0] for key, _ in keyed], [reward for _, reward in keyed]),
+                             strict=True))
+    rows = _aligned_rows(rollouts, signals, "score") if signals is not None else (
+        (rollout, None, row, f"{rollouts.files[index]} row {row}") for index in range(len(rollouts.files))
+        for row, rollout in enumerate(rollouts.read_shard(index).to_pylist()))
     examples = []
-    for rollout, table, row, where in _aligned_rows(rollouts, signals, "score"):
-        signal = {name: table.column(name)[row] for name in table.column_names}
-        if signal["status"].as_py() != "ok":
-            continue
-        mask = np.asarray(signal["loss_mask"].values, dtype=bool)
-        if not mask.any():
-            continue
-        k = signal["topk_ids"].type.value_type.list_size
-        ids = signal["topk_ids"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-        values = signal["topk_logprobs"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-        positions = np.nonzero(mask)[0]
+    for rollout, table, row, where in rows:
+        key = (rollout["prompt_id"], rollout["sample_idx"])
+        n = len(rollout["response_token_ids"])
+        if table is None:  # rewards alone: every response token
+            if advantage.get(key) is None or n == 0:
+                continue
+            positions = np.arange(n)
+            teacher = {"topk_ids": np.zeros((n, 0), np.int64), "topk_logprobs": np.zeros((n, 0), np.float32),
+                       "tail_logprob": np.zeros(n, np.float32), "token_logprob": np.zeros(n, np.float32)}
+        else:
+            signal = {name: table.column(name)[row] for name in table.column_names}
+            if signal["status"].as_py() != "ok":
+                continue
+            mask = np.asarray(signal["loss_mask"].values, dtype=bool)
+            if not mask.any():
+                continue
+            positions = np.nonzero(mask)[0]
+            k = signal["topk_ids"].type.value_type.list_size
+            ids = signal["topk_ids"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            values = signal["topk_logprobs"].values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            teacher = {"topk_ids": ids[positions].astype(np.int64), "topk_logprobs": decode_logprobs(values[positions]),
+                       "tail_logprob": signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
+                       "token_logprob": signal["token_logprob"].values.to_numpy()[positions].astype(np.float32)}
         examples.append(Example(
             input_ids=np.asarray(rollout["prompt_token_ids"] + rollout["response_token_ids"], dtype=np.int64),
-            prompt_len=len(rollout["prompt_token_ids"]),
-            positions=positions,
-            topk_ids=ids[positions].astype(np.int64),
-            topk_logprobs=decode_logprobs(values[positions]),
-            tail_logprob=signal["tail_logprob"].values.to_numpy()[positions].astype(np.float32),
-            token_logprob=signal["token_logprob"].values.to_numpy()[positions].astype(np.float32),
+            prompt_len=len(rollout["prompt_token_ids"]), positions=positions, **teacher,
             sampling_logprob=_behaviour(rollout, where, behaviour, positions),
             response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32)[positions],
-        ))
+            advantage=float(advantage.get(key) or 0.0)))
     return examples
 
 
@@ -94,33 +121,10 @@ def _behaviour(rollout: dict, where: str, required: bool, positions: np.ndarray)
     if rollout["sampling_logprobs"] is None:
         if required:
             raise ArtifactError(f"{where}: sampling_logprobs is null (the rollout did not record the behaviour "
-                                "log-probs) but train.loss=sampled_reverse_kl weights tokens by them; rerun `rollout` "
-                                "for this iteration with this config (it records them for this loss)")
+                                "log-probs) but this run's train.loss weights tokens by them; rerun `rollout` for "
+                                "this iteration with this config (it records them for this loss)")
         return None
     return np.asarray(rollout["sampling_logprobs"], dtype=np.float32)[positions]
-
-
-def load_reward_examples(rollouts: StageData, rewards: StageData) -> list[Example]:
-    """Every rollout with a reward and a response, with its group advantage (policy_gradient.group_advantages) on
-    every response token; the teacher fields are empty. The advantages use every rollout of the iteration."""
-    from rgsd_pipeline.policy_gradient import group_advantages
-
-    rows = [(rollout, table.column("reward")[row].as_py())
-            for rollout, table, row, _ in _aligned_rows(rollouts, rewards, "reward")]
-    advantages = group_advantages([r["prompt_id"] for r, _ in rows], [reward for _, reward in rows])
-    examples = []
-    for (rollout, _), advantage in zip(rows, advantages, strict=True):
-        n = len(rollout["response_token_ids"])
-        if advantage is None or n == 0:
-            continue
-        examples.append(Example(
-            input_ids=np.asarray(rollout["prompt_token_ids"] + rollout["response_token_ids"], dtype=np.int64),
-            prompt_len=len(rollout["prompt_token_ids"]), positions=np.arange(n),
-            topk_ids=np.zeros((n, 0), np.int64), topk_logprobs=np.zeros((n, 0), np.float32),
-            tail_logprob=np.zeros(n, np.float32), token_logprob=np.zeros(n, np.float32),
-            sampling_logprob=_behaviour(rollout, "", False, np.arange(n)),
-            response_logprob=np.asarray(rollout["response_logprobs"], dtype=np.float32), advantage=float(advantage)))
-    return examples
 
 
 @dataclass
@@ -139,11 +143,12 @@ class MicroBatch:
 
 
 def collate(examples: list[Example], sequence_ids: list[int], reduction: str, num_tokens: int, num_sequences: int,
-            pad_id: int) -> MicroBatch:
+            pad_id: int, max_response_tokens: int = 0) -> MicroBatch:
     """Right-padded inputs and the flattened targets of a micro-batch.
 
     `sequence_ids` are the examples' indices within the global batch, and the denominators are the
-    global batch's, so the micro-batch losses of all processes add up to the global batch's loss.
+    global batch's, so the micro-batch losses of all processes add up to the global batch's loss
+    (`max_response_tokens`: the constant reduction's length, rollout.max_new_tokens).
     """
     width = max(len(e.input_ids) for e in examples)
     input_ids_B_T = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -158,7 +163,7 @@ def collate(examples: list[Example], sequence_ids: list[int], reduction: str, nu
     if reduction == "sequence":
         weight_N = position_weights(sequence_N - sequence_N.min(), "sequence", num_tokens, num_sequences)
     else:
-        weight_N = position_weights(sequence_N, "token", num_tokens, num_sequences)
+        weight_N = position_weights(sequence_N, reduction, num_tokens, num_sequences, max_response_tokens)
     targets = Targets(
         topk_ids_N_K=torch.from_numpy(np.concatenate([e.topk_ids for e in examples])),
         teacher_topk_N_K=torch.from_numpy(np.concatenate([e.topk_logprobs for e in examples])),
@@ -168,8 +173,8 @@ def collate(examples: list[Example], sequence_ids: list[int], reduction: str, nu
         torch.from_numpy(np.concatenate([e.sampling_logprob for e in examples])),
         token_ids_N=token_ids_N,
         weight_N=weight_N,
-        old_token_N=torch.from_numpy(np.concatenate([e.response_logprob if e.response_logprob is not None
-                                                     else e.sampling_logprob for e in examples])),
+        old_token_N=None if any(e.old_logprob is None for e in examples) else
+        torch.from_numpy(np.concatenate([e.old_logprob for e in examples])),
         advantage_N=torch.cat([torch.full((len(e.positions),), e.advantage, dtype=torch.float32) for e in examples]),
     )
     return MicroBatch(input_ids_B_T, mask_B_T, rows_N, columns_N, targets)

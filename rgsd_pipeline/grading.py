@@ -78,12 +78,46 @@ def summarize(verdicts: pl.DataFrame, domains: dict[str, str], resamples: int = 
     return out
 
 
-def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int = 1000, seed: int = 0) -> dict:
-    """Mean per-prompt score difference (after - before) over the prompts both policies have a score on, with a
-    percentile bootstrap interval over those prompts: the paired comparison of two policies' verdicts."""
+def paired_difference(after: pl.DataFrame, before: pl.DataFrame, resamples: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """After minus before over the prompts both policies have a score on, as the rows show them: the difference of
+    the two clipped means (so it is exactly the difference of the table's rows when both cover the same prompts),
+    with a paired percentile bootstrap interval (the same prompts resampled for both)."""
     a, b = (prompt_scores(answer_scores(v)).drop_nulls("score") for v in (after, before))
     both = a.join(b, on="prompt_id", suffix="_before")
-    return interval((both["score"] - both["score_before"]).to_numpy(), resamples, seed, clip=False)
+    after_P, before_P = (both[c].to_numpy().astype(np.float64) for c in ("score", "score_before"))
+    if not len(after_P):
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    draws = np.random.default_rng(seed).integers(0, len(after_P), size=(resamples, len(after_P)))
+    clipped = lambda values: np.clip(values, 0.0, 1.0)  # noqa: E731
+    differences = clipped(after_P[draws].mean(axis=1)) - clipped(before_P[draws].mean(axis=1))
+    tail = (1 - level) / 2 * 100
+    return {"mean": clipped_mean(after_P) - clipped_mean(before_P), "low": float(np.percentile(differences, tail)),
+            "high": float(np.percentile(differences, 100 - tail)), "n": int(len(after_P))}
+
+
+class OtherCriteria:
+    """A grader of the same answers against another data set's criteria for their questions (evaluate
+    --also-grade): its verdicts and summary go under its own name, and its identity names the criteria's source."""
+
+    def __init__(self, grader, name: str, source: str):
+        self.grader, self.name, self.source = grader, f"{grader.name}-{name}", source
+
+    @property
+    def stats(self):
+        return self.grader.stats
+
+    def identity(self) -> dict:
+        return {**self.grader.identity(), "criteria": self.source}
+
+    def describe(self) -> str:
+        return f"{self.grader.describe()}, on the criteria of {self.source}"
+
+    def grade(self, items, on_progress=None):
+        return self.grader.grade(items, on_progress)
+
+    def close(self) -> None:
+        self.grader.close()
 
 
 def make_grader(judge, run: Path):
@@ -133,7 +167,8 @@ def grade_answers(run: Path, set_name: str, label: str, prompts: list[dict], ans
     `grader` is a judge.Judge or a rule_judge.RuleJudge: anything with name, identity(), describe(), grade(),
     stats and close(). Skipped answers are not graded."""
     by_id = {p["prompt_id"]: p for p in prompts}
-    answered = answers.lazy().filter(~pl.col("finish_reason").str.starts_with("skipped")).collect().to_dicts()
+    answered = answers.lazy().filter(~pl.col("finish_reason").str.starts_with("skipped")
+                                     & pl.col("prompt_id").is_in(list(by_id))).collect().to_dicts()
     out_dir = layout.verdicts_dir(run, set_name, label, grader.name)
     inputs = {"answers": fingerprint(answers.manifest["shards"]), "judge": fingerprint(grader.identity())}
     with StageOutput(out_dir, EVAL_VERDICTS, inputs, ShardPlan(1)) as out:

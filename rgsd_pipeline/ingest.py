@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rgsd_pipeline.config import DataConfig, TemplateConfig
 from rgsd_pipeline.render import chat_ids, student_messages, teacher_messages
-from rgsd_pipeline.rows import RowError, heldout, normalize, prompt_id, split_draw
+from rgsd_pipeline.rows import RowError, heldout, normalize, prompt_id, question_id, split_draw
 from rgsd_pipeline.sources import RawRow, raw_text, read_source
 
 
@@ -98,7 +98,9 @@ def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | Non
             seen_content[pid] = where
             if row["source_id"] is not None:
                 seen_source_ids[row["source_id"]] = (pid, where)
-            canonical["split"] = "heldout" if heldout(pid, data.heldout_fraction, data.split_seed) else "train"
+            # By question, not by prompt_id: the same question with another rubric must not train what it evaluates.
+            held = heldout(question_id(row["messages"]), data.heldout_fraction, data.split_seed)
+            canonical["split"] = "heldout" if held else "train"
             canonical["prompt_tokens"] = len(chat_ids(tokenizer, student_messages(canonical, template)))
             result.prompts.append(canonical)
     if data.max_prompts:

@@ -41,8 +41,12 @@ def reward_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str
 
 
 def train_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str]:
-    """iter-I/checkpoint/ is made from iter-I/signals/, or iter-I/rewards/ for a policy-gradient loss (and the
-    policy, which their rollouts pin down)."""
-    if config.train.loss == "grpo":
-        return {"rewards": fingerprint(read_manifest(layout.rewards_dir(run, iteration))["shards"])}
-    return {"signals": fingerprint(read_manifest(layout.signals_dir(run, iteration))["shards"])}
+    """iter-I/checkpoint/ is made from what its loss reads: iter-I/signals/, iter-I/rewards/ or both (and the policy,
+    which their rollouts pin down)."""
+    objective = config.train.objective
+    made_from = {}
+    if objective.reads_signals:
+        made_from["signals"] = fingerprint(read_manifest(layout.signals_dir(run, iteration))["shards"])
+    if objective.reads_rewards:
+        made_from["rewards"] = fingerprint(read_manifest(layout.rewards_dir(run, iteration))["shards"])
+    return made_from

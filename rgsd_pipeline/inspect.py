@@ -91,7 +91,8 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
     1), sampling_logprob (the distribution it was drawn from; null where the rollout did not record it),
     teacher_logprob, logprob_gap, mask,
     teacher_top1_id, teacher_top1, teacher_topk_ids (list), teacher_topk_logprobs (list, decoded and
-    rescaled), teacher_tail_mass.
+    rescaled), teacher_tail_mass, and with score.guidance the two passes behind the guided teacher_logprob:
+    rubric_logprob (the rubric pass alone) and negative_logprob (null without guidance).
     """
     run = Path(run)
     rollouts = rollouts_stage(run, iteration).lazy().select(
@@ -100,8 +101,11 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
             pl.col("response_logprobs").list.eval(pl.element() * pl.lit(None, pl.Float32))))
     stage = signals_stage(run, iteration)
     encoding = read_encoding(stage.files[0])
+    nulls = pl.col("token_logprob").list.eval(pl.element() * pl.lit(None, pl.Float32))  # explode with the rest
     signals = stage.lazy().filter(pl.col("status") == "ok").select(
         "prompt_id", "sample_idx", "token_logprob", "tail_logprob", "loss_mask",
+        pl.col("rubric_token_logprob").fill_null(nulls).alias("rubric_logprob"),
+        pl.col("negative_token_logprob").fill_null(nulls).alias("negative_logprob"),
         pl.col("topk_ids").cast(pl.List(pl.List(pl.Int64))).alias("teacher_topk_ids"),
         pl.col("topk_logprobs").cast(pl.List(pl.List(pl.Float32))).alias("teacher_topk_logprobs"))
     vocab = vocabulary(run).lazy()
@@ -109,7 +113,8 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
         rollouts.join(signals, on=["prompt_id", "sample_idx"], how="inner")
         .with_columns(position=pl.int_ranges(0, pl.col("response_token_ids").list.len()))
         .explode(["position", "response_token_ids", "response_logprobs", "sampling_logprobs", "token_logprob",
-                  "tail_logprob", "loss_mask", "teacher_topk_ids", "teacher_topk_logprobs"])
+                  "tail_logprob", "loss_mask", "teacher_topk_ids", "teacher_topk_logprobs", "rubric_logprob",
+                  "negative_logprob"])
         .rename({"response_token_ids": "token_id", "response_logprobs": "policy_logprob",
                  "sampling_logprobs": "sampling_logprob", "token_logprob": "teacher_logprob", "loss_mask": "mask"})
         .with_columns(pl.col("token_id").cast(pl.Int64),
@@ -123,7 +128,8 @@ def tokens(run: Path, iteration: int) -> pl.LazyFrame:
                    how="left"))
     return frame.select("prompt_id", "sample_idx", "position", "token_id", "token", "policy_logprob",
                         "sampling_logprob", "teacher_logprob", "logprob_gap", "mask", "teacher_top1_id", "teacher_top1",
-                        "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")
+                        "teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass", "rubric_logprob",
+                        "negative_logprob")
 
 
 def rollouts(run: Path, iteration: int) -> pl.LazyFrame:

@@ -153,11 +153,14 @@ def sampled_reverse_kl(student_token_logprob_N: torch.Tensor, teacher_token_logp
     return (student_token_logprob_N - teacher_token_logprob_N).detach() * student_token_logprob_N
 
 
-def position_weights(sequence_N: torch.Tensor, mode: str, num_tokens: int, num_sequences: int) -> torch.Tensor:
+def position_weights(sequence_N: torch.Tensor, mode: str, num_tokens: int, num_sequences: int,
+                     max_response_tokens: int = 0) -> torch.Tensor:
     """[N] weights w such that sum(w * loss_N) is the reduced loss.
 
-    token mean:    w = 1 / num_tokens
-    sequence mean: w = 1 / (tokens of that sequence * num_sequences)
+    token mean:    w = 1 / num_tokens                                 (DAPO's token-level mean)
+    sequence mean: w = 1 / (tokens of that sequence * num_sequences)  (GRPO's: a short answer's tokens weigh more)
+    constant:      w = 1 / (num_sequences * max_response_tokens)      (Dr. GRPO: the same for every token, whatever
+                                                                       the lengths in the batch)
     `sequence_N` is each position's sequence index; the denominators may count a whole accumulated or
     distributed batch, so that micro-batches and ranks add up to the loss of the global batch.
     """
@@ -166,4 +169,8 @@ def position_weights(sequence_N: torch.Tensor, mode: str, num_tokens: int, num_s
     if mode == "sequence":
         count_S = torch.bincount(sequence_N)
         return 1.0 / (count_S[sequence_N].float() * max(num_sequences, 1))
-    raise ValueError(f"reduction must be token or sequence; got {mode!r}")
+    if mode == "constant":
+        if max_response_tokens < 1:
+            raise ValueError("reduction constant needs the longest response (rollout.max_new_tokens)")
+        return torch.full(sequence_N.shape, 1.0 / (max(num_sequences, 1) * max_response_tokens))
+    raise ValueError(f"reduction must be token, sequence or constant; got {mode!r}")

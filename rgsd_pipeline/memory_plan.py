@@ -15,6 +15,8 @@ Per GPU, in bytes (P parameters, F ranks sharing the FSDP2 shards, b = bytes per
                 the teacher service (engine.score_kind=server): 0
     student     vLLM: utilization * G while it samples (weights b * P / TP, KV cache, its buffers), nothing while
                 it sleeps (sleep mode, level 2); the transformers engine: b * P in every phase
+    reference   b * P           the trainer's frozen base model for a loss with a KL term (grpo with
+                                train.kl_coef), held in model.dtype for the whole run, in every phase; else 0
     overhead    CUDA context, NCCL and allocator slack, 2 GiB
 
 Phases: sampling (student awake), scoring (the teacher at work), training (the optimizer steps, then the
@@ -145,8 +147,9 @@ def plan(shape: Shape, config: RunConfig, launch: Launch) -> dict[str, int]:
                                 + 2 * 4 * 256 * shape.vocab) if teacher_kind == "hf" else 0
     parts["student_awake"] = share if student_kind == "vllm" else shape.parameters * weight_bytes
     parts["student_asleep"] = 0 if student_kind == "vllm" else parts["student_awake"]
+    parts["reference"] = shape.parameters * weight_bytes if train.objective.needs_reference(train) else 0
     parts["overhead"] = launch.overhead
-    always = parts["trainer"] + parts["teacher"] + parts["overhead"]
+    always = parts["trainer"] + parts["teacher"] + parts["reference"] + parts["overhead"]
     parts["sampling_peak"] = always + parts["student_awake"]
     parts["scoring_peak"] = always + parts["student_asleep"] + parts["teacher_scoring"]
     parts["training_peak"] = always + parts["student_asleep"] + max(parts["gathered"] + parts["activations"],
@@ -162,9 +165,10 @@ def peak(parts: dict[str, int]) -> int:
 
 def largest_part(parts: dict[str, int], phase: str) -> str:
     """The part that weighs most in a phase's estimate, for a message that names it."""
-    members = {"sampling": ("trainer", "teacher", "student_awake"),
-               "scoring": ("trainer", "teacher", "teacher_scoring", "student_asleep"),
-               "training": ("trainer", "teacher", "student_asleep", "gathered", "activations", "export")}[phase]
+    members = {"sampling": ("trainer", "teacher", "reference", "student_awake"),
+               "scoring": ("trainer", "teacher", "reference", "teacher_scoring", "student_asleep"),
+               "training": ("trainer", "teacher", "reference", "student_asleep", "gathered", "activations",
+                            "export")}[phase]
     return max(members, key=parts.__getitem__)
 
 
@@ -194,6 +198,8 @@ def describe(shape: Shape, config: RunConfig, launch: Launch, parts: dict[str, i
         f"  export       {gib(parts['export'])}   the checkpoint gathered one tensor at a time",
         f"  teacher      {gib(parts['teacher'])}   {teacher}"
         + (f" (+{gib(parts['teacher_scoring']).strip()} while it scores)" if parts["teacher_scoring"] else ""),
+        *([f"  reference    {gib(parts['reference'])}   the frozen base model for train.kl_coef, in "
+           f"{config.model.dtype}"] if parts["reference"] else []),
         f"  student      {gib(parts['student_awake'])}   {student}",
         f"  overhead     {gib(parts['overhead'])}   CUDA context, NCCL, allocator",
         "  peak per phase: " + ", ".join(f"{phase} {gib(parts[f'{phase}_peak']).strip()}" for phase in PHASES),

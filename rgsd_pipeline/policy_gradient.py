@@ -7,14 +7,23 @@ reward standardised within the group:
 
 so a group of one, or a group whose rewards are all equal, teaches nothing (A = 0); a rollout without a
 reward (the judge could grade none of its criteria, or the prompt was skipped) has no advantage and is
-left out of its group. Every token of a rollout carries its rollout's advantage. Per token, with the ratio
-rho = pi_theta(y_t) / pi_old(y_t) of the policy being trained to the policy that sampled (both the model's
-own distribution at temperature 1: rollouts store exactly that as `response_logprobs`):
+left out of its group. Every token of a rollout carries its rollout's advantage. Per token:
 
-    loss_t = -min(rho * A, clip(rho, 1 - eps_clip, 1 + eps_clip) * A)  +  kl_coef * k3_t
+    loss_t = -w_t * min(rho_t * A, clip(rho_t, 1 - eps_clip, 1 + eps_clip) * A)  +  kl_coef * k3_t
+    rho_t  = pi_theta(y_t) / pi_old(y_t)
+    w_t    = min(importance_cap, pi_old(y_t) / mu(y_t))                          (1 when importance_cap = 0)
     k3_t   = exp(r_t) - r_t - 1,   r_t = log pi_ref(y_t) - log pi_theta(y_t)     (an unbiased, >= 0 KL estimate)
 
-with pi_ref the base model (the optional KL to the base). Shapes as in rgsd_pipeline/__init__.py.
+pi_theta is the model being trained, at temperature 1, computed by the trainer. pi_old is the same model at
+the iteration's starting weights, computed by the trainer too, with the same precision and autocast: at the
+first step it is pi_theta itself (detached), so rho = 1 exactly whatever dtype the engines sampled in; for later
+steps of the iteration the trainer keeps it from before the first step. mu is the distribution the rollout
+engine actually drew from (temperature, top-k, top-p and repetition penalty applied, in the engine's dtype:
+`sampling_logprobs`), so w_t, a truncated importance weight (verl's TIS), corrects both for sampling that is not
+the model's own distribution and for the engine's numerics. Tokens that truncated sampling (top-k, top-p) could
+never draw get no correction: the gradient is the policy gradient restricted to what was sampleable. pi_ref is
+the base model (the optional KL to the base), held in model.dtype and run under the policy's autocast, so k3 = 0
+at identical weights. Shapes as in rgsd_pipeline/__init__.py.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import torch
+from rgsd_pipeline.objectives import Objective
 
 
 def group_advantages(prompt_ids: list[str], rewards: list[float | None], eps: float = 1e-6) -> list[float | None]:
@@ -46,15 +55,18 @@ def group_advantages(prompt_ids: list[str], rewards: list[float | None], eps: fl
     return advantages
 
 
-def clipped_policy_gradient(logprob_N: torch.Tensor, old_logprob_N: torch.Tensor, advantage_N: torch.Tensor,
-                            clip: float, reference_logprob_N: torch.Tensor | None = None,
-                            kl_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_N, ratio_N, clipped_N, kl_N) per token: the clipped surrogate plus kl_coef times the k3 estimate of
-    KL(pi_theta || pi_ref) (0 without a reference)."""
+def clipped_policy_gradient(logprob_N, old_logprob_N, advantage_N, clip: float, reference_logprob_N=None,
+                            kl_coef: float = 0.0, behaviour_weight_N=None) -> tuple:
+    """(loss_N, ratio_N, clipped_N, kl_N) per token: the clipped surrogate, weighted by `behaviour_weight_N` (1 when
+    None), plus kl_coef times the k3 estimate of KL(pi_theta || pi_ref) (0 without a reference)."""
+    import torch
+
     ratio_N = (logprob_N - old_logprob_N).exp()
     unclipped_N = ratio_N * advantage_N
     clipped_ratio_N = ratio_N.clamp(1.0 - clip, 1.0 + clip)
     surrogate_N = torch.minimum(unclipped_N, clipped_ratio_N * advantage_N)
+    if behaviour_weight_N is not None:
+        surrogate_N = behaviour_weight_N * surrogate_N
     clipped_N = (clipped_ratio_N * advantage_N < unclipped_N).detach()
     if reference_logprob_N is None or kl_coef == 0.0:
         kl_N = torch.zeros_like(logprob_N)
@@ -62,3 +74,43 @@ def clipped_policy_gradient(logprob_N: torch.Tensor, old_logprob_N: torch.Tensor
         log_ratio_N = reference_logprob_N - logprob_N
         kl_N = log_ratio_N.exp() - log_ratio_N - 1.0
     return -surrogate_N + kl_coef * kl_N, ratio_N.detach(), clipped_N, kl_N.detach()
+
+
+class GroupRelativePolicyGradient(Objective):
+    """GRPO on the judge's rewards (iter-I/rewards/), every response token in the loss."""
+
+    name = "grpo"
+    reads_signals = False
+    reads_rewards = True
+    needs_old_logprobs = True
+    min_samples_per_prompt = 2
+    stats = ("kl", "ratio_clipped", "ratio", "behaviour_weight")
+
+    def reads_behaviour(self, train) -> bool:
+        return train.importance_cap > 0
+
+    def needs_reference(self, train) -> bool:
+        return train.kl_coef > 0
+
+    def loss(self, student_C_V, student_token_C, targets, spec):
+        from rgsd_pipeline.losses import importance_weights
+
+        # pi_old: the trainer's own log-prob at the iteration's starting weights; at the first step that is the
+        # current one (targets.old_token_N is None then).
+        old_C = student_token_C.detach() if targets.old_token_N is None else targets.old_token_N
+        weight_C = None
+        if spec.importance_cap > 0 and targets.behaviour_token_N is not None:
+            weight_C = importance_weights(old_C, targets.behaviour_token_N, spec.importance_cap)
+        loss_C, ratio_C, clipped_C, kl_C = clipped_policy_gradient(
+            student_token_C, old_C, targets.advantage_N, spec.ratio_clip, targets.reference_token_N, spec.kl_coef,
+            weight_C)
+        return loss_C, {"kl": kl_C, "ratio_clipped": clipped_C.float(), "ratio": ratio_C,
+                        "behaviour_weight": ratio_C.new_ones(ratio_C.shape) if weight_C is None else weight_C}
+
+    def metrics(self, sums: dict[str, float], tokens: int) -> dict[str, float]:
+        per_token = {name: sums[name] / max(tokens, 1) for name in self.stats}
+        return {"kl_to_base": per_token["kl"], "ratio_clip_fraction": per_token["ratio_clipped"],
+                "ratio_mean": per_token["ratio"], "behaviour_weight": per_token["behaviour_weight"]}
+
+
+GRPO = GroupRelativePolicyGradient()

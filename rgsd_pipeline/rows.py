@@ -215,11 +215,19 @@ def prompt_id(messages: list[dict], rubric: list[dict]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def split_draw(prompt_id_: str, seed: int) -> float:
-    """A seeded uniform draw in [0, 1) per prompt, independent of row order."""
-    return int(hashlib.sha256(f"{seed}:{prompt_id_}".encode()).hexdigest()[:15], 16) / 16**15
+def question_id(messages: list[dict]) -> str:
+    """What decides a prompt's split: the first 16 hex digits of sha256 over its canonical messages alone, so one
+    question asked with two rubrics (in one data set, or in two that share their questions, as builtin:howto and
+    builtin:checkable do) lands in one split."""
+    canonical = json.dumps({"messages": messages}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def heldout(prompt_id_: str, fraction: float, seed: int) -> bool:
-    """Whether a prompt falls in the held-out split."""
-    return split_draw(prompt_id_, seed) < fraction
+def split_draw(key: str, seed: int) -> float:
+    """A seeded uniform draw in [0, 1) per key (a question_id or prompt_id), independent of row order."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16) / 16**15
+
+
+def heldout(question: str, fraction: float, seed: int) -> bool:
+    """Whether a question (its question_id) falls in the held-out split."""
+    return split_draw(question, seed) < fraction

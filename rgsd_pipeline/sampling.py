@@ -75,13 +75,19 @@ def row_for(prompt: dict, sample_idx: int, iteration: int, prompt_ids: list[int]
 
 
 def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[dict, int]], iteration: int,
-                seed_round: int, advance, view=student_messages) -> list[dict]:
+                seed_round: int, advance, view=student_messages, negative_view=None) -> list[dict]:
     """Rollout rows for (prompt, sample_idx) items: render the view (the student's; render.teacher_messages to
     sample the teacher itself), skip or truncate prompts over the context budget, sample with one seed per
-    (seed round, prompt, sample), decode."""
+    (seed round, prompt, sample), decode. `negative_view` (a prompt -> messages): sample the rubric-guided teacher
+    against it at score.guidance (rgsd_pipeline/guidance.py)."""
+    from rgsd_pipeline.guidance import Contrast
+
     sampling = Sampling.of(config)
     context_budget = config.model.max_model_len - sampling.max_new_tokens
     rows = [row_for(p, s, iteration, chat_ids(tokenizer, view(p, config.template))) for p, s in items]
+    negatives = {} if negative_view is None else {
+        id(row): chat_ids(tokenizer, negative_view(p))[-context_budget:]
+        for row, (p, _) in zip(rows, items, strict=True)}
     runnable = []
     for row in rows:
         length = len(row["prompt_token_ids"])
@@ -94,7 +100,10 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
             row["prompt_token_ids"] = row["prompt_token_ids"][-context_budget:]
         runnable.append(row)
     seeds = [sample_seed(config.rollout.seed, r["prompt_id"], r["sample_idx"], seed_round=seed_round) for r in runnable]
-    generations = engine.generate([r["prompt_token_ids"] for r in runnable], seeds, sampling, advance)
+    contrast = None if negative_view is None else Contrast([negatives[id(r)] for r in runnable], [],
+                                                           config.score.guidance)
+    generations = engine.generate([r["prompt_token_ids"] for r in runnable], seeds, sampling, advance,
+                                  **({"contrast": contrast} if contrast else {}))
     for row, generation in zip(runnable, generations, strict=True):
         row["response_token_ids"] = generation.token_ids
         row["response_logprobs"] = generation.logprobs
@@ -105,12 +114,13 @@ def sample_rows(engine: Engine, tokenizer, config: RunConfig, items: list[tuple[
 
 
 def sample_shards(out: StageOutput, shards: dict[int, list[tuple[dict, int]]], engine: Engine, tokenizer,
-                  config: RunConfig, iteration: int, seed_round: int, unit: str, view=student_messages) -> int:
+                  config: RunConfig, iteration: int, seed_round: int, unit: str, view=student_messages,
+                  negative_view=None) -> int:
     """Sample the (prompt, sample_idx) items of each shard and publish every shard whole, with a progress bar; returns
     the tokens sampled."""
     advance = TokenProgress(sum(map(len, shards.values())), unit)
     for index, items in shards.items():
-        rows = sample_rows(engine, tokenizer, config, items, iteration, seed_round, advance, view)
+        rows = sample_rows(engine, tokenizer, config, items, iteration, seed_round, advance, view, negative_view)
         out.write_shard(index, pa.Table.from_pylist(rows, schema=ROLLOUTS.arrow))
     advance.close()
     return advance.tokens

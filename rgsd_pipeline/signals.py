@@ -21,8 +21,10 @@ def storage_schema(score_config: ScoreConfig, vocab_size: int) -> ArtifactSchema
         id_dtype = "uint16" if vocab_size <= 1 << 16 else "int32"
     if id_dtype == "uint16" and vocab_size > 1 << 16:
         raise ConfigError(f"score.id_dtype=uint16 cannot hold a vocabulary of {vocab_size}; use auto or int32")
+    guidance = ({"scale": score_config.guidance, "negative": score_config.guidance_negative}
+                if score_config.guidance > 0 else None)
     return signals_schema(score_config.top_k, value_type=getattr(pa, score_config.value_dtype)(),
-                          id_type=getattr(pa, id_dtype)())
+                          id_type=getattr(pa, id_dtype)(), guidance=guidance)
 
 
 def encode_logprobs(logprobs: np.ndarray, value_type: pa.DataType) -> np.ndarray:
@@ -54,19 +56,32 @@ class TeacherInputs:
     sequences: list[list[int]] = field(default_factory=list)  # teacher prompt ids + the student's response ids
     prompt_lens: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)  # which row of the shard each sequence belongs to
+    negatives: list[list[int]] = field(default_factory=list)  # score.guidance: the negative pass's prompt + response
+    negative_lens: list[int] = field(default_factory=list)
 
 
 def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer, template: TemplateConfig,
-                   max_model_len: int) -> TeacherInputs:
+                   max_model_len: int, score_config: ScoreConfig | None = None,
+                   others: dict[str, dict] | None = None) -> TeacherInputs:
     """Teacher input = the teacher prompt (rubric template, chat template, generation prompt) followed by the
-    student's response ids exactly as sampled, never re-tokenized. Skipped rollouts, and sequences over the
-    context, get a `skipped:` status and no sequence."""
+    student's response ids exactly as sampled, never re-tokenized. With score.guidance, the negative pass's input
+    too (rgsd_pipeline/guidance.py): the rollout's own prompt ids (plain) or the question with another training
+    prompt's rubric (other_rubric, `others` from guidance.other_rubrics), followed by the same response ids.
+    Skipped rollouts, and sequences over the context, get a `skipped:` status and no sequence."""
+    from rgsd_pipeline.guidance import negative_messages
+
+    guided = score_config is not None and score_config.guidance > 0
     out = TeacherInputs()
     for index, row in enumerate(rollout_rows):
         teacher_ids = chat_ids(tokenizer, teacher_messages(prompts[row["prompt_id"]], template))
         key = {"prompt_id": row["prompt_id"], "sample_idx": row["sample_idx"], "teacher_prompt_len": len(teacher_ids),
                "status": "ok"}
-        length = len(teacher_ids) + len(row["response_token_ids"])
+        negative_ids = []
+        if guided:
+            negative_ids = list(row["prompt_token_ids"]) if score_config.guidance_negative == "plain" else chat_ids(
+                tokenizer, negative_messages(prompts[row["prompt_id"]], template, score_config.guidance_negative,
+                                             others))
+        length = max(len(teacher_ids), len(negative_ids)) + len(row["response_token_ids"])
         if row["finish_reason"].startswith("skipped:"):
             key["status"] = "skipped:rollout was skipped"
         elif length > max_model_len:
@@ -76,6 +91,9 @@ def teacher_inputs(rollout_rows: list[dict], prompts: dict[str, dict], tokenizer
             out.sequences.append(teacher_ids + row["response_token_ids"])
             out.prompt_lens.append(len(teacher_ids))
             out.rows.append(index)
+            if guided:
+                out.negatives.append(negative_ids + row["response_token_ids"])
+                out.negative_lens.append(len(negative_ids))
         out.keys.append(key)
     return out
 
@@ -168,8 +186,16 @@ def signals_table(keys: list[dict], scores: list[Scores | None], masks: list[lis
         "tail_logprob": per_position(stack("tail_logprob_T", np.float32, None), pa.float32()),
         "token_logprob": per_position(stack("token_logprob_T", np.float32, None), pa.float32()),
         "loss_mask": per_position(np.array([b for m in masks for b in m], dtype=bool), pa.bool_()),
+        "rubric_token_logprob": _passes(scores, "rubric_token_logprob_T"),
+        "negative_token_logprob": _passes(scores, "negative_token_logprob_T"),
     }
     return pa.table(columns)
+
+
+def _passes(scores: list[Scores | None], name: str) -> pa.Array:
+    """One pass's log-probs of the sampled tokens per row (guided scores), null for rows without them."""
+    return pa.array([None if s is None or getattr(s, name) is None else getattr(s, name).astype(np.float32)
+                     for s in scores], pa.list_(pa.float32()))
 
 
 def topk_bytes(files) -> int:

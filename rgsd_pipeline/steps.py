@@ -27,6 +27,7 @@ import pyarrow as pa
 from rgsd_pipeline import layout, tracking
 from rgsd_pipeline.engines.base import EngineError
 from rgsd_pipeline.fingerprints import tokenizer_fingerprint
+from rgsd_pipeline.guidance import Contrast, other_rubrics
 from rgsd_pipeline.inputs import reward_inputs, rollout_inputs, score_inputs
 from rgsd_pipeline.models import eos_token_ids, load_tokenizer, resolve_model
 from rgsd_pipeline.recipe import load_run_config, made_under
@@ -102,6 +103,8 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
              if config.score.think_mask else None)
     eos_ids = eos_token_ids(teacher, tokenizer)
     inputs = score_inputs(run, iteration, config)
+    guidance = config.score.guidance  # > 0: the rubric-guided teacher (rgsd_pipeline/guidance.py), two passes
+    others = other_rubrics(list(prompts.values()), config.data.split_seed) if guidance else {}
 
     # 2. One signals shard per rollouts shard, so row i of shard j always describes the same rollout.
     out_dir = layout.signals_dir(run, iteration)
@@ -114,17 +117,25 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
             engine = engines.teacher(teacher, config)
             total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
             click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
-                       f"teacher {teacher}, top-{k}")
+                       f"teacher {teacher}, top-{k}" + (f", rubric guidance {guidance:g} against the "
+                                                        f"{config.score.guidance_negative} negative" if guidance
+                                                        else ""))
             advance = TokenProgress(total, "seq")
             started = time.perf_counter()
 
             # 3. Per shard: teacher inputs, the teacher's top-k over the student's tokens, loss masks.
             for index in todo:
                 rows = rollouts.read_shard(index).to_pylist()
-                teacher_in = teacher_inputs(rows, prompts, tokenizer, config.template, config.model.max_model_len)
+                teacher_in = teacher_inputs(rows, prompts, tokenizer, config.template, config.model.max_model_len,
+                                            config.score, others)
                 scores = [None] * len(rows)
                 try:
-                    scored = engine.score(teacher_in.sequences, teacher_in.prompt_lens, k, advance)
+                    if guidance:
+                        scored = engine.score_guided(teacher_in.sequences, teacher_in.prompt_lens,
+                                                     Contrast(teacher_in.negatives, teacher_in.negative_lens, guidance),
+                                                     k, config.score.guidance_candidates, advance)
+                    else:
+                        scored = engine.score(teacher_in.sequences, teacher_in.prompt_lens, k, advance)
                 except EngineError as err:
                     if err.index is None:
                         raise

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from rgsd_pipeline.config import TrainConfig
-from rgsd_pipeline.distill import STAT_NAMES, LossSpec, distill_loss
+from rgsd_pipeline.distill import LossSpec, distill_loss, fp32_logits
 from rgsd_pipeline.distributed import World, device, init_world  # noqa: F401 (the trainer's world)
 from rgsd_pipeline.examples import Example, collate
 from rgsd_pipeline.trainer_state import load_state, save_state, trainable, wait_for_writes
@@ -90,11 +90,27 @@ class DistillForward(torch.nn.Module):
         self._parts = (base.get_decoder(), base.get_output_embeddings())  # a tuple: not registered twice
         self.spec, self.chunk_positions = spec, chunk_positions
 
-    def forward(self, micro) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, micro, token_logprobs: bool = False):
+        """(loss, stats) of the micro-batch; with `token_logprobs`, the sampled tokens' fp32 log-probs instead (no
+        loss), through the same module so that FSDP2 gathers what it gathers for the loss."""
         decoder, lm_head = self._parts
+        if token_logprobs:
+            return sampled_token_logprobs(decoder, lm_head, micro, self.chunk_positions)
         hidden_B_T_H = decoder(input_ids=micro.input_ids_B_T, attention_mask=micro.attention_mask_B_T).last_hidden_state
         hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
         return distill_loss(hidden_N_H, lm_head, micro.targets, self.spec, self.chunk_positions)
+
+
+@torch.no_grad()
+def sampled_token_logprobs(decoder, lm_head, micro, chunk_positions: int) -> torch.Tensor:
+    """[N] fp32 log-prob of the sampled token at each of a micro-batch's trained positions, the LM head applied
+    chunk by chunk in fp32 as the loss applies it (the caller sets the decoder's autocast)."""
+    hidden_B_T_H = decoder(input_ids=micro.input_ids_B_T, attention_mask=micro.attention_mask_B_T).last_hidden_state
+    hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
+    tokens_N = micro.targets.token_ids_N
+    chunks = [slice(lo, lo + chunk_positions) for lo in range(0, len(tokens_N), chunk_positions)]
+    return torch.cat([fp32_logits(hidden_N_H[c], lm_head.weight, lm_head.bias).log_softmax(-1)
+                      .gather(-1, tokens_N[c, None])[:, 0] for c in chunks])
 
 
 def shard(forward: DistillForward, device_type: str, world: World, bf16: bool) -> None:
@@ -119,20 +135,24 @@ class Trainer:
 
     `first_global_step` is the run's step count before this iteration and `horizon` the length of the
     learning-rate schedule in global steps (see learning_rate). `optimizer`, when given, is the previous
-    iteration's AdamW over the same model (kept in memory by a resident `iterate`). `reference`, for grpo with
-    train.kl_coef, is the frozen base model whose log-probs the KL term compares with. `forward`, the previous
-    iteration's loss module around the same model (kept by a resident run), is reused: FSDP2 shards a module once.
+    iteration's AdamW over the same model (kept in memory by a resident `iterate`). `reference`, for a loss with a
+    KL term (grpo with train.kl_coef), is the frozen base model whose log-probs the KL term compares with, run under
+    the policy's autocast. `max_response_tokens` is rollout.max_new_tokens (train.reduction=constant). `forward`, the
+    previous iteration's loss module around the same model (kept by a resident run), is reused: FSDP2 shards a module
+    once.
     """
 
     def __init__(self, model, examples: list[Example], config: TrainConfig, world: World, pad_id: int,
                  iteration: int = 0, first_global_step: int = 0, horizon: int = 0, optimizer=None, reference=None,
-                 forward: DistillForward | None = None):
+                 max_response_tokens: int = 0, forward: DistillForward | None = None):
         self.device = device()
         self.model = model.to(self.device)
         self.reference = reference.to(self.device).eval() if reference is not None else None
         self.examples, self.config, self.world, self.pad_id = examples, config, world, pad_id
         self.first_global_step = first_global_step
         self.spec = LossSpec.of(config)
+        self.objective = self.spec.objective
+        self.max_response_tokens = max_response_tokens
         self.batches = batch_order(len(examples), config.batch_size, config.epochs, config.seed, iteration)
         self.horizon = horizon or first_global_step + len(self.batches)
         self.sharded = config.parallel == "fsdp" and world.size > 1
@@ -149,19 +169,62 @@ class Trainer:
         self.optimizer = optimizer or torch.optim.AdamW(list(trainable(model).values()), lr=config.learning_rate,
                                                         weight_decay=config.weight_decay)
 
-    @torch.no_grad()
+    def autocast(self):
+        """The autocast every forward of this trainer runs under (train.bf16)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
     def reference_logprobs(self, micro) -> torch.Tensor:
-        """The reference model's fp32 log-prob of the sampled token at each of the micro-batch's N positions,
-        the LM head applied chunk by chunk."""
-        hidden_B_T_H = self.reference.get_decoder()(input_ids=micro.input_ids_B_T,
-                                                     attention_mask=micro.attention_mask_B_T).last_hidden_state
-        hidden_N_H = hidden_B_T_H[micro.rows_N, micro.columns_N]
-        head = self.reference.get_output_embeddings()
-        tokens_N = micro.targets.token_ids_N
-        chunks = [slice(lo, lo + self.config.chunk_positions) for lo in range(0, len(tokens_N),
-                                                                          self.config.chunk_positions)]
-        return torch.cat([head(hidden_N_H[c]).float().log_softmax(-1).gather(-1, tokens_N[c, None])[:, 0]
-                          for c in chunks])
+        """The frozen reference model's fp32 log-prob of each sampled token, under the policy's autocast: at equal
+        weights it computes exactly what the policy computes, so the KL to it is 0."""
+        with self.autocast():
+            return sampled_token_logprobs(self.reference.get_decoder(), self.reference.get_output_embeddings(), micro,
+                                          self.config.chunk_positions)
+
+    def keep_old_logprobs(self) -> None:
+        """pi_old for a loss that reads it (objectives: needs_old_logprobs): each sampled token's log-prob under the
+        weights the model holds now, the iteration's starting ones, for every example a step after the first
+        trains on (the first step's pi_old is its own forward, detached). Called before any optimizer step, by
+        every process for its own share (the same micro-batches as the steps, so FSDP2's collectives match)."""
+        if not self.objective.needs_old_logprobs or len(self.batches) < 2:
+            return
+        self.model.eval()
+        for step in range(1, len(self.batches)):
+            batch = self.batches[step]
+            for indices, filler in self._passes(batch):
+                todo = [i for i in indices if self.examples[i].old_logprob is None]
+                if not todo and not self.sharded:
+                    continue
+                micro = self._collate(indices, batch, 1)
+                with self.autocast():
+                    logprobs_N = self.forward(micro, token_logprobs=True).float().cpu().numpy()
+                if filler:
+                    continue
+                offsets = np.cumsum([0] + [len(self.examples[i].positions) for i in indices])
+                for index, lo, hi in zip(indices, offsets[:-1], offsets[1:], strict=True):
+                    if self.examples[index].old_logprob is None:
+                        self.examples[index].old_logprob = logprobs_N[lo:hi].astype(np.float32)
+
+    def _passes(self, batch: list[int]) -> list[tuple[list[int], bool]]:
+        """This rank's micro-batches of global batch `batch`, as (indices, filler). Under FSDP2 every forward and
+        backward is a collective, so every rank makes as many passes as rank 0: a rank with fewer sequences (a batch
+        that does not divide, rollouts masked out) adds filler passes over the batch's shortest sequence, which count
+        0."""
+        world, size = self.world, self.config.micro_batch_size
+        lengths = {i: len(self.examples[i].input_ids) for i in batch}
+        plan = micro_batches(batch[world.rank::world.size], lengths, size)
+        fillers = passes_per_rank(len(batch), world.size, size) - len(plan) if self.sharded else 0
+        return [(indices, False) for indices in plan] + [([min(batch, key=lengths.__getitem__)], True)] * fillers
+
+    def recorded_logprobs(self, indices: list[int]) -> torch.Tensor | None:
+        """The log-probs the rollout engine recorded for the trained tokens of examples `indices` (None if any lacks
+        them), for the guard against stale weights (rollout_check.py)."""
+        recorded = [self.examples[i].response_logprob for i in indices]
+        return None if any(r is None for r in recorded) else torch.from_numpy(np.concatenate(recorded))
+
+    def _collate(self, indices: list[int], batch: list[int], num_tokens: int):
+        """The micro-batch of examples `indices` of global batch `batch`, on the trainer's device."""
+        return collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], self.config.reduction,
+                       num_tokens, len(batch), self.pad_id, self.max_response_tokens).to(self.device)
 
     def save(self, folder: Path, step: int, background: bool = False) -> None:
         """Trainer state after `step` steps of this iteration; with `background`, written while the next steps run."""
@@ -184,28 +247,20 @@ class Trainer:
             group["lr"] = learning_rate(global_step, self.horizon, config)
         batch = self.batches[step]
         num_tokens = sum(len(self.examples[i].positions) for i in batch)
-        mine = batch[world.rank::world.size]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
-        totals = torch.zeros(1 + len(STAT_NAMES), device=self.device)  # the loss, then the distill stats
-        lengths = {i: len(self.examples[i].input_ids) for i in batch}
-        plan = micro_batches(mine, lengths, config.micro_batch_size)
-        # Under FSDP2 every forward and backward is a collective, so every rank makes as many passes: a rank with fewer
-        # sequences than rank 0 (a batch that does not divide, rollouts masked out) adds passes whose loss counts 0.
-        fillers = passes_per_rank(len(batch), world.size, config.micro_batch_size) - len(plan) if self.sharded else 0
-        shortest = min(batch, key=lengths.__getitem__)
-        for indices in plan + [None] * fillers:
-            filler = indices is None
-            indices = [shortest] if filler else indices
-            micro = collate([self.examples[i] for i in indices], [batch.index(i) for i in indices], config.reduction,
-                            num_tokens, len(batch), self.pad_id).to(self.device)
+        totals = torch.zeros(1 + len(self.objective.stats), device=self.device)  # the loss, then the loss's stats
+        for indices, filler in self._passes(batch):
+            micro = self._collate(indices, batch, num_tokens)
+            if step == 0:  # pi_old is the current policy itself: its own forward, detached (objectives)
+                micro.targets.old_token_N = None
             if self.reference is not None:
                 micro.targets.reference_token_N = self.reference_logprobs(micro)
             # The decoder runs under autocast; the LM head and the loss run in fp32 (distill.py).
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            with self.autocast():
                 loss, stats, student_token_N = self.forward(micro)
             if self.rollout_check is not None and not filler:
-                self.rollout_check.observe(student_token_N, micro.targets.old_token_N)
+                self.rollout_check.observe(student_token_N, self.recorded_logprobs(indices))
             # FSDP2 averages the gradients it reduce-scatters; the loss is a share of a global-batch sum.
             (loss * (0.0 if filler else world.size if self.sharded else 1.0)).backward()
             if not filler:
@@ -229,15 +284,8 @@ class Trainer:
         self.optimizer.step()
         elapsed = time.perf_counter() - started
         loss, *sums = totals.tolist()
-        per_token = {name: value / max(num_tokens, 1) for name, value in zip(STAT_NAMES, sums, strict=True)}
+        measured = self.objective.metrics(dict(zip(self.objective.stats, sums, strict=True)), num_tokens)
         processed = sum(len(self.examples[i].input_ids) for i in batch)
-        if self.spec.needs_rewards:  # the policy-gradient baseline: one name per quantity
-            measured = {"kl_to_base": per_token["divergence"], "ratio_clip_fraction": per_token["clipped"],
-                        "ratio_mean": per_token["importance_weight"]}
-        else:
-            measured = {"divergence": per_token["divergence"], "clip_fraction": per_token["clipped"],
-                        "teacher_tail_mass": per_token["teacher_tail"], "student_tail_mass": per_token["student_tail"],
-                        "importance_weight": per_token["importance_weight"]}
         return {"step": step + 1, "global_step": global_step + 1, "loss": loss, **measured,
                 "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"], "sequences": len(batch),
                 "loss_tokens": num_tokens, "tokens_per_s": processed / elapsed, **checked}

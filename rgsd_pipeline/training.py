@@ -147,7 +147,7 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     import torch
 
     from rgsd_pipeline.checkpoints import load_student, previous_global_step, previous_state, warn_without_state
-    from rgsd_pipeline.examples import load_examples, load_reward_examples
+    from rgsd_pipeline.examples import load_examples
     from rgsd_pipeline.trainer import Trainer
     from rgsd_pipeline.trainer_state import wait_for_writes
 
@@ -159,16 +159,15 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
     made_from = {"rollouts": fingerprint(rollouts.manifest["shards"])}
-    if config.train.loss == "grpo":  # the judge-based baseline: rewards, not teacher signals
-        graded = read_stage(layout.rewards_dir(run, iteration), REWARDS, expect_inputs=made_from)
-        examples = load_reward_examples(rollouts, graded)
-    else:
-        graded = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
-                            expect_inputs=made_from)
-        examples = load_examples(rollouts, graded, behaviour=config.train.reads_behaviour_logprobs)
+    objective = config.train.objective  # what the loss reads: the teacher's signals, a judge's rewards, or both
+    signals = read_stage(layout.signals_dir(run, iteration), storage_schema(config.score, len(tokenizer)),
+                         expect_inputs=made_from) if objective.reads_signals else None
+    rewards = read_stage(layout.rewards_dir(run, iteration), REWARDS,
+                         expect_inputs=made_from) if objective.reads_rewards else None
+    examples = load_examples(rollouts, signals, config.train.reads_behaviour_logprobs, rewards)
     if not examples:
-        raise ArtifactError(f"no trainable tokens in {graded.folder}: every rollout was skipped, masked or without a "
-                            "reward")
+        raise ArtifactError(f"no trainable tokens in {(signals or rewards).folder}: every rollout was skipped, masked "
+                            "or without a reward")
 
     started_from, state = starting_point(run, policy, iteration, kept, config.train.state_every_iterations)
     if started_from == "replay":
@@ -182,20 +181,24 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     in_memory = started_from == "memory"
     model = kept.model if in_memory else load_student(base, policy, previous, config)
     reference = None
-    if config.train.loss == "grpo" and config.train.kl_coef > 0:  # the frozen base, for the KL term
+    if objective.needs_reference(config.train):  # the frozen base, for a KL term: in model.dtype, as the engines
         reference = kept.reference if in_memory and kept.reference is not None else \
-            load_model(base, config.train.master_dtype, config.model.trust_remote_code).requires_grad_(False)
+            load_model(base, config.model.dtype, config.model.trust_remote_code).requires_grad_(False)
     trainer = Trainer(model, examples, config.train, world, pad_token_id(tokenizer, eos_token_ids(policy, tokenizer)),
                       iteration, previous_global_step(policy, previous), schedule_horizon(run, config),
                       optimizer=kept.optimizer if in_memory and config.train.carry_optimizer else None,
-                      reference=reference, forward=kept.forward if in_memory else None)
+                      reference=reference, max_response_tokens=config.rollout.max_new_tokens,
+                      forward=kept.forward if in_memory else None)
     start = 0
-    if started_from == "resume":
-        start = trainer.load(state)
-    elif started_from == "state":
+    if started_from == "state":
         trainer.load(state, load_optimizer=config.train.carry_optimizer)
+    elif started_from == "resume" and objective.needs_old_logprobs and previous is not None:
+        trainer.load(previous, load_optimizer=False)  # the iteration's starting weights, for pi_old
     elif started_from == "exported" and iteration > 0 and world.main:
         warn_without_state(policy, config)
+    trainer.keep_old_logprobs()  # pi_old of the steps after the first, from the weights the iteration starts from
+    if started_from == "resume":
+        start = trainer.load(state)
     if start == 0:  # the weights are still the policy that sampled these rollouts
         from rgsd_pipeline.engines import resolve_kind
         from rgsd_pipeline.rollout_check import RolloutCheck, gap_limit
@@ -292,9 +295,15 @@ def schedule_horizon(run: Path, config: RunConfig) -> int:
 
 def read_metrics(path: Path) -> list[dict]:
     """The lines of a metrics.jsonl, each checked against schemas.METRICS_*: ArtifactError naming the line."""
-    from schemas import METRICS_COMMON, METRICS_DISTILL, METRICS_POLICY_GRADIENT, METRICS_ROLLOUT_CHECK
+    from schemas import (
+        METRICS_COMMON,
+        METRICS_DISTILL,
+        METRICS_HYBRID,
+        METRICS_POLICY_GRADIENT,
+        METRICS_ROLLOUT_CHECK,
+    )
 
-    known = (METRICS_COMMON.keys() | METRICS_DISTILL.keys() | METRICS_POLICY_GRADIENT.keys()
+    known = (METRICS_COMMON.keys() | METRICS_DISTILL.keys() | METRICS_POLICY_GRADIENT.keys() | METRICS_HYBRID.keys()
              | METRICS_ROLLOUT_CHECK.keys())
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -327,6 +336,8 @@ def train_summary(metrics_path: Path, out: Path) -> str:
     if "divergence" in last:
         moved = (f"divergence {first['divergence']:.4f} -> {last['divergence']:.4f}, clip fraction "
                  f"{last['clip_fraction']:.2f}")
+        if "policy_loss" in last:
+            moved += f", GRPO term {first['policy_loss']:.4f} -> {last['policy_loss']:.4f}"
     else:
         moved = f"loss {first['loss']:.4f} -> {last['loss']:.4f}, KL to the base {last['kl_to_base']:.4f}"
     return f"{len(rows)} steps (global step {last['global_step']}); {moved}; checkpoint in {out}"

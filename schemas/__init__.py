@@ -142,15 +142,17 @@ def signal_encoding(k: int, value_type: pa.DataType, id_type: pa.DataType) -> di
     }
 
 
-def signals_schema(k: int, value_type: pa.DataType = pa.uint8(), id_type: pa.DataType = pa.uint16()) -> ArtifactSchema:
-    """The teacher-signals schema for top-`k` entries stored with the given id and value types.
+def signals_schema(k: int, value_type: pa.DataType = pa.uint8(), id_type: pa.DataType = pa.uint16(),
+                   guidance: dict | None = None) -> ArtifactSchema:
+    """The teacher-signals schema for top-`k` entries stored with the given id and value types; `guidance` (scale
+    and negative of score.guidance) is recorded in the encoding metadata.
 
     Ids are written without dictionary encoding and with byte-stream-split, which compresses them best.
     """
     lists = "; empty when status is not ok"
     return ArtifactSchema(
         name="signals",
-        version=2,
+        version=3,
         doc="Row-aligned 1:1 with rollouts: the teacher's top-k log-probs at every response position.",
         arrow=pa.schema(
             [
@@ -168,13 +170,20 @@ def signals_schema(k: int, value_type: pa.DataType = pa.uint8(), id_type: pa.Dat
                 column("token_logprob", pa.list_(pa.float32()),
                        "Per position, the teacher's log-prob of the token the student sampled" + lists),
                 column("loss_mask", pa.list_(pa.bool_()), "Per position, whether the token is distilled" + lists),
+                column("rubric_token_logprob", pa.list_(pa.float32()),
+                       "score.guidance > 0: per position, the rubric pass alone's log-prob of the sampled token (the "
+                       "unguided teacher); null without guidance", nullable=True),
+                column("negative_token_logprob", pa.list_(pa.float32()),
+                       "score.guidance > 0: per position, the negative pass's log-prob of the sampled token "
+                       "(score.guidance_negative); null without guidance", nullable=True),
             ]
         ),
         parquet_options=(
             ("use_dictionary", ["prompt_id", "status", "topk_logprobs.list.element.list.element"]),
             ("use_byte_stream_split", ["topk_ids.list.element.list.element"]),
         ),
-        metadata=((ENCODING_KEY, json.dumps(signal_encoding(k, value_type, id_type)).encode()),),
+        metadata=((ENCODING_KEY, json.dumps({**signal_encoding(k, value_type, id_type),
+                                             "guidance": guidance or {"scale": 0.0}}).encode()),),
     )
 
 
@@ -239,7 +248,14 @@ METRICS_DISTILL = {
 METRICS_POLICY_GRADIENT = {
     "kl_to_base": "k3 estimate of KL(policy || base) per token (0 without train.kl_coef)",
     "ratio_clip_fraction": "Share of tokens whose ratio pi_theta / pi_old was clipped (train.grpo_clip)",
-    "ratio_mean": "Mean ratio pi_theta / pi_old (1 on the first step of an iteration: on-policy)",
+    "ratio_mean": "Mean ratio pi_theta / pi_old (1 on the first step of an iteration: pi_old is the trainer's own "
+                  "log-prob at the iteration's starting weights)",
+    "behaviour_weight": "Mean truncated importance weight min(train.importance_cap, pi_old / pi_behaviour) against "
+                        "the distribution the engine drew from (1 when train.importance_cap is 0)",
+}
+METRICS_HYBRID = {
+    "distill_loss": "The distillation term of the global batch's loss (jsd)",
+    "policy_loss": "The GRPO term of the global batch's loss, before train.reward_weight",
 }
 METRICS_ROLLOUT_CHECK = {
     "rollout_logprob_gap_mean": "Mean absolute difference between the trainer's and the rollout engine's log-probs of "
@@ -277,8 +293,8 @@ def column_reference() -> str:
             nullable = " (nullable)" if field.nullable else ""
             parts[-1] += f"\n| `{field.name}` | `{type_name(field.type)}`{nullable} | {description} |"
     parts.append(f"**metrics.jsonl**: {METRICS_DOC}\n\n| field | on | meaning |\n| --- | --- | --- |")
-    for fields, on in ((METRICS_COMMON, "every line"), (METRICS_DISTILL, "distillation losses"),
-                       (METRICS_POLICY_GRADIENT, "train.loss=grpo"),
+    for fields, on in ((METRICS_COMMON, "every line"), (METRICS_DISTILL, "distillation losses (jsd+grpo too)"),
+                       (METRICS_POLICY_GRADIENT, "train.loss=grpo, jsd+grpo"), (METRICS_HYBRID, "train.loss=jsd+grpo"),
                        (METRICS_ROLLOUT_CHECK, "an iteration's first step")):
         parts[-1] += "".join(f"\n| `{name}` | {on} | {meaning} |" for name, meaning in fields.items())
     return "\n\n".join(parts) + "\n"

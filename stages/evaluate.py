@@ -30,22 +30,29 @@ from rgsd_pipeline.recipe import load_run_config
 
 
 def evaluate(run: Path, iteration: str, data_spec: str | None, set_name: str | None, max_prompts: int, samples: int,
-             engine_kind: str | None, judge, with_divergence: bool, resamples: int) -> None:
+             engine_kind: str | None, judge, with_divergence: bool, resamples: int,
+             also_grade: str | None = None) -> None:
     from rgsd_pipeline.evaluation import set_name_for
 
     set_name = set_name or set_name_for(data_spec)
-    evaluate_policy(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, judge, with_divergence,
-                    resamples)
+    result = evaluate_policy(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, judge,
+                             with_divergence, resamples, also_grade=also_grade)
+    if result.get("also") is not None:
+        also = result["also"]["overall"]
+        click.echo(f"on {also_grade}'s criteria for the same questions: {also['mean']:.3f} [{also['low']:.3f}, "
+                   f"{also['high']:.3f}] ({also['n']} prompts)")
     # Every policy evaluated on this set, side by side.
     click.echo(f"eval set {set_name} ({layout.eval_set_dir(run, set_name)})")
     click.echo(views.format_policies(views.iterations(run, set_name), evaluated_only=True))
 
 
 def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: str, max_prompts: int, samples: int,
-                    engine_kind: str | None, judge, with_divergence: bool, resamples: int = 1000, engines=None) -> dict:
-    """One policy on one evaluation set: {label, prompts, answers, diagnostics, summary (None without a judge)}; every
-    piece written under eval/<set>/ and reused when it is there. `report` calls this too, with `engines` that keep
-    one engine for all its policies."""
+                    engine_kind: str | None, judge, with_divergence: bool, resamples: int = 1000, engines=None,
+                    also_grade: str | None = None) -> dict:
+    """One policy on one evaluation set: {label, prompts, answers, diagnostics, summary (None without a judge), also
+    (the same answers graded against `also_grade`'s criteria for the same questions, or None)}; every piece written
+    under eval/<set>/ and reused when it is there. `report` calls this too, with `engines` that keep one engine for
+    all its policies."""
     from rgsd_pipeline.diagnostics import write_diagnostics
     from rgsd_pipeline.evaluation import eval_prompts, evaluated_policy, generate_answers
     from rgsd_pipeline.grading import grade_answers, make_grader
@@ -68,13 +75,22 @@ def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: 
                for key in ("divergence", "mean_length", "truncation_rate", "repetition_rate", "leakage_rate")}
 
     # 4. Rubric scores, when a judge is given.
-    summary = None
+    summary = also = None
     if judge is not None:
         grader = make_grader(judge, run)
         summary = grade_answers(run, set_name, label, prompts, answers, grader, resamples)
         watched[f"eval/{set_name}/{label}/satisfaction_{grader.name}"] = summary["overall"]["mean"]
+        if also_grade:  # the same answers against another data set's criteria for these questions
+            from rgsd_pipeline.evaluation import also_graded_prompts, set_name_for
+            from rgsd_pipeline.grading import OtherCriteria
+
+            other = OtherCriteria(make_grader(judge, run), set_name_for(also_grade), also_grade)
+            also = grade_answers(run, set_name, label, also_graded_prompts(run, config, prompts, also_grade), answers,
+                                 other, resamples)
+            watched[f"eval/{set_name}/{label}/satisfaction_{other.name}"] = also["overall"]["mean"]
     tracking.log_values(run, config, None, watched, tracking.policy_step(policy))
-    return {"label": label, "prompts": prompts, "answers": answers, "diagnostics": diagnostics, "summary": summary}
+    return {"label": label, "prompts": prompts, "answers": answers, "diagnostics": diagnostics, "summary": summary,
+            "also": also}
 
 
 def _iteration(value: str) -> str:
@@ -96,12 +112,19 @@ def _iteration(value: str) -> str:
 @engine_option("Override the config's engine for answers.")
 @click.option("--divergence/--no-divergence", default=True, help="Teacher–policy JSD on the answers (HF engine).")
 @click.option("--resamples", default=1000, type=click.IntRange(min=10), help="Bootstrap resamples for intervals.")
+@click.option("--also-grade", "also_grade", metavar="DATA",
+              help="Grade the same answers against this data set's criteria for the same questions too (e.g. "
+                   "builtin:checkable for a run on builtin:howto): verdicts-<judge>-<name>/.")
 @judge_options
 @placement_overrides
-def command(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, divergence, resamples, **judge):
+def command(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, divergence, resamples, also_grade,
+            **judge):
     """Answer held-out prompts with one policy; diagnostics, and rubric scores from a judge if one is given.
 
     The judge's API key is read from $RGSD_JUDGE_API_KEY (none needed for a local `vllm serve`).
     """
     settings = judge_settings(**judge)
-    evaluate(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, settings, divergence, resamples)
+    if also_grade and settings is None:
+        raise click.UsageError("--also-grade grades with the judge: give --judge rules or an LLM judge")
+    evaluate(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, settings, divergence, resamples,
+             also_grade)

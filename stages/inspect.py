@@ -44,7 +44,9 @@ def disagreements(run: Path, iteration: int, top: int, context: int, alternative
         before, token, after = ids[max(0, pos - context):pos], [t["token_id"]], ids[pos + 1:pos + 1 + context // 2]
         lines.append(f"  {t['prompt_id'][:10]}/{t['sample_idx']} @{pos:<4d} {t['logprob_gap']:+6.2f}  "
                      f"…{text(before)}⟦{text(token)}⟧{text(after)}…")
-        lines.append(f"      student {t['policy_logprob']:.2f}, teacher {t['teacher_logprob']:.2f}; "
+        passes = ("" if t["rubric_logprob"] is None else
+                  f" (guided; rubric pass {t['rubric_logprob']:.2f}, negative pass {t['negative_logprob']:.2f})")
+        lines.append(f"      student {t['policy_logprob']:.2f}, teacher {t['teacher_logprob']:.2f}{passes}; "
                      f"teacher prefers {picks}")
     return "\n".join(lines)
 

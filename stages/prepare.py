@@ -5,8 +5,8 @@
     rgsd-pipeline prepare --run runs/t --show 2        # what student and teacher see
 
 Reads every data source, quarantines bad rows with file, row, field and reason (prompts/quarantine.jsonl),
-de-duplicates, drops prompts over the token budget, splits train / held-out by a seeded hash, writes
-prompts/part-*.parquet, freezes the resolved config into runs/<name>/run.yaml (its recipe digested), then
+de-duplicates, drops prompts over the token budget, splits train / held-out by a seeded hash of each question,
+writes prompts/part-*.parquet, freezes the resolved config into runs/<name>/run.yaml (its recipe digested), then
 manifest.json and _SUCCESS. A complete prompts/ is left as it is. A prepare that finds no training prompt
 writes the quarantine and no run.yaml.
 """

@@ -45,25 +45,30 @@ def ci(value: dict, signed: bool = False) -> str:
     return f"{value['mean']:{form}} [{value['low']:{form}}, {value['high']:{form}}]"
 
 
-def satisfaction_table(run: Path, set_name: str, results: dict[str, dict]) -> str:
-    """The rule judge's satisfaction of each evaluated policy, the paired difference after - base, and per kind."""
+def satisfaction_table(run: Path, set_name: str, results: dict[str, dict], judge: str = "rules",
+                       summary_key: str = "summary") -> str:
+    """The rule judge's satisfaction of each evaluated policy, the paired difference after - base, and per kind
+    (`judge` and `summary_key` name another grading of the same answers: evaluate --also-grade)."""
     from rgsd_pipeline.grading import paired_difference
     from rgsd_pipeline.rule_judge import kind_of
     from schemas import EVAL_VERDICTS
 
-    names = {"base": "base model", "teacher": "teacher itself (base reading the rubric)"}
+    guidance = load_run_config(run).score
+    names = {"base": "base model", "teacher": "teacher itself (base reading the rubric)" if not guidance.guidance else
+             f"teacher itself (rubric-guided, g={guidance.guidance:g}, {guidance.guidance_negative} negative)"}
     rows = [("policy", "all answers [95% CI]", "finished answers [95% CI]")]
     for label, result in results.items():
-        summary = result["summary"]
+        summary = result[summary_key]
         finished = summary["finished"]
         rows.append((names.get(label, f"after ({label})"), ci(summary["overall"]),
                      f"{ci(finished)} ({finished['answers']} of {summary['answers']})"))
-    verdicts = {label: read_stage(layout.verdicts_dir(run, set_name, label, "rules"), EVAL_VERDICTS).lazy().collect()
+    verdicts = {label: read_stage(layout.verdicts_dir(run, set_name, label, judge), EVAL_VERDICTS).lazy().collect()
                 for label in results}
     # Each criterion's kind (its text where it has none), the same for every policy.
     criteria = pl.DataFrame([{"prompt_id": p["prompt_id"], "criterion_idx": i,
                               "kind": kind_of(c["tags"]) or c["criterion"]}
-                             for p in results["base"]["prompts"] for i, c in enumerate(p["rubric"])])
+                             for p in (results["base"]["graded_prompts"] if summary_key != "summary" else
+                                       results["base"]["prompts"]) for i, c in enumerate(p["rubric"])])
     trained = list(results)[-1]
     rows.append((f"{trained} - base, paired by prompt", ci(paired_difference(verdicts[trained], verdicts["base"]),
                                                            signed=True), ""))
@@ -76,12 +81,13 @@ def satisfaction_table(run: Path, set_name: str, results: dict[str, dict]) -> st
     return "\n".join("    " + line if line else "" for line in lines)
 
 
-def report(run: Path, iteration: int, heldout: int) -> None:
+def report(run: Path, iteration: int, heldout: int, also_grade: str | None = None) -> None:
     from rgsd_pipeline.engines.hosting import ResidentEngines
     from stages.evaluate import evaluate_policy
 
     # 1. Inputs: the run's prompts and iteration I's rollouts.
     config = load_run_config(run)
+    also_grade = config.data.also_grade if also_grade is None else also_grade
     prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect()
     held = prompts.filter(pl.col("split") == "heldout").to_dicts()
     if not held:
@@ -92,7 +98,7 @@ def report(run: Path, iteration: int, heldout: int) -> None:
 
     # 2. The base model, the teacher itself (when the rule judge can grade the rubric) and the trained policy answer
     #    the held-out prompts with the same seeds, through `evaluate`: its answers, diagnostics and verdicts.
-    set_name = "heldout" if not heldout or heldout >= len(held) else f"heldout-first-{heldout}"
+    set_name = "heldout" if not heldout or heldout >= len(held) else f"heldout-sample-{heldout}"
     judge = "rules" if rules_can_grade(held) else None
     policies = ["base", *(["teacher"] if judge else []), str(iteration)]
     results = {}
@@ -100,7 +106,8 @@ def report(run: Path, iteration: int, heldout: int) -> None:
     try:
         for policy in policies:
             result = evaluate_policy(run, policy, None, set_name, 0 if set_name == "heldout" else heldout, 1, None,
-                                     judge, with_divergence=policy != "teacher", engines=engines)
+                                     judge, with_divergence=policy != "teacher", engines=engines,
+                                     also_grade=also_grade if judge else None)
             results[result["label"]] = result
     finally:
         engines.close()
@@ -123,6 +130,15 @@ def report(run: Path, iteration: int, heldout: int) -> None:
                     f"with hand labels)\n{satisfaction_table(run, set_name, results)}\n" if judge else
                     "\n  rubric satisfaction: some criteria carry no machine-checkable predicate; grade with an LLM "
                     "judge (evaluate --judge-url ...)\n")
+    if judge and also_grade:
+        from rgsd_pipeline.evaluation import also_graded_prompts, set_name_for
+
+        graded = also_graded_prompts(run, config, results["base"]["prompts"], also_grade)
+        for result in results.values():
+            result["graded_prompts"] = graded
+        table = satisfaction_table(run, set_name, results, f"rules-{set_name_for(also_grade)}", "also")
+        satisfaction += (f"\n  the same answers on {also_grade}'s criteria for the same {len(graded)} questions "
+                         f"(never trained on)\n{table}\n")
     folder = layout.iteration_dir(run, iteration)
     click.echo(f"""
 RGSD report — {run}, iteration {iteration}
@@ -148,8 +164,12 @@ RGSD report — {run}, iteration {iteration}
 @click.command("report")
 @click.option("--run", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--iteration", required=True, type=click.IntRange(min=0), help="Iteration whose checkpoint to compare.")
-@click.option("--heldout", default=0, type=click.IntRange(min=0), help="Held-out prompts to answer (0: all).")
+@click.option("--heldout", default=0, type=click.IntRange(min=0),
+              help="Held-out prompts to answer: a seeded sample of N (0: all).")
+@click.option("--also-grade", "also_grade", metavar="DATA",
+              help="Grade the same answers against this data set's criteria for the same questions too (e.g. "
+                   "builtin:checkable for a run on builtin:howto); default: data.also_grade.")
 @placement_overrides
-def command(run, iteration, heldout):
+def command(run, iteration, heldout, also_grade):
     """Held-out divergence and rubric satisfaction before and after an iteration, with a sample answer."""
-    report(run, iteration, heldout)
+    report(run, iteration, heldout, also_grade)

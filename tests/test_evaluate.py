@@ -168,3 +168,63 @@ def test_report_satisfaction_is_what_evaluate_judge_rules_measures(howto_run, tm
         .alias("score")).select("prompt_id", "score").iter_rows()) for label, v in verdicts.items()}
     assert difference["mean"] == pytest.approx(np.mean([scores["iter-000"][p] - scores["base"][p]
                                                         for p in scores["base"]]))
+
+
+def test_a_heldout_subset_is_a_seeded_sample_not_the_first_rows():
+    """`--heldout N` / `--max-prompts N` on the held-out split: the N prompts of smallest seeded draw, kept in source
+    order, not the first N rows (which would all be the first source's, here every medical prompt)."""
+    import polars as pl
+
+    from rgsd_pipeline.evaluation import _heldout_rows
+    from rgsd_pipeline.rows import split_draw
+
+    rows = [{"prompt_id": f"{i:016x}", "split": "heldout", "domain": "medical" if i < 30 else "science"}
+            for i in range(60)]
+
+    class Prompts:
+        def lazy(self):
+            return pl.DataFrame(rows).lazy()
+
+    chosen = _heldout_rows(None, Prompts(), 12, seed=2)
+    want = sorted(rows, key=lambda r: split_draw(r["prompt_id"], 2))[:12]
+    assert [r["prompt_id"] for r in chosen] == sorted(r["prompt_id"] for r in want)  # source order
+    assert {r["domain"] for r in chosen} == {"medical", "science"}
+    assert [r["prompt_id"] for r in _heldout_rows(None, Prompts(), 12, seed=3)] != [r["prompt_id"] for r in chosen]
+    assert _heldout_rows(None, Prompts(), 0) == rows
+
+
+@pytest.mark.slow
+def test_report_also_grades_the_same_answers_on_the_other_data_sets_criteria(howto_run, tmp_path):
+    """`report --also-grade builtin:checkable` on a builtin:howto run: the same held-out answers, graded against
+    checkable's content criteria for the same questions (matched by question; the split is drawn per question, so
+    none of them was trained on), equal to the rule judge applied by hand to each answer and its checkable rubric."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+
+    from rgsd_pipeline.ingest import ingest
+    from rgsd_pipeline.models import load_tokenizer, resolve_model
+    from rgsd_pipeline.recipe import load_run_config
+    from rgsd_pipeline.rule_judge import check, predicate_of
+
+    run = tmp_path / "run"
+    shutil.copytree(howto_run, run, ignore=shutil.ignore_patterns("eval"))
+    out = cli("report", "--run", run, "--iteration", 0, "--also-grade", "builtin:checkable").stdout
+    assert "on builtin:checkable's criteria for the same" in out
+    section = out[out.index("on builtin:checkable's criteria"):]
+    config = load_run_config(run)
+    data = dataclasses.replace(config.data, sources=["builtin:checkable"], heldout_fraction=0.0, max_prompts=0)
+    checkable = {tuple(m["content"] for m in p["messages"]): p for p in ingest(
+        data, config.template, load_tokenizer(resolve_model(config.model.path))).prompts}
+    prompts = {p["prompt_id"]: p for p in read_stage(run / "prompts", PROMPTS).lazy().collect().to_dicts()}
+    for label, row in (("base", "base model"), ("iter-000", "after (iter-000)")):
+        answers = read_stage(run / "eval" / "heldout" / label / "answers", ROLLOUTS).lazy().collect().to_dicts()
+        scores = []
+        for answer in answers:
+            rubric = checkable[tuple(m["content"] for m in prompts[answer["prompt_id"]]["messages"])]["rubric"]
+            met = [check(predicate_of(c["tags"]), answer["response_text"])[0] for c in rubric]
+            scores.append(sum(c["points"] for c, m in zip(rubric, met, strict=True) if m)
+                          / sum(c["points"] for c in rubric if c["points"] > 0))
+        assert reported(section, row)[0] == pytest.approx(float(np.clip(np.mean(scores), 0, 1)), abs=5e-4)
+        assert (run / "eval" / "heldout" / label / "summary-rules-checkable.json").exists()

@@ -118,6 +118,23 @@ def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
     assert {p["split"] for p in result.prompts} == {"train", "heldout"}
 
 
+def test_one_question_with_two_rubrics_lands_in_one_split(tmp_path, tiny_tokenizer):
+    """The split is drawn per question, not per prompt_id (which hashes the rubric too): the same question with a
+    format rubric in one file and a content rubric in another must not be trained on in one and held out in the
+    other, as builtin:howto and builtin:checkable share their questions."""
+    form = [json.dumps(good(i)) for i in range(60)]
+    content = [json.dumps({**good(i), "Rubrics": [{"criterion": f"Names antigen {i}", "points": 2}]})
+               for i in range(60)]
+    result = run([write_lines(tmp_path / "form.jsonl", form), write_lines(tmp_path / "content.jsonl", content)],
+                 tiny_tokenizer, heldout_fraction=0.5)
+    splits: dict[str, set] = {}
+    for p in result.prompts:
+        splits.setdefault(p["messages"][-1]["content"], set()).add(p["split"])
+    assert len(splits) == 60 and all(len(s) == 1 for s in splits.values())
+    assert {p["split"] for p in result.prompts} == {"train", "heldout"}
+    assert len({p["prompt_id"] for p in result.prompts}) == 120  # two prompts per question, both kept
+
+
 def test_unreadable_sources_are_clear_errors(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         list(read_source(str(tmp_path / "missing.jsonl")))

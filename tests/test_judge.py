@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from rgsd_pipeline.diagnostics import repetition_rate, rubric_leakage
-from rgsd_pipeline.grading import answer_scores, clipped_mean, interval, summarize
+from rgsd_pipeline.grading import answer_scores, clipped_mean, interval, paired_difference, summarize
 from rgsd_pipeline.judge import Criterion, Item, Judge, JudgeError, JudgeSettings, VerdictCache, parse_reply
 
 # ---------------------------------------------------------------- reply parsing
@@ -90,6 +90,18 @@ def test_mean_is_clipped_and_intervals_behave():
     spread = interval(np.array([0.0, 1.0] * 50), seed=3)
     assert spread["low"] < 0.5 < spread["high"] and spread == interval(np.array([0.0, 1.0] * 50), seed=3)
     assert interval(np.array([]))["mean"] is None
+
+
+def test_paired_difference_is_the_difference_of_the_rows_clipped_means():
+    """Met pitfalls make per-prompt scores negative; the rows clip the mean over prompts to [0, 1], so the paired
+    difference must be the difference of those clipped means, not the mean of the unclipped differences."""
+    before = {p: [(1, False), (-3, True)] for p in "PQR"}  # -3 each: the row shows clip(-3) = 0
+    after = {"P": [(1, True), (-3, False)], "Q": [(1, False), (-3, False)], "R": [(1, False), (-3, False)]}  # 1/3
+    rows = [summarize(verdict_rows(spec), {}, resamples=200)["overall"]["mean"] for spec in (after, before)]
+    assert rows == pytest.approx([1 / 3, 0.0])
+    difference = paired_difference(verdict_rows(after), verdict_rows(before), resamples=500)
+    assert difference["mean"] == pytest.approx(rows[0] - rows[1])  # the unclipped mean difference would be 3.33
+    assert difference["n"] == 3 and 0.0 <= difference["low"] <= difference["mean"] <= difference["high"] <= 1.0
 
 
 # ---------------------------------------------------------------- judge-free diagnostics

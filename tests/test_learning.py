@@ -14,7 +14,8 @@ def test_the_learning_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = (tmp_path / "figures" / "learning.md").read_text().splitlines()
-    assert table[0].startswith("| policy | teacher | rubric satisfaction [95% CI] | on ")
+    assert table[0].startswith("| policy | teacher | rubric satisfaction [95% CI] | − base, paired [95% CI] | "
+                               "− raw-rubric arm, paired [95% CI] | on builtin:howto's criteria [95% CI] | on ")
     assert "| medical |" in table[0]
     assert "kind:" not in table[0] and "| leakage |" in table[0] and "clinician" in table[0]
     rows = [line.split(" | ")[:2] for line in table[2:]]

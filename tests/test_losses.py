@@ -184,6 +184,13 @@ def test_position_weights():
     loss = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0, 6.0])
     assert float((position_weights(sequence, "token", 6, 3) * loss).sum()) == pytest.approx(26 / 6)
     assert float((position_weights(sequence, "sequence", 6, 3) * loss).sum()) == pytest.approx((2 + 10 + 5) / 3)
+    # Dr. GRPO's constant normaliser: the batch's sum over (sequences x the longest response allowed), the same
+    # weight for every token however long its answer.
+    assert float((position_weights(sequence, "constant", 6, 3, 16) * loss).sum()) == pytest.approx(26 / (3 * 16))
+    halves = [position_weights(sequence[part], "constant", 6, 3, 16) for part in (slice(0, 3), slice(3, 6))]
+    assert torch.equal(torch.cat(halves), position_weights(sequence, "constant", 6, 3, 16))  # micro-batches add up
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        position_weights(sequence, "constant", 6, 3)
 
 
 def test_log1mexp_is_accurate_at_both_ends():

@@ -38,6 +38,22 @@ def test_the_7b_recipe_fits_one_node_of_eight_gpus_and_shards_its_state(qwen7b):
     assert max(one["sampling_peak"], one["training_peak"]) < 80 * GIB
 
 
+def test_a_kl_reference_is_counted_in_model_dtype_in_both_phases(qwen7b):
+    """GRPO with train.kl_coef holds the frozen base in the trainer for the whole run: b * P in model.dtype (bf16:
+    15.2 GB at 7B), in the sampling and the training peak; none without the KL term."""
+    recipe = ROOT / "configs" / "qwen2.5-7b-medical.yaml"
+    grpo = [f"model.path={qwen7b}", "train.loss=grpo", "rollout.samples_per_prompt=4"]
+    shape = Shape.of(qwen7b)
+    without = plan(shape, load_config(recipe, grpo), Launch(1, 8))
+    config = load_config(recipe, [*grpo, "train.kl_coef=0.05"])
+    assert config.model.dtype == "bfloat16"
+    planned = plan(shape, config, Launch(1, 8))
+    assert without["reference"] == 0 and planned["reference"] == 2 * shape.parameters
+    for peak in ("sampling_peak", "training_peak"):
+        assert planned[peak] - without[peak] == 2 * shape.parameters
+    assert "reference" in check(shape, config, Launch(1, 8, 80))
+
+
 def test_a_recipe_that_cannot_fit_is_refused_with_the_arithmetic(qwen7b):
     """The same recipe on one GPU: 16 bytes per parameter of training state alone is 114 GiB."""
     result = cli("plan", "--config", ROOT / "configs" / "qwen2.5-7b-medical.yaml", "--gpus-per-node", 1,

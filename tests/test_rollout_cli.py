@@ -29,7 +29,7 @@ def rollouts(run) -> pl.DataFrame:
 def test_kill_during_rollout_then_resume_equals_uninterrupted(prepared, tmp_path):
     reference, killed = copy_run(prepared, tmp_path / "reference"), copy_run(prepared, tmp_path / "killed")
     out = cli("rollout", "--run", reference, "--iteration", 0).stdout
-    assert "107 prompts, 107 samples" in out
+    assert "111 prompts, 111 samples" in out
 
     done_before = kill_after_first_shard(["rollout", "--run", killed, "--iteration", 0],
                                          killed / "iter-000" / "rollouts")
@@ -37,9 +37,9 @@ def test_kill_during_rollout_then_resume_equals_uninterrupted(prepared, tmp_path
     assert not (killed / "iter-000" / "rollouts" / "_SUCCESS").exists()
 
     resumed = cli("rollout", "--run", killed, "--iteration", 0).stdout
-    assert f"{107 - 16 * done_before} samples in {7 - done_before} shard(s)" in resumed
+    assert f"{111 - 16 * done_before} samples in {7 - done_before} shard(s)" in resumed
     got, want = rollouts(killed), rollouts(reference)
-    assert got.select("prompt_id", "sample_idx").is_unique().all() and got.height == 107
+    assert got.select("prompt_id", "sample_idx").is_unique().all() and got.height == 111
     assert got.equals(want)
 
 

@@ -107,3 +107,25 @@ def test_a_server_killed_mid_score_is_named_and_a_rerun_scores_only_the_missing_
     finally:
         own.stop()
         shutil.rmtree(tmp_path / "local", ignore_errors=True)
+
+
+def test_guided_signals_from_the_teacher_service_equal_the_hf_engines_exact_ones(rolled_out, tiny_path, tmp_path):
+    """score.guidance through the service: two requests per rollout (the rubric view, then the negative), the guided
+    distribution built from their top-K' lists; with K' the whole vocabulary (a server started with --max-logprobs
+    1024, the tiny model's vocabulary) it equals what the transformers engine computes exactly."""
+    own = VllmServer(tiny_path, "teacher", tmp_path / "serve.log", "--max-logprobs", "1024", "--max-model-len",
+                     "1024").start()
+    try:
+        guided = {"score__guidance": 1.0, "score__guidance_candidates": 1024}
+        local = copy_run(rolled_out, tmp_path / "local", without=("signals",), **guided)
+        cli("score", "--run", local, "--iteration", 0, "--engine", "hf")
+        served = with_server(rolled_out, tmp_path / "served", [own.url], **guided)
+        assert "rubric guidance 1" in cli("score", "--run", served, "--iteration", 0).stdout
+        want, got = signals(local), signals(served)
+        for column in ("topk_logprobs", "tail_logprob", "token_logprob", "rubric_token_logprob",
+                       "negative_token_logprob"):
+            a = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in got[column].to_list()])
+            b = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in want[column].to_list()])
+            np.testing.assert_allclose(np.exp(a), np.exp(b), atol=2e-4, rtol=0, err_msg=column)
+    finally:
+        own.stop()

@@ -57,6 +57,8 @@ class Scores:
     topk_logprobs_T_K: np.ndarray  # float32 [T, K]
     token_logprob_T: np.ndarray  # float32 [T], log-prob of the token actually at each position
     tail_logprob_T: np.ndarray  # float32 [T], log of the mass outside the top-k
+    rubric_token_logprob_T: np.ndarray | None = None  # guided: float32 [T], the rubric pass alone, sampled token
+    negative_token_logprob_T: np.ndarray | None = None  # guided: float32 [T], the negative pass, sampled token
 
 
 class EngineError(UserError, RuntimeError):
@@ -78,13 +80,30 @@ class Engine:
     weights_discarded = False  # sleep(discard_weights=True) freed the weights: load_weights before the next request
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
-                 on_progress=None) -> list[Generation]:
-        """One sample per prompt, drawn with its own seed (a prompt's tokens must not depend on its batch)."""
+                 on_progress=None, contrast=None) -> list[Generation]:
+        """One sample per prompt, drawn with its own seed (a prompt's tokens must not depend on its batch). With
+        `contrast` (guidance.Contrast: a negative prompt per prompt), from the guided distribution; only engines with
+        full-vocabulary logits can (the transformers engine)."""
         raise NotImplementedError(f"the {self.kind} engine does not sample")
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None) -> list[Scores]:
         """The top-k log-probs, the actual token's and the tail's at every position after each prompt."""
         raise NotImplementedError(f"the {self.kind} engine does not score")
+
+    def score_guided(self, sequences: list[list[int]], prompt_lens: list[int], contrast, k: int, candidates: int,
+                     on_progress=None) -> list[Scores]:
+        """As score(), for the rubric-guided distribution (rgsd_pipeline/guidance.py) of these sequences against
+        `contrast` (guidance.Contrast: the negative pass's sequences, the same responses). This default scores both
+        passes' top-`candidates` and builds the guided distribution from them (guidance.from_candidates), for engines
+        that return top-k lists only; an engine with full-vocabulary logits computes it exactly instead."""
+        from rgsd_pipeline.guidance import from_candidates
+
+        width = -1 if candidates < 0 else max(candidates, k)  # -1: the whole vocabulary, where the engine can
+        rubric = self.score(sequences, prompt_lens, width, on_progress)
+        negative = self.score(contrast.sequences, contrast.prompt_lens, width)
+        vocabulary = getattr(self, "vocab_size", 1 << 62)  # an engine that knows it can list the whole vocabulary
+        return [from_candidates(r, n, np.asarray(s[p:], dtype=np.int64), k, contrast.scale, vocabulary)
+                for r, n, s, p in zip(rubric, negative, sequences, prompt_lens, strict=True)]
 
     def logprobs_at(self, sequences: list[list[int]], prompt_lens: list[int], ids_T_K: list[np.ndarray]
                     ) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ import torch
 from rgsd_pipeline.config import EngineConfig, ModelConfig
 from rgsd_pipeline.engines import nucleus
 from rgsd_pipeline.engines.base import Engine, Generation, Sampling, Scores
+from rgsd_pipeline.guidance import guided_logprobs
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id
 
 
@@ -77,19 +78,25 @@ class HfEngine(Engine):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
-                 on_progress=None) -> list[Generation]:
+                 on_progress=None, contrast=None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(prompts)
         for batch in length_buckets([len(p) for p in prompts], self.batch_size):
+            negatives = None if contrast is None else [contrast.sequences[i] for i in batch]
             for index, generation in zip(batch, self._generate_batch([prompts[i] for i in batch],
-                                                                     [seeds[i] for i in batch], sampling), strict=True):
+                                                                     [seeds[i] for i in batch], sampling,
+                                                                     negatives, contrast and contrast.scale),
+                                         strict=True):
                 results[index] = generation
                 if on_progress:
                     on_progress(1, len(generation.token_ids))
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Generation]:
-        ids_B_T, mask_B_T = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
+                        negatives: list[list[int]] | None = None, scale: float = 0.0) -> list[Generation]:
+        """One batch's samples; with `negatives` (rubric guidance: rgsd_pipeline/guidance.py), each row's negative
+        prompt runs in the same batch, fed the same tokens, and the row samples from the guided distribution."""
         batch = len(prompts)
+        ids_B_T, mask_B_T = (t.to(self.device) for t in left_pad(prompts + (negatives or []), self.pad_id))
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         budget = min(sampling.max_new_tokens, self.max_model_len - ids_B_T.shape[1])
         tokens, raw, behaviour = ([[] for _ in range(batch)] for _ in range(3))
@@ -97,7 +104,7 @@ class HfEngine(Engine):
         finish = ["length"] * batch
         # The tokens the repetition penalty counts: a row's own, never its left padding (which would penalise the
         # pad id in rows batched with longer prompts): padding repeats the row's last prompt token instead.
-        history_B_T = torch.where(mask_B_T.bool(), ids_B_T, ids_B_T[:, -1:])
+        history_B_T = torch.where(mask_B_T[:batch].bool(), ids_B_T[:batch], ids_B_T[:batch, -1:])
         # Left padding: a row's positions count its own tokens only, so padding does not shift them.
         position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=position_B_T, use_cache=True,
@@ -105,6 +112,8 @@ class HfEngine(Engine):
         for _ in range(max(budget, 0)):
             # 1. The next-token distributions: the model's own (raw) and the one sampled from (processed).
             raw_B_V = out.logits[:, -1, :].float()
+            if negatives is not None:  # the guided distribution is what this row's model now is
+                raw_B_V = guided_logprobs(raw_B_V[:batch].log_softmax(-1), raw_B_V[batch:].log_softmax(-1), scale)
             sample_logits_B_V = process_logits(raw_B_V, history_B_T, sampling)
             raw_B_V = raw_B_V.log_softmax(-1).cpu()
             sample_B_V = sample_logits_B_V.log_softmax(-1).cpu()
@@ -124,53 +133,83 @@ class HfEngine(Engine):
                     finished[row], finish[row] = True, "stop"
             if all(finished):
                 break
-            # 4. One decoding step for every row (finished rows feed padding and are ignored).
+            # 4. One decoding step for every row (finished rows feed padding and are ignored); a negative row is fed
+            #    its positive row's token.
             next_B = next_B.to(self.device)
-            mask_B_T = torch.cat([mask_B_T, torch.ones(batch, 1, dtype=torch.long, device=self.device)], dim=1)
-            position_B_T = position_B_T[:, -1:] + 1
             history_B_T = torch.cat([history_B_T, next_B[:, None]], dim=1)
-            out = self.model(input_ids=next_B[:, None], attention_mask=mask_B_T, position_ids=position_B_T,
+            fed_B = next_B if negatives is None else torch.cat([next_B, next_B])
+            mask_B_T = torch.cat([mask_B_T, torch.ones(len(fed_B), 1, dtype=torch.long, device=self.device)], dim=1)
+            position_B_T = position_B_T[:, -1:] + 1
+            out = self.model(input_ids=fed_B[:, None], attention_mask=mask_B_T, position_ids=position_B_T,
                              past_key_values=out.past_key_values, use_cache=True)
         keep = sampling.records_behaviour
         return [Generation(tokens[r], raw[r], behaviour[r] if keep else None, finish[r]) for r in range(batch)]
 
-    def _response_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], chunk_positions: int):
+    def _response_logprobs(self, sequences: list[list[int]], prompt_lens: list[int], chunk_positions: int,
+                           contrast=None):
         """Yield (index, lo, logp_C_V, targets_C): fp32 log-softmax over chunks of each sequence's response positions.
 
-        The logits at position p predict token p + 1, so response token j is predicted at prompt_len + j - 1.
+        The logits at position p predict token p + 1, so response token j is predicted at prompt_len + j - 1. With
+        `contrast` (guidance.Contrast: the same responses after other prompts), each chunk is the guided
+        distribution of the two passes, combined in fp32 over the whole vocabulary, and its item is (index, lo,
+        logp_C_V, targets_C, rubric_C_V, negative_C_V).
         """
         head = self.model.get_output_embeddings()
         for batch in length_buckets([len(s) for s in sequences], self.batch_size):
-            ids_B_T, mask_B_T = (t.to(self.device) for t in left_pad([sequences[i] for i in batch], self.pad_id))
-            position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-            hidden_B_T_H = self.model.get_decoder()(input_ids=ids_B_T, attention_mask=mask_B_T,
-                                                    position_ids=position_B_T).last_hidden_state
-            width = ids_B_T.shape[1]
+            groups = [(sequences, prompt_lens)] + ([(contrast.sequences, contrast.prompt_lens)] if contrast else [])
+            hidden, starts, inputs = [], [], []
+            for group, lens in groups:
+                ids_B_T, mask_B_T = (t.to(self.device) for t in left_pad([group[i] for i in batch], self.pad_id))
+                position_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+                hidden.append(self.model.get_decoder()(input_ids=ids_B_T, attention_mask=mask_B_T,
+                                                       position_ids=position_B_T).last_hidden_state)
+                starts.append([ids_B_T.shape[1] - len(group[i]) + lens[i] - 1 for i in batch])
+                inputs.append(ids_B_T)
+            targets_ids_B_T = inputs[0]  # the rubric pass's row: its responses are the same tokens
             for row, index in enumerate(batch):
-                start = width - len(sequences[index])
-                first, last = start + prompt_lens[index] - 1, width - 1
+                first = starts[0][row]
+                last = targets_ids_B_T.shape[1] - 1
                 for lo in range(first, last, chunk_positions):
                     hi = min(lo + chunk_positions, last)
-                    logp_C_V = head(hidden_B_T_H[row, lo:hi]).float().log_softmax(-1)
-                    yield index, lo - first, logp_C_V, ids_B_T[row, lo + 1:hi + 1]
+                    logp_C_V = head(hidden[0][row, lo:hi]).float().log_softmax(-1)
+                    targets_C = targets_ids_B_T[row, lo + 1:hi + 1]
+                    if contrast is None:
+                        yield index, lo - first, logp_C_V, targets_C
+                        continue
+                    other = starts[1][row] + (lo - first)
+                    negative_C_V = head(hidden[1][row, other:other + hi - lo]).float().log_softmax(-1)
+                    yield (index, lo - first, guided_logprobs(logp_C_V, negative_C_V, contrast.scale), targets_C,
+                           logp_C_V, negative_C_V)
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None,
               chunk_positions: int = 256) -> list[Scores]:
+        return self._score(sequences, prompt_lens, k, on_progress, chunk_positions)
+
+    @torch.inference_mode()
+    def score_guided(self, sequences: list[list[int]], prompt_lens: list[int], contrast, k: int, candidates: int = 0,
+                     on_progress=None, chunk_positions: int = 256) -> list[Scores]:
+        """As score(), for the guided distribution (rgsd_pipeline/guidance.py), exactly: both passes' full-vocabulary
+        fp32 log-softmax at every position. `candidates` is for engines that see only top-k lists."""
+        return self._score(sequences, prompt_lens, k, on_progress, chunk_positions, contrast)
+
+    def _score(self, sequences, prompt_lens, k, on_progress, chunk_positions, contrast=None) -> list[Scores]:
         parts: dict[int, list] = {i: [] for i in range(len(sequences))}
-        for index, _, logp_C_V, targets_C in self._response_logprobs(sequences, prompt_lens, chunk_positions):
+        for index, _, logp_C_V, targets_C, *passes in self._response_logprobs(sequences, prompt_lens, chunk_positions,
+                                                                             contrast):
             top = logp_C_V.topk(k, dim=-1)
             # The tail is summed over the entries outside the top-k in fp32, not taken as 1 - their mass,
             # which loses every digit when the top-k hold all but 1e-7 of it.
             tail_C = logp_C_V.scatter(-1, top.indices, -float("inf")).logsumexp(-1)
             token_C = logp_C_V.gather(1, targets_C[:, None])[:, 0]
-            parts[index].append((top.indices.cpu(), top.values.cpu(), token_C.cpu(), tail_C.cpu()))
+            both = [p.gather(1, targets_C[:, None])[:, 0].cpu() for p in passes]
+            parts[index].append((top.indices.cpu(), top.values.cpu(), token_C.cpu(), tail_C.cpu(), *both))
         results = []
         for index in range(len(sequences)):
             chunks = parts[index]
             empty = [np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32),
-                     np.zeros(0, np.float32)]
-            joined = [torch.cat([c[i] for c in chunks]).numpy() for i in range(4)] if chunks else empty
+                     np.zeros(0, np.float32)] + [np.zeros(0, np.float32)] * (0 if contrast is None else 2)
+            joined = [torch.cat([c[i] for c in chunks]).numpy() for i in range(len(empty))] if chunks else empty
             results.append(Scores(*joined))
             if on_progress:
                 on_progress(1, len(sequences[index]) - prompt_lens[index])

@@ -41,7 +41,7 @@ class StageEngines:
 
     def teacher(self, teacher: Path, config: RunConfig) -> Engine:
         kind = self.engine_kind or config.engine.score_kind or config.engine.kind
-        return make_engine(kind, teacher, config.engine, config.model, max_logprobs=config.score.top_k)
+        return make_engine(kind, teacher, config.engine, config.model, max_logprobs=teacher_logprobs(config))
 
     def done(self, engine: Engine) -> None:
         engine.close()
@@ -108,3 +108,12 @@ class ResidentEngines(StageEngines):
             if engine is not None:
                 engine.close()
         self._student = self._teacher = None
+
+
+def teacher_logprobs(config: RunConfig) -> int:
+    """The most log-probs per position the teacher is asked for: score.top_k, or with rubric guidance its candidates
+    (-1: the whole vocabulary, score.guidance_candidates=0)."""
+    score = config.score
+    if score.guidance <= 0:
+        return score.top_k
+    return -1 if score.guidance_candidates == 0 else max(score.top_k, score.guidance_candidates)

