@@ -41,7 +41,7 @@ def _stale(folder: Path, iteration: int, why: str) -> ArtifactError:
 def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> None:
     """Refuse a complete output of `stage` that was made from other inputs than the current ones."""
     folder = output_dir(run, iteration, stage)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     if stage == "train":
         recorded = json.loads(layout.provenance_file(folder).read_text())
         wanted = train_inputs(run, iteration, config)
@@ -70,7 +70,7 @@ def link(run: Path, iteration: int, config: RunConfig) -> dict:
         if not is_complete(output_dir(run, iteration, stage)):
             raise ArtifactError(f"{output_dir(run, iteration, stage)} is not complete")
         verify_output(run, iteration, stage, config)
-    policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
+    policy = layout.policy_path(run, iteration, resolve_model(config.model))
     graded = "rewards" if "reward" in stages else "signals"
     return {"iteration": iteration, "policy": str(policy), "policy_fingerprint": model_fingerprint(policy),
             "rollouts": read_manifest(layout.rollouts_dir(run, iteration))["inputs"],

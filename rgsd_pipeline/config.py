@@ -45,7 +45,11 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 @dataclass
 class ModelConfig:
     path: str = opt("builtin:tiny",
-                    "Local HF folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
+                    "A Hub id (org/name, read through the Hub cache: HF_HOME, HF_TOKEN, HF_HUB_OFFLINE), a local HF "
+                    "folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
+    revision: str = opt("main", "Hub ids: the branch, tag or commit to read")
+    commit: str = opt("", "Hub ids: the commit model.revision resolved to, written into run.yaml by prepare; every "
+                          "later command loads exactly it (leave empty in recipes)")
     dtype: Dtype = opt("float32", "Weights dtype of the engines (rollout, score) and of every exported checkpoint; "
                                   "training keeps train.master_dtype")
     max_model_len: int = opt(2048, "Context length used by the engines (prompt + response)", minimum=16)
@@ -56,7 +60,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     sources: list = opt(["builtin:medsci"],
-                        "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
+                        "Data specs: builtin:medsci | builtin:checkable | builtin:howto, a .jsonl/.json/.parquet file, "
+                        "a datasets folder, or a Hub data set: hf:org/name, or a mapping {hf: org/name, config, split "
+                        "(train), data_files, revision (main)} whose commit prepare writes into run.yaml")
     format: Literal["auto", RowFormat] = opt("auto", "Row format of the sources")
     heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0,
                                   maximum=1.0)
@@ -338,7 +344,17 @@ def _build(cls, raw: dict, where: str):
 
 def check_combinations(config: RunConfig) -> None:
     """Refuse settings that are valid one by one but not together."""
+    from rgsd_pipeline.hub import COMMIT, is_repo_id
+
     train = config.train
+    model = config.model
+    hub_id = is_repo_id(model.path) and not Path(model.path).expanduser().exists()
+    if (model.revision != "main" or model.commit) and not hub_id:
+        raise ConfigError(f"model.revision / model.commit name a revision of a Hub repository, but model.path "
+                          f"{model.path} is a local folder or a built-in; leave them at their defaults (main, empty)")
+    if model.commit and not COMMIT.fullmatch(model.commit):
+        raise ConfigError(f"model.commit: {model.commit!r} is not a 40-hex-digit commit; leave it empty (prepare "
+                          "writes it) and give a branch, tag or commit as model.revision")
     if train.loss == "sampled_reverse_kl" and train.distill_temperature != 1.0:
         raise ConfigError(f"train.distill_temperature={train.distill_temperature} with train.loss=sampled_reverse_kl: "
                           "the sampled-token estimator is defined for the model's own distribution (temperature 1); "
@@ -406,22 +422,44 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def _build_root(raw: dict, where: str) -> RunConfig:
+    from rgsd_pipeline.sources import SourceError, canonical_source
+
     try:
         config = _build(RunConfig, raw, "")
+        try:  # Hub data sets in one spelling (a mapping with every key), so a recipe and run.yaml compare equal
+            config.data.sources = [canonical_source(entry) for entry in config.data.sources]
+        except SourceError as err:
+            raise ConfigError(f"data.sources: {err}") from None
         check_combinations(config)
         return config
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
-    """Write run.yaml on first start; on later starts refuse a config that differs from the frozen one, read as every
-    stage reads it (a key that a run made by an earlier release lacks takes its default)."""
+def carry_commits(frozen: RunConfig, config: RunConfig) -> RunConfig:
+    """`config` with the commits run.yaml pinned for the same Hub model and data sets (same id and revision), so that
+    a recipe given again names the run's commits rather than wherever its revisions point now."""
+    model = config.model
+    if not model.commit and (model.path, model.revision) == (frozen.model.path, frozen.model.revision):
+        model = dataclasses.replace(model, commit=frozen.model.commit)
+    sources = list(config.data.sources)
+    for i, (entry, pinned) in enumerate(zip(sources, frozen.data.sources, strict=False)):
+        if isinstance(entry, dict) and isinstance(pinned, dict) and not entry["commit"] \
+                and {**entry, "commit": pinned["commit"]} == pinned:
+            sources[i] = pinned
+    return dataclasses.replace(config, model=model, data=dataclasses.replace(config.data, sources=sources))
+
+
+def freeze_or_check(run_dir: Path, config: RunConfig, pin=None) -> RunConfig:
+    """Write run.yaml on first start, after `pin(config)` (prepare's: the commit of every Hub id); on later starts
+    refuse a config that differs from the frozen one, read as every stage reads it (a key that a run made by an
+    earlier release lacks takes its default) and given the frozen commits of the same Hub ids."""
     run_dir = Path(run_dir)
     frozen_path = layout.run_config_file(run_dir)
-    resolved = to_dict(config)
     if frozen_path.exists():
-        frozen = to_dict(load_run_config(run_dir))
+        frozen_config = load_run_config(run_dir)
+        config = carry_commits(frozen_config, config)
+        frozen, resolved = to_dict(frozen_config), to_dict(config)
         if frozen != resolved:
             raise ConfigError(
                 f"{frozen_path} holds a different config than this command:\n"
@@ -429,8 +467,9 @@ def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
                 "Use the same config (or none: later stages read run.yaml), or start a new --run folder."
             )
         return config
+    config = pin(config) if pin is not None else config
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(frozen_path, yaml.safe_dump(resolved, sort_keys=False, width=120))
+    write_text_atomic(frozen_path, yaml.safe_dump(to_dict(config), sort_keys=False, width=120))
     return config
 
 

@@ -185,4 +185,4 @@ def check_this_launch(config: RunConfig, world) -> str:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
     memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
     launch = Launch(max(world.size // per_node, 1), per_node, memory)
-    return check(Shape.of(resolve_model(config.model.path)), config, launch)
+    return check(Shape.of(resolve_model(config.model)), config, launch)

@@ -139,7 +139,7 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     if kept is None or kept.iteration != iteration - 1:  # else the state being written is one nothing here reads
         wait_for_writes()  # what this process last saved is on disk before anything is read from there
     config = load_run_config(run)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     policy = layout.policy_path(run, iteration, base)
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)

@@ -53,7 +53,7 @@ def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: 
 
     # 1. The policy, and the prompts of the evaluation set.
     config = load_run_config(run)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     label, policy = evaluated_policy(run, iteration, base)
     prompts = eval_prompts(run, config, data_spec, set_name, max_prompts)
 

@@ -26,6 +26,7 @@ from rgsd_pipeline.config import (
     to_dict,
 )
 from rgsd_pipeline.fingerprints import fingerprint, tokenizer_fingerprint
+from rgsd_pipeline.hub import pin_commits
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model
 from rgsd_pipeline.render import chat_ids, chat_text, check_template, student_messages, teacher_messages
@@ -40,7 +41,7 @@ from rgsd_pipeline.shards import (
     validate_table,
     write_jsonl_atomic,
 )
-from rgsd_pipeline.sources import source_fingerprint
+from rgsd_pipeline.sources import source_fingerprint, source_label
 from schemas import PROMPTS, QUARANTINE
 
 
@@ -57,18 +58,18 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
         if fmt:
             overrides = [*overrides, f"data.format={fmt}"]
         source = config_path if config_path is not None else layout.run_config_file(run) if frozen else None
-        config = freeze_or_check(run, load_config(source, overrides))
+        config = freeze_or_check(run, load_config(source, overrides), pin=pin_commits)
     check_template(config.template)
 
     out_dir = layout.prompts_dir(run)
-    model_path = resolve_model(config.model.path)
+    model_path = resolve_model(config.model)
     # Refused now rather than at the first rollout: pickle weights, a folder that needs its own code.
     check_loadable(model_path, config.model.allow_pickle_weights, config.model.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     inputs = {
         "config": fingerprint({"data": to_dict(config.data), "template": to_dict(config.template)}),
         "tokenizer": tokenizer_fingerprint(model_path),
-        **{f"source:{spec}": source_fingerprint(spec) for spec in config.data.sources},
+        **{f"source:{source_label(spec)}": source_fingerprint(spec) for spec in config.data.sources},
     }
     if is_complete(out_dir):
         read_stage(out_dir, PROMPTS, expect_inputs=inputs)
@@ -79,7 +80,7 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
     result = ingest(config.data, config.template, tokenizer)
     click.echo(result.summary())
     if not result.prompts:
-        raise ArtifactError("no valid prompts in " + ", ".join(config.data.sources)
+        raise ArtifactError("no valid prompts in " + ", ".join(map(source_label, config.data.sources))
                                    + (f"; see {layout.quarantine_file(run)}" if result.quarantine else ""))
 
     # 3. Write prompt shards, the quarantine, the manifest and _SUCCESS.
@@ -98,7 +99,7 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
 def show(run: Path, count: int) -> None:
     """Print exactly what the student and the teacher read for the first `count` prompts."""
     config = load_run_config(run)
-    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(config.model), config.model.trust_remote_code)
     prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().head(count).collect().to_dicts()
     for row in prompts:
         for who, messages in (("student", student_messages(row, config.template)),

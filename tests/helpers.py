@@ -121,3 +121,28 @@ def brute_force_nucleus(logits_V, p: float):
     kept_V = torch.zeros_like(probs_V, dtype=torch.bool)
     kept_V[order[above < p]] = True
     return kept_V
+
+
+def fill_hub_cache(hf_home: Path, repo_id: str, files: dict, commit: str, refs=("main",), repo_type: str = "model"):
+    """Lay out `files` (path in the repository -> bytes) as the Hub cache lays out a snapshot: blobs named by their
+    sha256, snapshots/<commit>/ of symlinks to them, and refs/<name> holding the commit."""
+    import hashlib
+
+    storage = Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    for name, data in files.items():
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = storage / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    return storage / "snapshots" / commit
+
+
+def model_files(folder: Path) -> dict:
+    """The files a model repository on the Hub would hold for a model folder of ours (no rgsd records)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in ("rgsd-weights.json", "_SUCCESS", "rgsd.json")}
