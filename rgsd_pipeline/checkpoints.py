@@ -168,8 +168,9 @@ def write_model_folder(model, weights: dict[str, torch.Tensor], out: Path, dtype
 
 
 def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,
-                     weights: dict | None = None, past_cache: bool = False) -> None:
-    """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, then _SUCCESS.
+                     weights: dict | None = None, past_cache: bool = False, card=None) -> None:
+    """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, the model card
+    (`card(out)` writes it: model_card.py), then _SUCCESS.
 
     `weights` is what exported_weights returns (computed here when None). LoRA adapters are merged (unless
     train.save_adapters, which writes the adapters alone). `past_cache`: the next rollout takes these weights from
@@ -188,4 +189,6 @@ def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenan
     record_weight_hashes(out, digests)
     write_json_atomic(layout.provenance_file(out), {**provenance, "dtype": config.model.dtype,
                                               "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
+    if card is not None:
+        card(out)
     mark_complete(out)

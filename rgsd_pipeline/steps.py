@@ -111,6 +111,8 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
             from rgsd_pipeline.progress import TokenProgress
 
             engine = engines.teacher(teacher, config)
+            for note in engine.notes:
+                click.echo(note)
             total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
             click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
                        f"teacher {teacher}, top-{k}")

@@ -23,6 +23,7 @@ from rgsd_pipeline import layout, tracking
 from rgsd_pipeline.config import RunConfig, load_run_config
 from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.inputs import train_inputs
+from rgsd_pipeline.model_card import write_model_card
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
 from rgsd_pipeline.sampling import optimizer_steps_per_epoch
 from rgsd_pipeline.shards import ArtifactError, is_complete, read_stage, write_text_atomic
@@ -244,7 +245,8 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
     if world.main:
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
                       "global_step": trainer.first_global_step + trainer.total_steps}
-        write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory)
+        write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory,
+                         card=lambda out: write_model_card(out, session.run, session.iteration, config))
     if write_state:
         if in_memory:  # the write starts once the student's engine has these weights (ResidentEngines.student)
             hold_writes()

@@ -84,11 +84,8 @@ class VllmServer:
 
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                "VLLM_LOGGING_LEVEL": "WARNING"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path), "--host",
-             "127.0.0.1", "--port", str(self.port), "--served-model-name", self.name, "--dtype", "float32",
-             "--enforce-eager", "--gpu-memory-utilization", "0.3", *self.extra],
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.process = subprocess.Popen(self.command(), stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, cwd=ROOT)
         deadline = time.time() + timeout
         while True:
             try:
@@ -100,6 +97,11 @@ class VllmServer:
                     raise AssertionError(f"vllm serve did not start:\n{Path(self.log).read_text()[-3000:]}") from None
                 time.sleep(1)
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path), "--host",
+                "127.0.0.1", "--port", str(self.port), "--served-model-name", self.name, "--dtype", "float32",
+                "--enforce-eager", "--gpu-memory-utilization", "0.3", *self.extra]
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -109,6 +111,20 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class ServedTeacher(VllmServer):
+    """`rgsd-pipeline serve-teacher --run RUN` on 127.0.0.1 (its default host), stopped like VllmServer."""
+
+    def __init__(self, run: Path, log: Path, *extra: str):
+        super().__init__(None, "", log, *extra)
+        self.run = run
+
+    def command(self) -> list[str]:
+        return [*CLI, "serve-teacher", "--run", str(self.run), "--port", str(self.port), *self.extra]
+
+    def output(self) -> str:
+        return Path(self.log).read_text()
 
 
 def brute_force_nucleus(logits_V, p: float):

@@ -61,6 +61,23 @@ def test_a_hub_id_from_the_cache_runs_an_iteration_and_every_later_command_reads
     # The snapshot read is builtin:tiny's files, byte for byte: the same weight fingerprint as the folder itself.
     assert chain[0]["policy_fingerprint"] == model_fingerprint(tiny_path)
 
+    # The checkpoint carries a model card; `export` writes it again with the held-out evaluation, beside weights that
+    # plain transformers loads and whose fingerprint is the checkpoint's (the card is no part of it).
+    assert "Not evaluated yet" in (run / "iter-000" / "checkpoint" / "README.md").read_text()
+    run_cli("evaluate", "--run", run, "--iteration", 0, "--max-prompts", 2, "--no-divergence", env=hub_env)
+    exported = tmp_path / "exported"
+    run_cli("export", "--run", run, "--iteration", 0, "--to", exported, env=hub_env)
+    card = (exported / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["base_model"] == "rgsd-test/tiny" and header["library_name"] == "transformers"
+    assert "rgsd" in header["tags"]
+    assert MAIN in card and chain[0]["policy_fingerprint"] in card and chain[0]["checkpoint_fingerprint"] in card
+    assert "- iter-000: mean length" in card and "(2 held-out answers)" in card
+    assert model_fingerprint(exported) == chain[0]["checkpoint_fingerprint"]
+    assert_same_logits(exported, run / "iter-000" / "checkpoint")
+    refused = run_cli("export", "--run", run, "--iteration", 0, "--to", exported, env=hub_env, check=False)
+    assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
+
     # main moves on to another model: the run still reads its commit (else its outputs would be refused as stale,
     # their teacher and policy being another model's), and the recipe given again is accepted.
     refs = Path(hub_env["HF_HOME"]) / "hub" / "models--rgsd-test--tiny" / "refs" / "main"
@@ -77,6 +94,19 @@ def test_a_hub_id_from_the_cache_runs_an_iteration_and_every_later_command_reads
     run_cli("rollout", "--run", other, "--iteration", 0, env=hub_env)
     manifest = json.loads((other / "iter-000" / "rollouts" / "manifest.json").read_text())
     assert manifest["inputs"]["policy"] == model_fingerprint(resolve_model("builtin:tiny-qwen2"))
+
+
+def assert_same_logits(folder: Path, reference, atol=1e-5):
+    """`folder` loads with plain transformers and gives `reference`'s logits (a folder, or a loaded model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([tokenizer("What does the heart do?")["input_ids"]])
+    reference = AutoModelForCausalLM.from_pretrained(reference) if isinstance(reference, Path) else reference
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder).float()(ids).logits,
+                                   reference.float()(ids).logits, atol=atol, rtol=0)
 
 
 def test_a_hub_id_missing_offline_is_named_with_the_command_that_downloads_it(hub_env, tmp_path):
