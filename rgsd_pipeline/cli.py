@@ -131,4 +131,5 @@ def plan(config_path, nodes, gpus_per_node, gpu_memory_gib, overrides):
     from rgsd_pipeline.models import resolve_model
 
     config = load_config(config_path, list(overrides))
-    click.echo(check(Shape.of(resolve_model(config.model)), config, Launch(nodes, gpus_per_node, gpu_memory_gib)))
+    shape = Shape.of(resolve_model(config.model, weights=False))  # config.json alone: no weights downloaded to plan
+    click.echo(check(shape, config, Launch(nodes, gpus_per_node, gpu_memory_gib)))

@@ -25,7 +25,7 @@ from pathlib import Path
 from rgsd_pipeline.cache import cache_dir
 from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.fingerprints import record_weight_hashes, tokenizer_fingerprint
-from rgsd_pipeline.hub import is_repo_id, model_snapshot
+from rgsd_pipeline.hub import is_repo_id, model_snapshot, snapshot
 from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
 
 BUILDER_VERSION = 3  # bump when a built-in model's recipe or folder contents change, so caches are rebuilt
@@ -43,11 +43,12 @@ class ModelError(UserError, ValueError):
     """A model name or folder cannot be used; the message says why and what to do."""
 
 
-def resolve_model(model) -> Path:
+def resolve_model(model, weights: bool = True) -> Path:
     """The local folder of a model: `model` is the run's ModelConfig (path, revision, commit) or a name alone.
 
     A built-in is built on first use, a local path must be an HF folder, and a Hub id resolves to its snapshot
-    in the Hub cache at `model.commit` when prepare has pinned one, else at `model.revision` (once per process).
+    in the Hub cache at `model.commit` when prepare has pinned one, else at `model.revision` (once per process);
+    without `weights`, a Hub id's snapshot holds its config.json alone (what `plan` reads).
     """
     name = model if isinstance(model, str) else model.path
     builders = {"builtin:tiny": lambda out: _build_tiny(out, "llama"),
@@ -59,9 +60,10 @@ def resolve_model(model) -> Path:
         return _cached(name.removeprefix("builtin:"), builders[name])
     path = Path(name).expanduser()
     if not path.exists() and is_repo_id(name):
-        if isinstance(model, str):
-            return model_snapshot(name, "main").path
-        return model_snapshot(name, model.commit or model.revision, model.trust_remote_code).path
+        revision = "main" if isinstance(model, str) else model.commit or model.revision
+        if not weights:
+            return snapshot(name, revision, "model", ("config.json",)).path
+        return model_snapshot(name, revision, not isinstance(model, str) and model.trust_remote_code).path
     if not (path / "config.json").exists():
         raise ModelError(f"model path {path} is not a local HF model folder (no config.json), nor a Hub id "
                          "(org/name); give a folder, a Hub id or a builtin: name")

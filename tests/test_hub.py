@@ -247,3 +247,14 @@ def test_a_misspelled_hub_source_is_refused_naming_the_key(hub_env, tmp_path):
     result = run_cli("prepare", "--config", "configs/tiny.yaml", "--run", tmp_path / "run",
                      "model.revision=v2", env=hub_env, check=False)
     assert result.returncode == 2 and "model.path builtin:tiny is a local folder or a built-in" in result.stderr
+
+
+def test_plan_reads_a_shipped_recipe_by_hub_id_from_its_config_alone(hub_env):
+    """configs/qwen2.5-7b-medical.yaml as shipped names Qwen/Qwen2.5-7B-Instruct; with only its config.json in the
+    cache, `plan` works (no weights are fetched to plan), and the arithmetic is the local folder's."""
+    from test_memory_plan import QWEN25_7B
+
+    fill_hub_cache(hub_env["HF_HOME"], "Qwen/Qwen2.5-7B-Instruct", {"config.json": json.dumps(QWEN25_7B).encode()},
+                   MAIN)
+    out = run_cli("plan", "--config", ROOT / "configs" / "qwen2.5-7b-medical.yaml", env=hub_env).stdout
+    assert "peak" in out, out
