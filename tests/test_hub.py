@@ -251,10 +251,13 @@ def test_a_misspelled_hub_source_is_refused_naming_the_key(hub_env, tmp_path):
 
 def test_plan_reads_a_shipped_recipe_by_hub_id_from_its_config_alone(hub_env):
     """configs/qwen2.5-7b-medical.yaml as shipped names Qwen/Qwen2.5-7B-Instruct; with only its config.json in the
-    cache, `plan` works (no weights are fetched to plan), and the arithmetic is the local folder's."""
+    cache, `plan` works (no weights are fetched to plan), and its arithmetic is Qwen2.5-7B's: 7.62e9 parameters
+    at 16 bytes of training state each are 113.5 GiB, which one GPU cannot hold."""
     from test_memory_plan import QWEN25_7B
 
     fill_hub_cache(hub_env["HF_HOME"], "Qwen/Qwen2.5-7B-Instruct", {"config.json": json.dumps(QWEN25_7B).encode()},
                    MAIN)
-    out = run_cli("plan", "--config", ROOT / "configs" / "qwen2.5-7b-medical.yaml", env=hub_env).stdout
-    assert "peak" in out, out
+    recipe = ROOT / "configs" / "qwen2.5-7b-medical.yaml"
+    assert "peak" in run_cli("plan", "--config", recipe, env=hub_env).stdout
+    result = run_cli("plan", "--config", recipe, "--gpus-per-node", 1, env=hub_env, check=False)
+    assert result.returncode == 2 and "113.5 GiB   float32 weights" in result.stderr, result.stderr
