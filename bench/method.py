@@ -51,7 +51,7 @@ def heldout_jsd(run: Path, policy: Path) -> float:
 
     config = load_run_config(run)
     held = read_stage(layout.prompts_dir(run), PROMPTS).lazy().filter(pl.col("split") == "heldout").collect().to_dicts()
-    teacher = HfEngine(resolve_model(config.model.path), config.engine, config.model)
+    teacher = HfEngine(resolve_model(config.model), config.engine, config.model)
     student = HfEngine(policy, config.engine, config.model)
     teacher.batch_size = student.batch_size = len(held)
     seeds = [sample_seed(config.rollout.seed, p["prompt_id"], 0, seed_round=EVAL_SEED_ROUND) for p in held]
@@ -72,7 +72,7 @@ def gradient_share(run: Path, clip: str) -> float:
     from schemas import ROLLOUTS
 
     config = load_run_config(run)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     rollouts = read_stage(layout.rollouts_dir(run, 0), ROLLOUTS)
     signals = read_stage(layout.signals_dir(run, 0), storage_schema(config.score, len(load_tokenizer(base))))
     examples = load_examples(rollouts, signals)

@@ -151,7 +151,7 @@ def demo_rollout(args) -> dict:
     prepared = prepared_run(config)
     results = {}
     for kind in ("hf", "vllm"):
-        engine = make_engine(kind, resolve_model(config.model.path), config.engine, config.model,
+        engine = make_engine(kind, resolve_model(config.model), config.engine, config.model,
                              sampling=Sampling.of(config))
         rates = []
         for _ in range(args.repeats):

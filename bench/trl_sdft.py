@@ -43,7 +43,7 @@ def main():
                                   "privileged_context": format_criteria(r["rubric"], config.template)} for r in rows])
     template = (config.template.rubric_template.replace("{question}", "{prompt}")
                 .replace("{criteria}", "{privileged_context}"))
-    path = str(resolve_model(config.model.path))
+    path = str(resolve_model(config.model))
     train = config.train
     steps = -(-len(rows) // train.batch_size)
     sdft = SDFTConfig(

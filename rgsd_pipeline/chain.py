@@ -44,7 +44,7 @@ def _stale(folder: Path, iteration: int, why: str) -> ArtifactError:
 def verify_output(run: Path, iteration: int, stage: str, config: RunConfig) -> None:
     """Refuse a complete output of `stage` that was made from other inputs than the current ones."""
     folder = output_dir(run, iteration, stage)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     if stage == "train":
         recorded = json.loads(layout.provenance_file(folder).read_text())
         wanted = train_inputs(run, iteration, config)
@@ -78,7 +78,7 @@ def link(run: Path, iteration: int, config: RunConfig) -> dict:
         if not is_complete(output_dir(run, iteration, stage)):
             raise ArtifactError(f"{output_dir(run, iteration, stage)} is not complete")
         verify_output(run, iteration, stage, config)
-    policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
+    policy = layout.policy_path(run, iteration, resolve_model(config.model))
     names = {"score": "signals", "reward": "rewards"}
     graded = {names[stage]: read_manifest(output_dir(run, iteration, stage))["inputs"]
               for stage in stages if stage in names}

@@ -169,14 +169,15 @@ def write_model_folder(model, weights: dict[str, torch.Tensor], out: Path, dtype
 
 
 def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict,
-                     weights: dict | None = None, past_cache: bool = False) -> None:
-    """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, then _SUCCESS.
+                     weights: dict | None = None, past_cache: bool = False, card=None) -> None:
+    """The HF folder the next rollout loads, in model.dtype: weights, tokenizer files, provenance, the model card
+    (`card(out)` writes it: model_card.py), then _SUCCESS.
 
     `weights` is what exported_weights returns (computed here when None). LoRA adapters are merged (unless
     train.save_adapters, which writes the adapters alone). `past_cache`: the next rollout takes these weights from
     memory, so the files skip the page cache."""
     try:
-        _write_checkpoint(model, policy, out, config, provenance, weights, past_cache)
+        _write_checkpoint(model, policy, out, config, provenance, weights, past_cache, card)
     except OSError as err:  # disk full, file-size limit: the folder has no _SUCCESS, so nothing reads it
         for partial in out.glob("*.safetensors"):  # the trainer state beside them is kept for the resume
             partial.unlink(missing_ok=True)
@@ -185,7 +186,7 @@ def write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenan
 
 
 def _write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provenance: dict, weights: dict | None,
-                      past_cache: bool) -> None:
+                      past_cache: bool, card) -> None:
     remove_leftovers(out)
     digests = None
     if config.train.lora and config.train.save_adapters:
@@ -199,5 +200,7 @@ def _write_checkpoint(model, policy: Path, out: Path, config: RunConfig, provena
             shutil.copy2(policy / name, out / name)
     write_json_atomic(layout.provenance_file(out), {**provenance, "dtype": config.model.dtype,
                                               "lora_adapters": bool(config.train.lora and config.train.save_adapters)})
+    if card is not None:
+        card(out)
     record_weight_hashes(out, digests)  # every file above, checked by whoever reads the checkpoint
     mark_complete(out)

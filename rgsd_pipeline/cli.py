@@ -24,8 +24,9 @@ from rgsd_pipeline.allocator import keep_freed_memory
 from rgsd_pipeline.errors import UserError
 
 # Command name -> the module whose `command` it is, in the order `--help` lists them.
-STAGES = {name: f"stages.{name}" for name in
-          ("prepare", "rollout", "score", "reward", "train", "iterate", "report", "evaluate", "inspect")}
+STAGES = {name: f"stages.{name.replace('-', '_')}" for name in
+          ("prepare", "rollout", "score", "reward", "train", "iterate", "report", "evaluate", "inspect", "export",
+           "serve-teacher")}
 VERBOSE_ENV = "RGSD_VERBOSE"
 
 
@@ -39,7 +40,7 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     warnings.filterwarnings("ignore")
     # torch resets its own top logger when imported; the module that warns about a missing Triton it leaves alone.
-    for name in ("torch._library.triton", "vllm", "transformers", "datasets"):
+    for name in ("torch._library.triton", "vllm", "transformers", "datasets", "lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -134,6 +135,8 @@ def plan(config_path, nodes, gpus_per_node, gpu_memory_gib, disk_gbps, overrides
     from rgsd_pipeline.models import resolve_model
 
     config = load_config(config_path, list(overrides))
-    shape, launch = Shape.of(resolve_model(config.model.path)), Launch(nodes, gpus_per_node, gpu_memory_gib)
+    # config.json alone: no weights downloaded to plan
+    shape = Shape.of(resolve_model(config.model, weights=False))
+    launch = Launch(nodes, gpus_per_node, gpu_memory_gib)
     click.echo(check(shape, config, launch))
     click.echo(disk_plan.describe(shape, config, launch, disk_gbps))

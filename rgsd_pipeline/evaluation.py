@@ -36,7 +36,7 @@ from rgsd_pipeline.shards import (
     split_into_shards,
     write_jsonl_atomic,
 )
-from rgsd_pipeline.sources import source_fingerprint, source_path
+from rgsd_pipeline.sources import source_fingerprint, source_label, source_path
 from schemas import PROMPTS, ROLLOUTS
 
 HELDOUT = "heldout"
@@ -74,7 +74,7 @@ def eval_prompts(run: Path, config: RunConfig, data_spec: str | None, set_name: 
         if max_prompts:  # a seeded sample since this release, no longer the first N
             inputs["sample_seed"] = str(config.data.split_seed + 2)
     else:
-        inputs = {f"source:{data_spec}": source_fingerprint(data_spec), "max_prompts": str(max_prompts),
+        inputs = {f"source:{source_label(data_spec)}": source_fingerprint(data_spec), "max_prompts": str(max_prompts),
                   "template": fingerprint(to_dict(config.template))}
     with StageOutput(out_dir, PROMPTS, inputs, ShardPlan(1)) as out:
         if out.todo():
@@ -102,7 +102,7 @@ def _data_rows(run: Path, config: RunConfig, data_spec: str, set_name: str, max_
     """Every valid row of a data file, read as `prepare` reads it; bad rows go to eval/<set>/quarantine.jsonl."""
     source_path(data_spec)  # a missing file is named before anything else happens
     data = dataclasses.replace(config.data, sources=[data_spec], heldout_fraction=0.0, max_prompts=max_prompts)
-    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(config.model), config.model.trust_remote_code)
     result = ingest(data, config.template, tokenizer)
     click.echo(result.summary())
     if result.quarantine:
@@ -126,7 +126,7 @@ def also_graded_prompts(run: Path, config: RunConfig, prompts: list[dict], data_
 
     source_path(data_spec)  # a missing file is named before anything else happens
     data = dataclasses.replace(config.data, sources=[data_spec], heldout_fraction=0.0, max_prompts=0)
-    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(config.model), config.model.trust_remote_code)
     other = {question_id(p["messages"]): p for p in ingest(data, config.template, tokenizer).prompts}
     matched = [{**other[question_id(p["messages"])], "prompt_id": p["prompt_id"], "domain": p["domain"]}
                for p in prompts if question_id(p["messages"]) in other]

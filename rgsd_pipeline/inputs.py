@@ -18,7 +18,7 @@ from rgsd_pipeline.shards import read_manifest
 
 def rollout_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str]:
     """iter-I/rollouts/ is made from the prompt shards, the policy's weights and the sampling settings."""
-    policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
+    policy = layout.policy_path(run, iteration, resolve_model(config.model))
     return {"prompts": fingerprint(read_manifest(layout.prompts_dir(run))["shards"]),
             "policy": model_fingerprint(policy),
             "config": fingerprint({"rollout": to_dict(config.rollout), "template": to_dict(config.template),
@@ -28,7 +28,7 @@ def rollout_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, st
 def score_inputs(run: Path, iteration: int, config: RunConfig) -> dict[str, str]:
     """iter-I/signals/ is made from iter-I/rollouts/, the teacher's weights and the scoring settings."""
     return {"rollouts": fingerprint(read_manifest(layout.rollouts_dir(run, iteration))["shards"]),
-            "teacher": model_fingerprint(resolve_model(config.model.path)),
+            "teacher": model_fingerprint(resolve_model(config.model)),
             "config": fingerprint({"score": to_dict(config.score), "template": to_dict(config.template),
                                    "max_model_len": config.model.max_model_len})}
 

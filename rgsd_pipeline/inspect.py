@@ -70,7 +70,7 @@ def vocabulary(run: Path) -> pl.DataFrame:
     from rgsd_pipeline.models import resolve_model
 
     config = load_run_config(run)
-    return _vocabulary(str(resolve_model(config.model.path)), config.model.trust_remote_code)
+    return _vocabulary(str(resolve_model(config.model)), config.model.trust_remote_code)
 
 
 def _decoded(column: str, tail: str, encoding: dict) -> pl.Expr:

@@ -5,6 +5,7 @@
     runs/<name>/eval/<set>/{prompts, quarantine.jsonl, <policy>/{answers, diagnostics.json, verdicts-<judge>,
                                                                   summary-<judge>.json}}
     runs/<name>/eval/judge-cache.sqlite
+    runs/<name>/eval/lm-eval/<policy>/results.json
 
 Policy p is the model that samples iteration p: the base model for p = 0, else iteration p-1's checkpoint.
 Its label is "base" or "iter-NNN" with NNN = p - 1 (the iteration that trained it). The teacher itself (the
@@ -103,6 +104,11 @@ def provenance_file(checkpoint: Path) -> Path:
     return Path(checkpoint) / "rgsd.json"
 
 
+def model_card_file(folder: Path) -> Path:
+    """The model card (the Hub's README.md with its YAML header) of a checkpoint or exported folder."""
+    return Path(folder) / "README.md"
+
+
 def metrics_file(run: Path, iteration: int) -> Path:
     """One JSON line per optimizer step of the iteration."""
     return iteration_dir(run, iteration) / "metrics.jsonl"
@@ -194,3 +200,8 @@ def summary_judges(folder: Path) -> dict[str, Path]:
 
 def judge_cache(run: Path) -> Path:
     return eval_root(run) / "judge-cache.sqlite"
+
+
+def lm_eval_file(run: Path, label: str) -> Path:
+    """lm-evaluation-harness results of one policy (`evaluate --lm-eval`), with the tasks and limit they are for."""
+    return eval_root(run) / "lm-eval" / label / "results.json"

@@ -245,4 +245,4 @@ def check_this_launch(config: RunConfig, world) -> str:
     """The plan for the GPUs this job runs on, refused before any model loads when it does not fit."""
     from rgsd_pipeline.models import resolve_model
 
-    return check(Shape.of(resolve_model(config.model.path)), config, this_launch(world))
+    return check(Shape.of(resolve_model(config.model, weights=False)), config, this_launch(world))

@@ -1,6 +1,9 @@
-"""Model folders: built-in names resolved to local HF folders, and safe loading.
+"""Model folders: built-in names and Hub ids resolved to local HF folders, and safe loading.
 
-Nothing is downloaded. `builtin:tiny` (Llama) and `builtin:tiny-qwen2` are tiny random models with
+`model.path` is a local folder, a built-in, or a Hub id (`org/name`, at `model.revision`): a Hub id resolves
+to its snapshot in the Hub cache (rgsd_pipeline/hub.py), downloaded only when it is missing and the Hub can
+be reached; once `prepare` has written the commit it resolved to (`model.commit`), exactly that commit.
+`builtin:tiny` (Llama) and `builtin:tiny-qwen2` are tiny random models with
 head_dim 64 (vLLM's CPU attention refuses smaller heads) and a byte-level BPE tokenizer trained in
 process on the bundled rubric data, with a ChatML template. `builtin:tiny-qwen2` ties its LM head to
 the embeddings, as SmolLM2 and the small Qwen2.5 models do; `builtin:tiny` does not. `builtin:smollm2-135m-instruct` is
@@ -22,6 +25,7 @@ from pathlib import Path
 from rgsd_pipeline.cache import cache_dir
 from rgsd_pipeline.errors import UserError
 from rgsd_pipeline.fingerprints import record_weight_hashes, tokenizer_fingerprint
+from rgsd_pipeline.hub import is_repo_id, model_snapshot, snapshot
 from rgsd_pipeline.shards import exclusive_lock, is_complete, mark_complete
 
 BUILDER_VERSION = 3  # bump when a built-in model's recipe or folder contents change, so caches are rebuilt
@@ -43,8 +47,14 @@ class ModelError(UserError, ValueError):
     """A model name or folder cannot be used; the message says why and what to do."""
 
 
-def resolve_model(name: str) -> Path:
-    """Local folder for a model name: a built-in is built on first use, a path must exist."""
+def resolve_model(model, weights: bool = True) -> Path:
+    """The local folder of a model: `model` is the run's ModelConfig (path, revision, commit) or a name alone.
+
+    A built-in is built on first use, a local path must be an HF folder, and a Hub id resolves to its snapshot
+    in the Hub cache at `model.commit` when prepare has pinned one, else at `model.revision` (once per process);
+    without `weights`, a Hub id's snapshot holds its config.json alone (what `plan` reads).
+    """
+    name = model if isinstance(model, str) else model.path
     builders = {"builtin:tiny": lambda out: _build_tiny(out, "llama"),
                 "builtin:tiny-qwen2": lambda out: _build_tiny(out, "qwen2"),
                 "builtin:tiny-qwen3-thinking": lambda out: _build_tiny(out, "qwen3", thinking=True),
@@ -54,9 +64,14 @@ def resolve_model(name: str) -> Path:
             raise ModelError(f"unknown built-in model {name!r}; known: {', '.join(builders)}")
         return _cached(name.removeprefix("builtin:"), builders[name])
     path = Path(name).expanduser()
+    if not path.exists() and is_repo_id(name):
+        revision = "main" if isinstance(model, str) else model.commit or model.revision
+        if not weights:
+            return snapshot(name, revision, "model", ("config.json",)).path
+        return model_snapshot(name, revision, not isinstance(model, str) and model.trust_remote_code).path
     if not (path / "config.json").exists():
-        raise ModelError(f"model path {path} is not a local HF model folder (no config.json); "
-                         f"models are never downloaded here, give a folder or a builtin: name")
+        raise ModelError(f"model path {path} is not a local HF model folder (no config.json), nor a Hub id "
+                         "(org/name); give a folder, a Hub id or a builtin: name")
     return path
 
 

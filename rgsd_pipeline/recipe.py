@@ -18,6 +18,7 @@ is where it is.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -137,19 +138,37 @@ def _parse_yaml(text: str, where: Path) -> dict:
     return raw
 
 
-def check_frozen(run_dir: Path, config: RunConfig) -> None:
+def carry_commits(frozen: RunConfig, config: RunConfig) -> RunConfig:
+    """`config` with the commits run.yaml pinned for the same Hub model and data sets (same id and revision), so that
+    a recipe given again names the run's commits rather than wherever its revisions point now."""
+    model = config.model
+    if not model.commit and (model.path, model.revision) == (frozen.model.path, frozen.model.revision):
+        model = dataclasses.replace(model, commit=frozen.model.commit)
+    sources = list(config.data.sources)
+    for i, (entry, pinned) in enumerate(zip(sources, frozen.data.sources, strict=False)):
+        if isinstance(entry, dict) and isinstance(pinned, dict) and not entry["commit"] \
+                and {**entry, "commit": pinned["commit"]} == pinned:
+            sources[i] = pinned
+    return dataclasses.replace(config, model=model, data=dataclasses.replace(config.data, sources=sources))
+
+
+def check_frozen(run_dir: Path, config: RunConfig) -> RunConfig:
     """Refuse a command's config whose recipe differs from the run's frozen one (placement may differ: it is this
-    command's), read as every stage reads it (a key a run made by an earlier release lacks takes its default)."""
+    command's), read as every stage reads it (a key a run made by an earlier release lacks takes its default) and
+    given the frozen commits of the same Hub ids; returns the config with those commits."""
     frozen_path = layout.run_config_file(run_dir)
     if not frozen_path.exists():
-        return
-    frozen, resolved = _without_placement(to_dict(load_run_config(run_dir))), _without_placement(to_dict(config))
+        return config
+    frozen_config = load_run_config(run_dir)
+    config = carry_commits(frozen_config, config)
+    frozen, resolved = _without_placement(to_dict(frozen_config)), _without_placement(to_dict(config))
     if frozen != resolved:
         raise ConfigError(
             f"{frozen_path} holds a different recipe than this command:\n"
             f"{describe_difference(frozen, resolved)}\n"
             "Use the same recipe (or none: later commands read run.yaml), or start a new --run folder. Placement keys "
             f"may differ ({PLACEMENT_DOCS})")
+    return config
 
 
 def freeze(run_dir: Path, config: RunConfig) -> RunConfig:
@@ -172,8 +191,7 @@ def freeze(run_dir: Path, config: RunConfig) -> RunConfig:
 
 def freeze_or_check(run_dir: Path, config: RunConfig) -> RunConfig:
     """check_frozen, then freeze: the first command of a run writes run.yaml, later ones must bring its recipe."""
-    check_frozen(run_dir, config)
-    return freeze(run_dir, config)
+    return freeze(run_dir, check_frozen(run_dir, config))
 
 
 def command_config(run: Path, config_path: str | None, overrides: list[str]):
@@ -183,9 +201,7 @@ def command_config(run: Path, config_path: str | None, overrides: list[str]):
     if config_path is None and frozen and not overrides:
         return load_run_config(run)
     source = config_path if config_path is not None else layout.run_config_file(run) if frozen else None
-    config = load_config(source, overrides)
-    check_frozen(run, config)
-    return config
+    return check_frozen(run, load_config(source, overrides))
 
 
 def _edited(run_dir: Path, raw: dict, why: str) -> ConfigError:

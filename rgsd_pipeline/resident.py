@@ -47,9 +47,9 @@ def run_iterations(run: Path, iterations: int, engine_kind: str | None, world: W
 
     config = load_run_config(run)
     engines = ResidentEngines(engine_kind, world)
-    watch = MemoryWatch(run, placed(config, engine_kind), world, resolve_model(config.model.path))
+    watch = MemoryWatch(run, placed(config, engine_kind), world, resolve_model(config.model))
     if gpu_engines_start_first(run, iterations, config):
-        engines.start(resolve_model(config.model.path), config)
+        engines.start(resolve_model(config.model), config)
     kept = None  # the model and AdamW state the last train step left
     seconds: dict[str, float] = defaultdict(float)
     links = []

@@ -1,9 +1,15 @@
 """Reading rubric data files row by row, keeping every row's file and number, never stopping at a bad row.
 
 A source spec is `builtin:<name>` (data shipped in the package), a `.jsonl` / `.json` / `.ndjson`
-file, a `.parquet` file, or a folder written by `datasets.save_to_disk`. Each yields `RawRow`s: either
-a parsed mapping or the reason it could not be parsed (non-JSON line, invalid UTF-8, a truncated last
-line...). A file that cannot be opened at all raises SourceError.
+file, a `.parquet` file, a folder written by `datasets.save_to_disk`, or a data set on the Hugging Face
+Hub: `hf:org/name`, or the mapping `{hf: org/name, config, split, data_files, revision}` (HubSource). Each
+yields `RawRow`s: either a parsed mapping or the reason it could not be parsed (non-JSON line, invalid
+UTF-8, a truncated last line...). A file that cannot be opened at all raises SourceError.
+
+A Hub data set is read as a model is (rgsd_pipeline/hub.py): its snapshot at the pinned commit (else its
+revision) from the Hub cache, downloaded when missing and the Hub is reachable, then `datasets.load_dataset`
+over that snapshot folder. `load_dataset("org/name")` itself refuses to run offline even when the snapshot
+is cached, so the id is never handed to it. Rows are named `hf:org/name[split]` and their 1-based index.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from rgsd_pipeline import hub
 from rgsd_pipeline.errors import UserError
 
 # medsci: 122 medical and science prompts with rubrics; checkable: 221 whose every criterion also carries a
@@ -37,6 +44,86 @@ class RawRow:
     field: str = "<row>"  # where in the row the problem is, when it is known
 
 
+HUB_PREFIX = "hf:"
+HUB_KEYS = ("hf", "config", "split", "data_files", "revision", "commit")  # a Hub source's mapping, in this order
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A data set on the Hub: which repository, configuration, split and files, at which revision and commit."""
+
+    repo_id: str
+    config: str | None = None  # the data set's configuration (load_dataset's `name`)
+    split: str = "train"
+    data_files: str | list | None = None  # files of the repository to read, relative to its root (globs allowed)
+    revision: str = "main"
+    commit: str = ""  # the commit `revision` resolved to, pinned by prepare in run.yaml
+
+    @property
+    def label(self) -> str:
+        """How rows, quarantine entries and manifests name it: hf:org/name[:config][/files][split]."""
+        files = self.data_files if isinstance(self.data_files, list) else [self.data_files] if self.data_files else []
+        return (f"{HUB_PREFIX}{self.repo_id}" + (f":{self.config}" if self.config else "")
+                + "".join(f"/{f}" for f in files) + f"[{self.split}]")
+
+    def patterns(self) -> tuple[str, ...] | None:
+        """What to download: the named files alone, else the whole repository."""
+        if self.data_files is None:
+            return None
+        return tuple(self.data_files) if isinstance(self.data_files, list) else (self.data_files,)
+
+    def snapshot(self) -> hub.Snapshot:
+        """Its snapshot folder in the Hub cache, at the pinned commit when there is one."""
+        return hub.snapshot(self.repo_id, self.commit or self.revision, "dataset", self.patterns())
+
+
+def hub_source(entry) -> HubSource | None:
+    """The HubSource a data.sources entry names (`hf:org/name`, or a mapping with an `hf` key), else None;
+    SourceError for a Hub entry that is misspelled."""
+    if isinstance(entry, str):
+        if not entry.startswith(HUB_PREFIX):
+            return None
+        entry = {"hf": entry.removeprefix(HUB_PREFIX)}
+    if not isinstance(entry, dict):
+        raise SourceError(f"{entry!r} is neither a file, a builtin: name nor a Hub data set (hf:org/name or a mapping "
+                          "with an hf key)")
+    if "hf" not in entry:
+        raise SourceError(f"{entry!r}: a mapping names a Hub data set with its hf key (hf: org/name)")
+    unknown = [k for k in entry if k not in HUB_KEYS]
+    if unknown:
+        raise SourceError(f"{entry!r}: unknown key {unknown[0]!r}; a Hub data set takes {', '.join(HUB_KEYS)}")
+    values = {k: entry[k] for k in HUB_KEYS if entry.get(k) is not None}
+    repo_id = values.pop("hf")
+    if not isinstance(repo_id, str) or not hub.is_repo_id(repo_id):
+        raise SourceError(f"{entry!r}: hf must be a Hub data set id org/name, got {repo_id!r}")
+    for key in ("config", "split", "revision", "commit"):
+        if key in values and not isinstance(values[key], str):
+            raise SourceError(f"{entry!r}: {key} must be a string, got {type(values[key]).__name__}")
+    files = values.get("data_files")
+    if files is not None and not (isinstance(files, str) or isinstance(files, list) and files
+                                  and all(isinstance(f, str) for f in files)):
+        raise SourceError(f"{entry!r}: data_files must be a path in the repository or a list of them")
+    if values.get("commit") and not hub.COMMIT.fullmatch(values["commit"]):
+        raise SourceError(f"{entry!r}: commit must be the 40 hex digits of a commit (prepare writes it)")
+    return HubSource(repo_id, **values)
+
+
+def canonical_source(entry):
+    """A data.sources entry in one spelling: a Hub data set as the mapping of every HUB_KEYS key, anything else as
+    it was given."""
+    source = hub_source(entry)
+    if source is None:
+        return entry
+    return {"hf": source.repo_id, "config": source.config, "split": source.split, "data_files": source.data_files,
+            "revision": source.revision, "commit": source.commit}
+
+
+def source_label(entry) -> str:
+    """How a data.sources entry is named in manifests and messages: the spec itself, or a Hub source's label."""
+    source = hub_source(entry)
+    return source.label if source is not None else entry
+
+
 def bundled_data_path(name: str) -> Path:
     if name not in BUILTIN_DATA:
         raise SourceError(f"unknown built-in data set 'builtin:{name}'; known: "
@@ -44,8 +131,11 @@ def bundled_data_path(name: str) -> Path:
     return Path(str(resources.files("rgsd_pipeline") / "data" / BUILTIN_DATA[name]))
 
 
-def source_path(spec: str) -> Path:
-    """The local file or folder a source spec names; SourceError when there is none."""
+def source_path(spec) -> Path:
+    """The local file or folder a source spec names (a Hub data set's snapshot folder); SourceError when there is
+    none."""
+    if (source := hub_source(spec)) is not None:
+        return source.snapshot().path
     path = bundled_data_path(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else Path(spec).expanduser()
     if not path.exists():
         raise SourceError(f"data source {spec}: {path} does not exist")
@@ -55,19 +145,25 @@ def source_path(spec: str) -> Path:
     return path
 
 
-def source_fingerprint(spec: str) -> str:
-    """sha256 of a data file (or of every file of a datasets folder)."""
+def source_fingerprint(spec) -> str:
+    """sha256 of a data file (or of every file of a datasets folder); a Hub data set's commit, which names its
+    content (the manifest records it as the source's revision)."""
     from rgsd_pipeline.fingerprints import fingerprint
     from rgsd_pipeline.shards import sha256_file
 
+    if (source := hub_source(spec)) is not None:
+        return source.commit or source.snapshot().commit
     path = source_path(spec)
     if path.is_dir():
         return fingerprint({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
     return sha256_file(path)
 
 
-def read_source(spec: str) -> Iterator[RawRow]:
+def read_source(spec) -> Iterator[RawRow]:
     """Every row of a data source, parsed or with the reason it could not be."""
+    if (source := hub_source(spec)) is not None:
+        yield from _read_hub_dataset(source)
+        return
     path = source_path(spec)
     if path.is_dir():
         yield from _read_datasets_folder(path)
@@ -237,6 +333,20 @@ def _read_datasets_folder(path: Path) -> Iterator[RawRow]:
         name = f"{path}[{split}]" if split else str(path)
         for number, value in enumerate(table, start=1):
             yield RawRow(name, number, value)
+
+
+def _read_hub_dataset(source: HubSource) -> Iterator[RawRow]:
+    import datasets
+
+    folder = source.snapshot().path
+    try:
+        table = datasets.load_dataset(str(folder), name=source.config, split=source.split,
+                                      data_files=source.data_files)
+    except Exception as err:  # datasets raises ValueError, FileNotFoundError, DatasetGenerationError ...
+        raise SourceError(f"data source {source.label}: datasets could not read its snapshot {folder} "
+                          f"({type(err).__name__}: {str(err)[:500]}); check config, split and data_files") from None
+    for number, value in enumerate(table, start=1):
+        yield RawRow(source.label, number, value)
 
 
 def raw_text(value) -> str:

@@ -53,7 +53,7 @@ def rollout(run: Path, iteration: int, engines, num_shards: int = 1, shard_index
     prompts_stage = read_stage(layout.prompts_dir(run), PROMPTS)
     train_prompts = prompts_stage.lazy().filter(pl.col("split") == "train").collect().to_dicts()
     prompts = iteration_prompts(train_prompts, iteration, config.rollout.prompts_per_iteration, config.rollout.seed)
-    policy = layout.policy_path(run, iteration, resolve_model(config.model.path))
+    policy = layout.policy_path(run, iteration, resolve_model(config.model))
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
     inputs = rollout_inputs(run, iteration, config)
 
@@ -91,7 +91,7 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
     config = load_run_config(run)
     prompts = {p["prompt_id"]: p for p in read_stage(layout.prompts_dir(run), PROMPTS).lazy().collect().to_dicts()}
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
-    teacher = resolve_model(config.model.path)
+    teacher = resolve_model(config.model)
     policy = layout.policy_path(run, iteration, teacher)
     if tokenizer_fingerprint(policy) != tokenizer_fingerprint(teacher):
         raise ArtifactError(f"the student ({policy}) and the teacher ({teacher}) differ in tokenizer or chat template; "
@@ -115,6 +115,8 @@ def score(run: Path, iteration: int, engines, num_shards: int = 1, shard_index: 
             from rgsd_pipeline.progress import TokenProgress
 
             engine = engines.teacher(teacher, config)
+            for note in engine.notes:
+                click.echo(note)
             total = sum(rollouts.manifest["shards"][i]["rows"] for i in todo)
             click.echo(f"score iteration {iteration}: {total} rollouts in {len(todo)} shard(s) with {engine.kind}, "
                        f"teacher {teacher}, top-{k}" + (f", rubric guidance {guidance:g} against the "

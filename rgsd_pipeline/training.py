@@ -24,6 +24,7 @@ from rgsd_pipeline import layout, tracking
 from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.fingerprints import fingerprint
 from rgsd_pipeline.inputs import train_inputs
+from rgsd_pipeline.model_card import write_model_card
 from rgsd_pipeline.models import eos_token_ids, load_model, load_tokenizer, pad_token_id, resolve_model
 from rgsd_pipeline.recipe import load_run_config, made_under
 from rgsd_pipeline.sampling import optimizer_steps_per_epoch
@@ -154,7 +155,7 @@ def set_up_training(run: Path, iteration: int, world, kept: Continuation | None,
     if kept is None or kept.iteration != iteration - 1:  # else the state being written is one nothing here reads
         wait_for_writes()  # what this process last saved is on disk before anything is read from there
     config = load_run_config(run)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     policy = layout.policy_path(run, iteration, base)
     tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
     rollouts = read_stage(layout.rollouts_dir(run, iteration), ROLLOUTS)
@@ -270,7 +271,8 @@ def export_policy(session: TrainingSession, keep_exported: bool, write_state: bo
     if world.main:
         provenance = {"policy": str(session.policy), **train_inputs(session.run, session.iteration, config),
                       "global_step": trainer.first_global_step + trainer.total_steps, **made_under(config)}
-        write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory)
+        write_checkpoint(model, session.policy, session.out, config, provenance, exported, past_cache=in_memory,
+                         card=lambda out: write_model_card(out, session.run, session.iteration, config))
     if write_state:
         if in_memory:  # the write starts once the student's engine has these weights (ResidentEngines.student)
             hold_writes()

@@ -5,6 +5,7 @@
     rgsd-pipeline evaluate --run runs/demo --iteration 0 \\
         --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
     rgsd-pipeline evaluate --run runs/demo --iteration 1 --data healthbench.jsonl --max-prompts 200 ...
+    rgsd-pipeline evaluate --run runs/demo --iteration 0 --lm-eval rgsd_arithmetic     # capability: base vs iter-000
 
 `--iteration I` evaluates iter-I/checkpoint (the policy trained in iteration I); `base` the base model.
 The prompts are the run's held-out split, or every valid row of `--data` (bad rows are quarantined as in
@@ -14,6 +15,10 @@ diagnostics.json, verdicts-<judge>/ and summary-<judge>.json. Answers use the sa
 machine-checkable predicates some data sets carry (builtin:checkable) with no model. LLM-judge verdicts are
 cached in eval/judge-cache.sqlite: a rerun over the same answers makes no judge calls. Each run ends
 with a table of every policy evaluated on the set.
+
+`--lm-eval TASKS` runs lm-evaluation-harness instead (rgsd_pipeline/capability.py): the tasks on the base model
+and on the policy, both scores and their paired difference printed, results kept in eval/lm-eval/<policy>/.
+`rgsd_arithmetic` is bundled and needs no download; any lm-eval task name works where its data can be had.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: 
 
     # 1. The policy, and the prompts of the evaluation set.
     config = load_run_config(run)
-    base = resolve_model(config.model.path)
+    base = resolve_model(config.model)
     label, policy = evaluated_policy(run, iteration, base)
     prompts = eval_prompts(run, config, data_spec, set_name, max_prompts)
 
@@ -93,6 +98,25 @@ def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: 
             "also": also}
 
 
+def evaluate_lm_eval(run: Path, iteration: str, tasks: list[str], limit: int | None) -> None:
+    """lm-evaluation-harness on the base model and the policy `iteration` names, printed side by side."""
+    from rgsd_pipeline.capability import comparison
+    from rgsd_pipeline.capability import evaluate_policy as lm_evaluate
+    from rgsd_pipeline.evaluation import evaluated_policy
+
+    if iteration == layout.TEACHER_LABEL:
+        raise click.UsageError("--lm-eval evaluates models, and the teacher is the base model (reading rubrics): "
+                               "give --iteration base or an iteration number")
+    config = load_run_config(run)
+    base = resolve_model(config.model)
+    label, policy = evaluated_policy(run, iteration, base)
+    before = lm_evaluate(run, layout.BASE_LABEL, base, config, tasks, limit, click.echo)
+    after = before if label == layout.BASE_LABEL else lm_evaluate(run, label, policy, config, tasks, limit, click.echo)
+    click.echo(f"lm-eval ({', '.join(tasks)}{f', first {limit} items' if limit else ''}), results in "
+               f"{layout.lm_eval_file(run, label).parent.parent}")
+    click.echo(comparison(before, after, layout.BASE_LABEL, label))
+
+
 def _iteration(value: str) -> str:
     if value in (layout.BASE_LABEL, layout.TEACHER_LABEL) or value.isdigit():
         return value
@@ -115,14 +139,21 @@ def _iteration(value: str) -> str:
 @click.option("--also-grade", "also_grade", metavar="DATA",
               help="Grade the same answers against this data set's criteria for the same questions too (e.g. "
                    "builtin:checkable for a run on builtin:howto): verdicts-<judge>-<name>/.")
+@click.option("--lm-eval", "lm_eval_tasks", metavar="TASKS",
+              help="Instead: lm-evaluation-harness tasks (comma-separated; rgsd_arithmetic is bundled) on the base "
+                   "model and this policy.")
+@click.option("--lm-eval-limit", type=click.IntRange(min=1), help="With --lm-eval: the first N items of each task.")
 @judge_options
 @placement_overrides
 def command(run, iteration, data_spec, set_name, max_prompts, samples, engine_kind, divergence, resamples, also_grade,
-            **judge):
+            lm_eval_tasks, lm_eval_limit, **judge):
     """Answer held-out prompts with one policy; diagnostics, and rubric scores from a judge if one is given.
 
     The judge's API key is read from $RGSD_JUDGE_API_KEY (none needed for a local `vllm serve`).
     """
+    if lm_eval_tasks:
+        evaluate_lm_eval(run, iteration, [t.strip() for t in lm_eval_tasks.split(",") if t.strip()], lm_eval_limit)
+        return
     settings = judge_settings(**judge)
     if also_grade and settings is None:
         raise click.UsageError("--also-grade grades with the judge: give --judge rules or an LLM judge")

@@ -22,6 +22,7 @@ import pyarrow as pa
 from rgsd_pipeline import layout
 from rgsd_pipeline.config import to_dict
 from rgsd_pipeline.fingerprints import fingerprint, tokenizer_fingerprint
+from rgsd_pipeline.hub import pin_commits
 from rgsd_pipeline.ingest import ingest
 from rgsd_pipeline.models import check_loadable, load_tokenizer, resolve_model
 from rgsd_pipeline.recipe import command_config, freeze, load_run_config, made_under, placement_of, use_placement
@@ -37,7 +38,7 @@ from rgsd_pipeline.shards import (
     validate_table,
     write_jsonl_atomic,
 )
-from rgsd_pipeline.sources import source_fingerprint, source_path
+from rgsd_pipeline.sources import source_fingerprint, source_label, source_path
 from schemas import PROMPTS, QUARANTINE
 
 
@@ -56,14 +57,15 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
     out_dir = layout.prompts_dir(run)
     for spec in config.data.sources:  # a missing file, a device or a pipe is named before anything is read
         source_path(spec)
-    model_path = resolve_model(config.model.path)
+    config = pin_commits(config)  # the commits of its Hub ids, resolved now, written into run.yaml with it
+    model_path = resolve_model(config.model)
     # Refused now rather than at the first rollout: pickle weights, a folder that needs its own code.
     check_loadable(model_path, config.model.allow_pickle_weights, config.model.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     inputs = {
         "config": fingerprint({"data": to_dict(config.data), "template": to_dict(config.template)}),
         "tokenizer": tokenizer_fingerprint(model_path),
-        **{f"source:{spec}": source_fingerprint(spec) for spec in config.data.sources},
+        **{f"source:{source_label(spec)}": source_fingerprint(spec) for spec in config.data.sources},
     }
     if is_complete(out_dir):
         read_stage(out_dir, PROMPTS, expect_inputs=inputs)
@@ -85,7 +87,7 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
             where = f"; why each row was rejected: {layout.quarantine_file(run)}"
         what = (f"all {len(result.prompts)} valid prompts fell in the held-out split (data.heldout_fraction="
                 f"{config.data.heldout_fraction}): lower it or add data" if result.prompts else
-                "no valid prompts in " + ", ".join(config.data.sources))
+                "no valid prompts in " + ", ".join(map(source_label, config.data.sources)))
         raise ArtifactError(what + where)
 
     # 3. Write prompt shards, the quarantine, run.yaml, the manifest and _SUCCESS.
@@ -103,7 +105,7 @@ def prepare(run: Path, config_path: str | None, overrides: list[str], data_specs
 def show(run: Path, count: int) -> None:
     """Print exactly what the student and the teacher read for the first `count` prompts."""
     config = load_run_config(run)
-    tokenizer = load_tokenizer(resolve_model(config.model.path), config.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(config.model), config.model.trust_remote_code)
     prompts = read_stage(layout.prompts_dir(run), PROMPTS).lazy().head(count).collect().to_dicts()
     for row in prompts:
         for who, messages in (("student", student_messages(row, config.template)),

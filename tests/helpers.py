@@ -90,11 +90,8 @@ class VllmServer:
 
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                "VLLM_LOGGING_LEVEL": "WARNING"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path), "--host",
-             "127.0.0.1", "--port", str(self.port), "--served-model-name", self.name, "--dtype", "float32",
-             "--enforce-eager", "--gpu-memory-utilization", "0.3", *self.extra],
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.process = subprocess.Popen(self.command(), stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, cwd=ROOT)
         deadline = time.time() + timeout
         while True:
             try:
@@ -106,6 +103,11 @@ class VllmServer:
                     raise AssertionError(f"vllm serve did not start:\n{Path(self.log).read_text()[-3000:]}") from None
                 time.sleep(1)
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path), "--host",
+                "127.0.0.1", "--port", str(self.port), "--served-model-name", self.name, "--dtype", "float32",
+                "--enforce-eager", "--gpu-memory-utilization", "0.3", *self.extra]
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -115,6 +117,20 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class ServedTeacher(VllmServer):
+    """`rgsd-pipeline serve-teacher --run RUN` on 127.0.0.1 (its default host), stopped like VllmServer."""
+
+    def __init__(self, run: Path, log: Path, *extra: str):
+        super().__init__(None, "", log, *extra)
+        self.run = run
+
+    def command(self) -> list[str]:
+        return [*CLI, "serve-teacher", "--run", str(self.run), "--port", str(self.port), *self.extra]
+
+    def output(self) -> str:
+        return Path(self.log).read_text()
 
 
 def brute_force_nucleus(logits_V, p: float):
@@ -146,7 +162,7 @@ def stage_frame(run, iteration, stage):
 
     config = load_run_config(run)
     schema = ROLLOUTS if stage == "rollouts" else storage_schema(
-        config.score, len(load_tokenizer(resolve_model(config.model.path))))
+        config.score, len(load_tokenizer(resolve_model(config.model))))
     return read_stage(Path(run) / f"iter-{iteration:03d}" / stage, schema).lazy().collect()
 
 
@@ -175,3 +191,28 @@ def assert_equivalent_runs(run, reference, iterations=2, weights_atol=1e-5):
             torch.testing.assert_close(ours[name], tensor, atol=weights_atol, rtol=0)
     chain = [link["iteration"] for link in json.loads((Path(run) / "chain.json").read_text())]
     assert chain == list(range(iterations))
+
+
+def fill_hub_cache(hf_home: Path, repo_id: str, files: dict, commit: str, refs=("main",), repo_type: str = "model"):
+    """Lay out `files` (path in the repository -> bytes) as the Hub cache lays out a snapshot: blobs named by their
+    sha256, snapshots/<commit>/ of symlinks to them, and refs/<name> holding the commit."""
+    import hashlib
+
+    storage = Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    for name, data in files.items():
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = storage / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    return storage / "snapshots" / commit
+
+
+def model_files(folder: Path) -> dict:
+    """The files a model repository on the Hub would hold for a model folder of ours (no rgsd records)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in ("rgsd-weights.json", "_SUCCESS", "rgsd.json")}

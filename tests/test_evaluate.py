@@ -216,7 +216,7 @@ def test_report_also_grades_the_same_answers_on_the_other_data_sets_criteria(how
     config = load_run_config(run)
     data = dataclasses.replace(config.data, sources=["builtin:checkable"], heldout_fraction=0.0, max_prompts=0)
     checkable = {tuple(m["content"] for m in p["messages"]): p for p in ingest(
-        data, config.template, load_tokenizer(resolve_model(config.model.path))).prompts}
+        data, config.template, load_tokenizer(resolve_model(config.model))).prompts}
     prompts = {p["prompt_id"]: p for p in read_stage(run / "prompts", PROMPTS).lazy().collect().to_dicts()}
     for label, row in (("base", "base model"), ("iter-000", "after (iter-000)")):
         answers = read_stage(run / "eval" / "heldout" / label / "answers", ROLLOUTS).lazy().collect().to_dicts()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rgsd_pipeline.fingerprints import WEIGHTS_RECORD, model_fingerprint, weight_hashes
+from rgsd_pipeline.hub import HubError
 from rgsd_pipeline.models import ModelError, build_tiny_tokenizer, check_weights_format, load_model, resolve_model
 from rgsd_pipeline.render import chat_ids
 from rgsd_pipeline.shards import sha256_file
@@ -41,8 +42,10 @@ def test_tiny_qwen2_variant(model_cache):
 def test_model_names_and_weight_formats(tiny_path, tmp_path):
     with pytest.raises(ModelError, match="unknown built-in model"):
         resolve_model("builtin:gpt-9")
-    with pytest.raises(ModelError, match="never downloaded"):
-        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(HubError, match="not in the Hub cache .* hf download rgsd-test/absent --revision main"):
+        resolve_model("rgsd-test/absent")  # a Hub id, offline (tests/test_hub.py: from a pre-filled cache)
+    with pytest.raises(ModelError, match="nor a Hub id"):
+        resolve_model(str(tmp_path / "no" / "such" / "folder"))
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_path, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
     (pickled / "pytorch_model.bin").write_bytes(b"not really")

@@ -30,7 +30,7 @@ def rolled(tmp_path_factory):
 
 def signals(run, config=None):
     config = config or load_run_config(run)
-    schema = storage_schema(config.score, len(load_tokenizer(resolve_model(config.model.path))))
+    schema = storage_schema(config.score, len(load_tokenizer(resolve_model(config.model))))
     return read_stage(run / "iter-000" / "signals", schema)
 
 

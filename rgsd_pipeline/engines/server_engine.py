@@ -2,7 +2,7 @@
 
     engine:
       score_kind: server
-      teacher_urls: [http://node1:8000/v1, http://node2:8000/v1]     # `vllm serve /models/base --max-logprobs 20`
+      teacher_urls: [http://node1:8000/v1, http://node2:8000/v1]     # `rgsd-pipeline serve-teacher --run RUN` on each
 
 Each sequence is one completions request with its token ids as the prompt, `prompt_logprobs=k` and
 `max_tokens=1`: the server answers, for every position after the first, the actual token with its rank
@@ -61,7 +61,7 @@ class ServerEngine(Engine):
         key = os.environ.get(engine_config.teacher_api_key_env, "")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.model_name = engine_config.teacher_model or self._served_model()
-        check_teacher(self, model_path, model_config)
+        self.notes = tuple(check_teacher(self, model_path, model_config))
 
     # ---------------------------------------------------------------- requests
     def _served_model(self) -> str:
@@ -175,8 +175,9 @@ class ServerEngine(Engine):
         return Scores(topk_ids, topk_values, token_values, tail)
 
 
-def check_teacher(engine: ServerEngine, model_path: Path, model_config: ModelConfig) -> None:
-    """Refuse servers that do not serve our teacher (see the module docstring); returns when every URL agrees."""
+def check_teacher(engine: ServerEngine, model_path: Path, model_config: ModelConfig) -> list[str]:
+    """Refuse servers that do not serve our teacher (see the module docstring); when every URL agrees, returns one
+    line per URL with the probe's measured gap to the local forward pass (mean and max nats per token)."""
     import httpx
     import torch
 
@@ -198,6 +199,7 @@ def check_teacher(engine: ServerEngine, model_path: Path, model_config: ModelCon
         local = logp[torch.arange(start - 1, len(probe) - 1), torch.tensor(probe[start:])].numpy()
         del model
     text = PROBE[1]["content"]
+    report = []
     for url in engine.urls:
         served = engine.score([probe], [start], 1, urls=[url])[0].token_logprob_T
         try:  # vLLM's own tokenizer endpoint, at the server root; hosted endpoints may not have it
@@ -210,11 +212,17 @@ def check_teacher(engine: ServerEngine, model_path: Path, model_config: ModelCon
         if theirs is not None and list(theirs) != list(ours):
             raise TeacherServerError(f"teacher server {url} tokenizes differently from {model_path} (the probe text "
                                      f"gives {theirs[:8]}... there, {ours[:8]}... here): it is not our teacher")
-        if local is not None:
-            gap = float(np.abs(served - local).mean())
-            if gap > engine.config.teacher_tolerance:
-                raise TeacherServerError(
-                    f"teacher server {url} is not serving {model_path}: its log-probs of a probe conversation differ "
-                    f"from a local forward pass by {gap:.3f} nats per token on average (max "
-                    f"{float(np.abs(served - local).max()):.3f}; engine.teacher_tolerance is "
-                    f"{engine.config.teacher_tolerance}). Serve the base model the run was prepared with")
+        if local is None:
+            report.append(f"teacher server {url}: same tokenizer; no local weights to compare log-probs with")
+            continue
+        gap, largest = float(np.abs(served - local).mean()), float(np.abs(served - local).max())
+        if gap > engine.config.teacher_tolerance:
+            raise TeacherServerError(
+                f"teacher server {url} is not serving {model_path}: its log-probs of a probe conversation differ "
+                f"from a local forward pass by {gap:.3f} nats per token on average (max {largest:.3f}; "
+                f"engine.teacher_tolerance is {engine.config.teacher_tolerance}). Serve the base model the run was "
+                "prepared with, in its model.dtype (rgsd-pipeline serve-teacher --run RUN)")
+        report.append(f"teacher server {url}: probe log-prob gap to a local {model_config.dtype} forward pass "
+                      f"{gap:.2e} mean, {largest:.2e} max nats per token over {len(local)} tokens (tolerance "
+                      f"{engine.config.teacher_tolerance})")
+    return report
