@@ -102,7 +102,7 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
     objective = spec.objective
     loss = hidden_N_H.new_zeros((), dtype=torch.float32)
     stats = torch.zeros(len(objective.stats), device=hidden_N_H.device)
-    student_token_parts = []  # last chunk first
+    student_token_parts = []  # in position order: the chunks run first to last
     positions = hidden_N_H.shape[0]
     # The last chunk's backward runs first, while no other chunk's logits are in memory: keeping its activations
     # costs no more than recomputing them would, so only the chunks before it are recomputed, and the short chunk
@@ -116,4 +116,4 @@ def distill_loss(hidden_N_H: torch.Tensor, lm_head: torch.nn.Linear, targets: Ta
         loss = loss + chunk_loss
         stats += chunk_stats.detach()
         student_token_parts.append(chunk_tokens)
-    return loss, stats, torch.cat(student_token_parts[::-1]) if student_token_parts else hidden_N_H.new_zeros(0)
+    return loss, stats, torch.cat(student_token_parts) if student_token_parts else hidden_N_H.new_zeros(0)

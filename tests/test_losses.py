@@ -258,3 +258,19 @@ def test_the_lm_head_and_loss_run_in_fp32_under_bf16_autocast():
     reference_loss, _, _ = distill_loss(hidden.double(), reference_head, reference_targets, spec)
     assert autocast_loss.dtype == torch.float32
     torch.testing.assert_close(autocast_loss.double(), reference_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_the_sampled_tokens_log_probs_come_back_in_position_order_across_lm_head_chunks():
+    """The guard against stale weights compares these with the engine's, position by position, so they must come back
+    in position order whatever the chunking (a float64 reference)."""
+    torch.manual_seed(0)
+    hidden_size, positions, vocab = 16, 23, 64
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    hidden = torch.randn(positions, hidden_size)
+    tokens = torch.randint(0, vocab, (positions,))
+    top = torch.randn(positions, vocab).log_softmax(-1).topk(4, dim=-1)
+    targets = Targets(top.indices, top.values, torch.full((positions,), -3.0), torch.full((positions,), -2.0), None,
+                      tokens, torch.full((positions,), 1 / positions))
+    _, _, student_token_N = distill_loss(hidden, head, targets, LossSpec(clip="none"), chunk_positions=5)
+    expected = (hidden.double() @ head.weight.double().T).log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(student_token_N.double(), expected, rtol=0, atol=1e-5)
