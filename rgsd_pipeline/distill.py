@@ -73,12 +73,13 @@ class Targets:
 
 
 def fp32_logits(hidden_C_H, head_weight_V_H, head_bias) -> torch.Tensor:
-    """[C, V] logits of the LM head computed in fp32, even under bf16 autocast: bf16 logits are rounded to 1/16 of a
-    nat at logit 10, which moved top-20 log-probs by 0.03 nats on average, the size of tau (docs/architecture.md,
-    "Precision")."""
+    """[C, V] logits of the LM head computed in fp32 (at least), even under bf16 autocast: bf16 logits are rounded to
+    1/16 of a nat at logit 10, which moved top-20 log-probs by 0.03 nats on average, the size of tau
+    (docs/architecture.md, "Precision")."""
+    dtype = torch.promote_types(hidden_C_H.dtype, torch.float32)  # fp32, or a float64 reference's own precision
     with torch.autocast(hidden_C_H.device.type, enabled=False):
-        return torch.nn.functional.linear(hidden_C_H.float(), head_weight_V_H.float(),
-                                          None if head_bias is None else head_bias.float())
+        return torch.nn.functional.linear(hidden_C_H.to(dtype), head_weight_V_H.to(dtype),
+                                          None if head_bias is None else head_bias.to(dtype))
 
 
 def _chunk_loss(hidden_C_H, head_weight_V_H, head_bias, targets: Targets, spec: LossSpec, objective):

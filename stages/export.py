@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from rgsd_pipeline import layout
-from rgsd_pipeline.config import load_run_config
+from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import ArtifactError, is_complete
 
 # Files of an HF model folder worth publishing: the configs, weights and their index, tokenizer and chat template.

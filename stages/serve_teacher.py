@@ -26,8 +26,9 @@ from pathlib import Path
 
 import click
 
-from rgsd_pipeline.config import RunConfig, load_run_config
+from rgsd_pipeline.config import RunConfig
 from rgsd_pipeline.errors import UserError
+from rgsd_pipeline.recipe import load_run_config
 
 
 def server_command(config: RunConfig, model_path: Path, host: str, port: int, extra: tuple[str, ...] = ()) -> list:

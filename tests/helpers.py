@@ -216,3 +216,11 @@ def model_files(folder: Path) -> dict:
     """The files a model repository on the Hub would hold for a model folder of ours (no rgsd records)."""
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
             if p.is_file() and p.name not in ("rgsd-weights.json", "_SUCCESS", "rgsd.json")}
+
+
+def rolled_out_run(run, prepare_args) -> Path:
+    """A run prepared with `prepare_args` (the prepare command's arguments, without --run) and its iteration 0
+    rolled out."""
+    cli(*prepare_args, "--run", run)
+    cli("rollout", "--run", run, "--iteration", 0)
+    return run

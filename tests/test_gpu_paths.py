@@ -7,6 +7,7 @@ external launcher of a data-parallel rank) are what docs/architecture.md ("GPU p
 """
 
 import os
+import types
 
 import pytest
 import torch
@@ -31,6 +32,8 @@ class RecordingLLM:
             raise ValueError(self.refuse_start)
         self.built.append({**kwargs, "env_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")})
         self.name = f"llm-{len(self.built) - 1}"
+        vocab = types.SimpleNamespace(get_vocab_size=lambda: 1024)
+        self.llm_engine = types.SimpleNamespace(model_config=vocab)
 
     def sleep(self, level=1):
         self.calls.append((self.name, "sleep", level))

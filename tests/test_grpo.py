@@ -350,7 +350,8 @@ def test_the_hybrid_loss_is_the_distillation_loss_plus_the_weighted_grpo_loss_in
                       advantage_N=torch.randn(positions, generator=generator, dtype=torch.float64))
     results = {}
     for kind in ("jsd", "grpo", "jsd+grpo"):
-        loss, stats = distill_loss(hidden, head, targets, LossSpec(kind=kind, reward_weight=0.3), chunk_positions=4)
+        loss, stats, _ = distill_loss(hidden, head, targets, LossSpec(kind=kind, reward_weight=0.3),
+                                      chunk_positions=4)
         results[kind] = (loss, dict(zip(of(kind).stats, stats.tolist(), strict=True)),
                          torch.autograd.grad(loss, [hidden, head.weight]))
     jsd, grpo, hybrid = results["jsd"], results["grpo"], results["jsd+grpo"]

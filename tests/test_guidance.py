@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import cli
+from helpers import cli, rolled_out_run
 
 from rgsd_pipeline.config import EngineConfig, ModelConfig
 from rgsd_pipeline.engines import Sampling, make_engine, vllm_available
@@ -150,10 +150,7 @@ SCORE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.max
 
 @pytest.fixture(scope="module")
 def rolled_out(tmp_path_factory):
-    run = tmp_path_factory.mktemp("guidance") / "run"
-    cli(*SCORE, "--run", run)
-    cli("rollout", "--run", run, "--iteration", 0)
-    return run
+    return rolled_out_run(tmp_path_factory.mktemp("guidance") / "run", SCORE)
 
 
 def signals(run):

@@ -50,9 +50,11 @@ def test_sharded_workers_equal_one_worker(prepared, tmp_path):
     first = cli("rollout", "--run", split, "--iteration", 0, "--num-shards", 2, "--shard-index", 1).stdout
     assert "completes when every worker has finished" in first
     cli("rollout", "--run", split, "--iteration", 0, "--num-shards", 2, "--shard-index", 0)
-    # 7 shards of 16 rows for one worker; 8 of 13 or 14 for two, so that each worker has as many to write
+    # 7 shards of up to 16 rows for one worker; for two, 8 shards that differ by a row at most, so that each worker
+    # has as many to write
     assert len(read_manifest(one / "iter-000" / "rollouts")["shards"]) == 7
-    assert [s["rows"] for s in read_manifest(split / "iter-000" / "rollouts")["shards"]] == [14] * 3 + [13] * 5
+    sizes = [s["rows"] for s in read_manifest(split / "iter-000" / "rollouts")["shards"]]
+    assert len(sizes) == 8 and sum(sizes) == rollouts(one).height and max(sizes) - min(sizes) == 1
     got, want = rollouts(split), rollouts(one)
     exact = [c for c in want.columns if "logprobs" not in c]
     assert got.select(exact).equals(want.select(exact))  # the same tokens, whatever shares their batch

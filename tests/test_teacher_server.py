@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ServedTeacher, VllmServer, cli, copy_run
+from helpers import ServedTeacher, VllmServer, cli, copy_run, rolled_out_run
 
 from rgsd_pipeline.recipe import load_run_config
 from rgsd_pipeline.shards import read_stage
@@ -25,10 +25,7 @@ PREPARE = ["prepare", "--config", "configs/tiny.yaml", "engine.kind=hf", "data.m
 
 @pytest.fixture(scope="module")
 def rolled_out(tmp_path_factory):
-    run = tmp_path_factory.mktemp("served") / "run"
-    cli(*PREPARE, "--run", run)
-    cli("rollout", "--run", run, "--iteration", 0)
-    return run
+    return rolled_out_run(tmp_path_factory.mktemp("served") / "run", PREPARE)
 
 
 @pytest.fixture(scope="module")
