@@ -206,9 +206,9 @@ def format_policies(frame: pl.DataFrame, evaluated_only: bool = False) -> str:
         frame = frame.filter(pl.col("eval_length").is_not_null())
     judges = [c[len("score["):-1] for c in frame.columns if c.startswith("score[") and ":" not in c]
     for judge in judges:
-        frame = frame.with_columns(pl.format("{} [{}, {}]", *(pl.col(f"{k}[{judge}]").round(3) for k in
-                                                             ("score", "score_low", "score_high")))
-                                   .alias(f"judge {judge}"))
+        # a summary whose every verdict was unusable has no score (a null column): shown as such, not an error
+        scores = (pl.col(f"{k}[{judge}]").cast(pl.Float64).round(3) for k in ("score", "score_low", "score_high"))
+        frame = frame.with_columns(pl.format("{} [{}, {}]", *scores).fill_null("no score").alias(f"judge {judge}"))
     names = {c: TABLE_COLUMNS[c] for c in TABLE_COLUMNS if c in frame.columns}
     names.update({f"judge {judge}": f"rubric score, {judge} [95% interval]" for judge in judges})
     with pl.Config(tbl_rows=100, tbl_cols=len(names), tbl_width_chars=200, float_precision=4,

@@ -156,6 +156,18 @@ def predicate_of(tags) -> dict | None:
     return None
 
 
+def check_gradable(prompts: list[dict], where: str) -> None:
+    """Refuse, before any answer is sampled, an evaluation set none of whose criteria the rule judge can grade."""
+    criteria = [criterion for prompt in prompts for criterion in prompt["rubric"]]
+    if criteria and not any(tag.startswith(CHECK_TAG) for criterion in criteria for tag in criterion["tags"]):
+        from rgsd_pipeline.errors import UserError
+
+        raise UserError(f"--judge rules: none of the {len(criteria)} criteria of {where} ({len(prompts)} prompts) "
+                        f"carries a machine-checkable predicate (a '{CHECK_TAG}...' tag), so the rule judge could "
+                        "grade nothing. Use an LLM judge (--judge llm --judge-url URL --judge-model NAME), or data "
+                        "whose criteria carry predicates (builtin:checkable, builtin:howto)")
+
+
 def kind_of(tags) -> str | None:
     """The criterion kind a data set labelled it with (`kind:...`), for per-kind reports."""
     return next((tag[len(KIND_TAG):] for tag in tags if tag.startswith(KIND_TAG)), None)

@@ -67,6 +67,10 @@ def evaluate_policy(run: Path, iteration: str, data_spec: str | None, set_name: 
     base = resolve_model(config.model)
     label, policy = evaluated_policy(run, iteration, base)
     prompts = eval_prompts(run, config, data_spec, set_name, max_prompts)
+    if judge == "rules":
+        from rgsd_pipeline.rule_judge import check_gradable
+
+        check_gradable(prompts, f"the evaluation set {set_name}")
 
     # 2. Its answers: the same seed per (prompt, sample) for every policy.
     answers = generate_answers(run, config, prompts, set_name, label, policy, samples, engine_kind, engines)

@@ -135,3 +135,29 @@ def test_inspect_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
     result = cli("inspect", tmp_path, check=False)  # it printed an empty table and exited 0
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{tmp_path} is not a run folder (no run.yaml)" in result.stderr
+
+
+def test_the_rule_judge_on_criteria_without_predicates_is_refused_before_any_answer(evaluated_run, tmp_path):
+    """builtin:medsci's criteria carry no `check:` tag: the old code sampled, graded nothing, and stored a summary
+    without a score that made every later `inspect` die in polars."""
+    run = copy_run(evaluated_run, tmp_path / "run")
+    result = cli("evaluate", "--run", run, "--iteration", "base", "--judge", "rules", "--max-prompts", 2,
+                 check=False)
+    assert result.returncode == 2, result.stderr
+    assert "none of the" in result.stderr and "machine-checkable predicate" in result.stderr
+    assert "--judge llm" in result.stderr and "Traceback" not in result.stderr
+    assert not list((run / "eval").glob("*/base/answers"))
+
+
+def test_a_summary_without_a_score_is_shown_as_such_by_inspect(howto_run, tmp_path):
+    """An LLM judge whose every verdict was unusable leaves a summary whose score is null: `inspect` says so (the old
+    code raised polars' InvalidOperationError on rounding a null column, on every later inspect)."""
+    run = copy_run(howto_run, tmp_path / "run")
+    cli("evaluate", "--run", run, "--iteration", "base", "--judge", "rules", "--max-prompts", 2)
+    summary = next((run / "eval").glob("*/base/summary-rules.json"))
+    record = json.loads(summary.read_text())
+    record["overall"].update(mean=None, low=None, high=None)
+    summary.write_text(json.dumps(record))
+    result = cli("inspect", run, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "no score" in result.stdout
