@@ -58,6 +58,7 @@ def _writable(text: str) -> str:
 def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | None = None) -> IngestResult:
     """Read every source of `data`, keep valid unique rows within the token budget, assign splits."""
     result = IngestResult()
+    longest = max(len(token.encode()) for token in tokenizer.get_vocab())  # bytes, at most, that one token covers
     seen_content: dict[str, str] = {}  # prompt_id -> "file:row" of its first occurrence
     seen_source_ids: dict[str, tuple[str, str]] = {}  # id given by the source -> (prompt_id, "file:row")
     for spec in data.sources:
@@ -87,10 +88,19 @@ def ingest(data: DataConfig, template: TemplateConfig, tokenizer, fmt: str | Non
                          "source_id": row["source_id"], "domain": row["domain"],
                          "reference_answer": row["reference_answer"]}
             try:
-                teacher_len = len(chat_ids(tokenizer, teacher_messages(canonical, template)))
+                messages = teacher_messages(canonical, template)
             except ValueError as err:  # e.g. a reference-answer teacher and a row without one
                 result.reject(raw, "reference_answer", str(err))
                 continue
+            # A row certainly over the budget is refused before it is tokenized: a 50 MB prompt took the chat template
+            # and the tokenizer 50 s and 12 GB. No token covers more than `longest` bytes, so this is a lower bound.
+            size = sum(len(m["content"].encode()) for m in messages)
+            if size // longest > data.max_prompt_tokens:
+                result.reject(raw, "prompt", f"over the token budget: the teacher prompt is {size:,} bytes, at least "
+                                             f"{size // longest:,} tokens; data.max_prompt_tokens is "
+                                             f"{data.max_prompt_tokens}")
+                continue
+            teacher_len = len(chat_ids(tokenizer, messages))
             if teacher_len > data.max_prompt_tokens:
                 result.reject(raw, "prompt", f"over the token budget: the teacher prompt is {teacher_len} tokens, "
                                              f"data.max_prompt_tokens is {data.max_prompt_tokens}")

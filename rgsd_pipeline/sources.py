@@ -255,7 +255,9 @@ def _read_json_lines(path: Path) -> Iterator[RawRow]:
 
 
 # The tokens that matter for splitting a JSON array into its elements: strings (skipped whole) and brackets.
-_ARRAY_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+# A string token as one run of plain characters between escapes ("unrolled"): the form `(?:[^"\\]|\\.)*` repeats
+# its group once per character, and Python's re keeps state per repetition (a 50 MB string took 6 GB).
+_ARRAY_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
 
 
 def _array_elements(text: str) -> Iterator[tuple[int, int, bool]]:

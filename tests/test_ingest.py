@@ -210,3 +210,41 @@ def test_the_sources_own_ids_are_kept_in_the_prompt_rows(tmp_path, tiny_tokenize
     rows = [good(1, "healthbench"), good(2) | {"extra_info": {"id": "rh-2"}}, good(3, "rar") | {"id": 33}, good(4)]
     result = run([write_lines(tmp_path / "ids.jsonl", [json.dumps(r) for r in rows])], tiny_tokenizer)
     assert [p["source_id"] for p in result.prompts] == ["hb-1", "rh-2", "33", None]
+
+
+def test_a_huge_row_is_refused_by_its_size_before_it_is_tokenized(tmp_path, tiny_tokenizer, monkeypatch):
+    """A prompt far over the token budget is refused from its byte count (no token covers more bytes than the
+    vocabulary's longest token), without the chat template and the tokenizer: a 50 MB row took them 44 s and 12 GB.
+    A row under the bound is counted token by token, as before."""
+    from rgsd_pipeline import ingest as module
+
+    huge = good(1)
+    huge["prompt"][0]["content"] = "word " * 200_000  # 1 MB
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(huge) + "\n" + json.dumps(good(2)) + "\n")
+    tokenized = []
+    counting = module.chat_ids
+    monkeypatch.setattr(module, "chat_ids", lambda tok, messages: tokenized.append(messages) or counting(tok, messages))
+    result = run([path], tiny_tokenizer, max_prompt_tokens=200)
+    assert [q["row"] for q in result.quarantine] == [1] and "bytes, at least" in result.quarantine[0]["reason"]
+    assert [p["messages"][0]["content"] for p in result.prompts] == [good(2)["prompt"][0]["content"]]
+    assert all(len(m[0]["content"]) < 1000 for m in tokenized)  # the huge row never reached the tokenizer
+
+
+def test_splitting_a_json_array_holds_memory_to_the_size_of_its_strings():
+    """Python's re kept state for every character of a string token (`(?:[^"\\\\]|\\\\.)*`): an 8 MB string took
+    about 1 GB to skip. In a fresh process, so that the high-water mark is this test's alone."""
+    import subprocess
+    import sys
+
+    code = """
+from rgsd_pipeline.sources import _array_elements
+text = '[{"a": "' + 'x' * (8 << 20) + '"}, {"b": "\\\\\\\\" }]'
+before = int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])
+elements = list(_array_elements(text))
+peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
+print(len(elements), peak - before)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    elements, growth_kb = map(int, done.stdout.split())
+    assert elements == 2 and growth_kb < 100 << 10
